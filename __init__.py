@@ -1,0 +1,26 @@
+"""opforge: compile model specs written in a small language (.opf) into fused Triton kernels,
+registered as PyTorch operators.
+
+    import opforge
+    mod = opforge.compile("examples/llama.opf")
+    y = mod.rms_norm(x, w)
+"""
+from __future__ import annotations
+
+from .frontend.diagnostics import SpecError
+from .runtime.binding import CallError
+
+__version__ = "0.1.0"
+__all__ = ["compile", "load", "SpecError", "CallError", "__version__"]
+
+
+def load(path_or_source, namespace: str | None = None):
+    """Parse and check a spec: the level-1 Program (no kernels)."""
+    from .frontend import load_program
+    return load_program(path_or_source, namespace)
+
+
+def compile(path_or_source, namespace: str | None = None, **options):
+    """Compile a spec: a module whose attributes are the ops, each a registered torch op."""
+    from .runtime.module import compile_module
+    return compile_module(path_or_source, namespace, **options)

@@ -1,0 +1,744 @@
+"""Checking a parsed spec and building level-1 graphs from it.
+
+One :class:`OpBuilder` per op walks the AST once: it resolves names, evaluates the static
+arguments of built-ins (axes, sizes, dtypes), applies each primitive's shape and dtype rule
+(ir/registry.py), and turns every rule failure into a SpecError pointing at the operand or
+argument at fault. Calls of other ops of the file become ``call`` nodes typed against the
+callee's signature (symbols unified); passes/inline.py removes them. Ops are built callees
+first; a cycle of calls is an error at the call that closes it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import networkx as nx
+
+from ..ir import registry
+from ..ir.dims import Dim, Sym, div, format_shape, subst
+from ..ir.prims_shape import slice_size
+from ..ir.graph import Attrs, Graph, Node, Param, Program, Source, Span, Value
+from ..ir.registry import Arg, RuleError
+from ..ir.types import SPEC_DTYPES, DType, ScalarType, TensorType, Type
+from . import ast as A
+from .diagnostics import SpecError, did_you_mean
+from .layouts import check_layout
+
+DTYPE_ALIASES = {"float32": "f32", "float": "f32", "float16": "f16", "half": "f16", "bfloat16": "bf16",
+                 "float64": "f32", "double": "f32", "int32": "i32", "int64": "i64", "int": "i64",
+                 "int8": "i8", "uint8": "u8", "fp8": "f8e4m3", "float8": "f8e4m3", "f64": "f32"}
+BINOP_PRIM = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "pow": "pow", "matmul": "matmul",
+              "lt": "lt", "le": "le", "gt": "gt", "ge": "ge", "eq": "eq", "ne": "ne"}
+OPERATOR_TEXT = {"add": "+", "sub": "-", "mul": "*", "div": "/", "floordiv": "//", "pow": "**", "matmul": "@",
+                 "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
+
+
+def snippet(span: Span) -> str:
+    """The source text of a span (its first line only)."""
+    line = span.source.line(span.line)
+    end = span.end_col - 1 if span.end_line == span.line else len(line)
+    return line[span.col - 1:end]
+
+
+def parse_dtype(ident: A.Ident) -> DType:
+    d = SPEC_DTYPES.get(ident.text)
+    if d is None:
+        alias = DTYPE_ALIASES.get(ident.text)
+        hint = f"did you mean '{alias}'?" if alias else did_you_mean(ident.text, SPEC_DTYPES) or \
+            f"dtypes are {' '.join(SPEC_DTYPES)}"
+        raise SpecError(f"unknown dtype '{ident.text}'", ident.span, hint)
+    return d
+
+
+# -- the whole file -----------------------------------------------------------------------------
+def build_program(module: A.ModuleDecl, source: Source, namespace: str) -> Program:
+    decls: dict[str, A.OpDecl] = {}
+    builtins = registry.spec_builtins()
+    for op in module.ops:
+        if op.name.text in decls:
+            first = decls[op.name.text].name.span
+            raise SpecError(f"op '{op.name.text}' is defined twice", op.name.span,
+                            f"the first definition is at line {first.line}")
+        if op.name.text in builtins:
+            raise SpecError(f"op '{op.name.text}' has the name of a built-in", op.name.span,
+                            "choose another name")
+        decls[op.name.text] = op
+    if not decls:
+        raise SpecError("the spec defines no op", Span(source, 1, 1, 1, 2),
+                        "start with: op NAME(x: f16[M, D]) -> f16[M, D] { return x }")
+    order = call_order(decls)
+    graphs: dict[str, Graph] = {}
+    for name in order:
+        graphs[name] = OpBuilder(decls[name], graphs, decls).build()
+    return Program(namespace, source, {n: graphs[n] for n in decls})
+
+
+def _calls(e) -> list[A.Call]:
+    """Every Call node inside an expression or statement."""
+    out: list[A.Call] = []
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, A.Call):
+            out.append(x)
+        if isinstance(x, (A.Assign,)):
+            stack.append(x.value)
+        elif isinstance(x, A.Return):
+            stack.extend(x.values)
+        elif isinstance(x, A.BinOp):
+            stack.extend((x.lhs, x.rhs))
+        elif isinstance(x, A.Neg):
+            stack.append(x.operand)
+        elif isinstance(x, A.Call):
+            stack.extend(x.args)
+            stack.extend(k.value for k in x.kwargs)
+        elif isinstance(x, A.Attribute):
+            stack.append(x.value)
+        elif isinstance(x, A.Index):
+            stack.append(x.value)
+            stack.extend(x.items)
+        elif isinstance(x, A.SliceItem):
+            stack.extend(v for v in (x.start, x.stop, x.step) if v is not None)
+        elif isinstance(x, (A.TupleLit, A.ListLit)):
+            stack.extend(x.items)
+    return out
+
+
+def call_order(decls: dict[str, A.OpDecl]) -> list[str]:
+    """Callees before callers; a cycle of calls is an error at the call that closes it."""
+    g = nx.DiGraph()
+    g.add_nodes_from(decls)
+    sites: dict[tuple[str, str], Span] = {}
+    for name, op in decls.items():
+        for stmt in op.body:
+            for c in reversed(_calls(stmt)):
+                if c.func.text in decls:
+                    g.add_edge(name, c.func.text)
+                    sites.setdefault((name, c.func.text), c.func.span)
+    try:
+        cycle = nx.find_cycle(g)
+    except nx.NetworkXNoCycle:
+        return list(reversed(list(nx.topological_sort(g))))
+    path = " -> ".join([cycle[0][0]] + [b for _, b in cycle])
+    a, b = cycle[-1]
+    raise SpecError(f"ops call each other in a cycle: {path}", sites[(a, b)],
+                    "an op may call other ops of the file, which are inlined; recursion cannot be")
+
+
+# -- one op -------------------------------------------------------------------------------------
+class OpBuilder:
+    def __init__(self, decl: A.OpDecl, graphs: dict[str, Graph], decls: dict[str, A.OpDecl]):
+        self.decl = decl
+        self.graphs = graphs            # callees already built
+        self.decls = decls
+        self.nodes: list[Node] = []
+        self.env: dict[str, tuple[Value, Span]] = {}
+        self.symbols: dict[str, Span] = {}
+        self.dim_values: dict[str, Value] = {}
+        self.consts: dict[Value, Any] = {}    # values that are literals, for folding negation
+
+    # -- entry ---------------------------------------------------------------------------------
+    def build(self) -> Graph:
+        params = self.params()
+        outputs = None
+        for stmt in self.decl.body:
+            if outputs is not None:
+                raise SpecError("statement after return", stmt.span,
+                                "return must be the last statement of an op")
+            if isinstance(stmt, A.Assign):
+                self.assign(stmt)
+            else:
+                outputs = [self.value(e) for e in stmt.values]
+                ret = stmt
+        if outputs is None:
+            raise SpecError(f"op '{self.decl.name.text}' has no return statement", self.decl.body_span,
+                            "end the body with: return EXPR")
+        results = self.check_results(outputs, ret)
+        g = Graph(self.decl.name.text, tuple(params), tuple(self.nodes), tuple(outputs), tuple(results),
+                  self.decl.tuple_result or len(results) > 1, self.decl.span)
+        return g
+
+    # -- parameters ----------------------------------------------------------------------------
+    def params(self) -> list[Param]:
+        out = []
+        for p in self.decl.params:
+            name = p.name.text
+            if name in self.env:
+                raise SpecError(f"parameter '{name}' is declared twice", p.name.span)
+            dtype = parse_dtype(p.type.dtype)
+            if p.type.dims is not None:
+                dims = []
+                for d in p.type.dims:
+                    if isinstance(d.value, int):
+                        if d.value < 0:
+                            raise SpecError(f"size {d.value} is negative", d.span)
+                        dims.append(d.value)
+                    else:
+                        if d.value in SPEC_DTYPES:
+                            raise SpecError(f"'{d.value}' is a dtype, not a size", d.span)
+                        self.symbols.setdefault(d.value, d.span)
+                        dims.append(Sym.of(d.value))
+                ty: Type = TensorType(dtype, tuple(dims))
+            else:
+                ty = ScalarType(dtype)
+            layout = check_layout(p.layout, ty, name) if p.layout is not None else None
+            default, has_default = None, False
+            if p.default is not None:
+                if isinstance(ty, TensorType):
+                    raise SpecError(f"the tensor parameter '{name}' cannot have a default", p.default.span,
+                                    "only scalar parameters (attributes) take defaults")
+                default, has_default = self.scalar_default(p.default, dtype), True
+            v = Value(ty, name)
+            self.env[name] = (v, p.name.span)
+            out.append(Param(name, v, default, has_default, layout, p.span))
+        for name, (v, span) in self.env.items():
+            if name in self.symbols:
+                raise SpecError(f"'{name}' is both a parameter and a size symbol", self.symbols[name],
+                                "give the size another name")
+        return out
+
+    def scalar_default(self, e: A.Expr, dtype: DType):
+        v = self.static_number(e)
+        if isinstance(v, bool):
+            if not dtype.is_bool:
+                raise SpecError(f"default {str(v).lower()} for a {dtype} parameter", e.span)
+            return v
+        if dtype.is_bool:
+            raise SpecError(f"a bool parameter needs true or false, got {v}", e.span)
+        if isinstance(v, float) and not dtype.is_float:
+            raise SpecError(f"default {v} for an integer parameter of dtype {dtype}", e.span,
+                            "declare it as f32, or give an integer")
+        return float(v) if dtype.is_float else int(v)
+
+    # -- statements ----------------------------------------------------------------------------
+    def assign(self, stmt: A.Assign) -> None:
+        for t in stmt.targets:
+            if t.text in self.env:
+                first = self.env[t.text][1]
+                raise SpecError(f"'{t.text}' is already defined (line {first.line})", t.span,
+                                "values are immutable; give the new value another name")
+            if t.text in self.symbols:
+                raise SpecError(f"'{t.text}' is a size symbol of this op", t.span,
+                                "give the value another name")
+            if t.text in SPEC_DTYPES or t.text in ("None", "T"):
+                raise SpecError(f"'{t.text}' cannot be assigned", t.span)
+        if len({t.text for t in stmt.targets}) != len(stmt.targets):
+            raise SpecError("a name appears twice on the left of '='", stmt.span)
+        values = self.values(stmt.value, len(stmt.targets))
+        for t, v in zip(stmt.targets, values):
+            if v.name is None:
+                v.name = t.text
+            self.env[t.text] = (v, t.span)
+
+    def values(self, e: A.Expr, n: int) -> list[Value]:
+        if n == 1:
+            return [self.value(e)]
+        if isinstance(e, A.Call):
+            outs = self.call(e)
+            if len(outs) == n:
+                return outs
+            raise SpecError(f"'{e.func.text}' gives {len(outs)} value{'s' * (len(outs) != 1)}, "
+                            f"but {n} names are assigned", e.span)
+        raise SpecError(f"{n} names are assigned from one value", e.span)
+
+    def check_results(self, outputs: list[Value], ret: A.Return) -> list[Type]:
+        declared = self.decl.results
+        if len(outputs) != len(declared):
+            raise SpecError(f"op '{self.decl.name.text}' returns {len(outputs)} value(s) but declares "
+                            f"{len(declared)}", ret.span)
+        types = []
+        for i, (v, d, e) in enumerate(zip(outputs, declared, ret.values)):
+            dtype = parse_dtype(d.dtype)
+            if d.dims is None:
+                raise SpecError("an op returns tensors; declare a shape, e.g. f32[] for a 0-d result",
+                                d.span)
+            dims = []
+            for dd in d.dims:
+                if isinstance(dd, A.Name) and dd.id not in self.symbols:
+                    raise SpecError(f"result size '{dd.id}' is not bound by any parameter", dd.span,
+                                    did_you_mean(dd.id, self.symbols) or
+                                    "sizes are bound by the parameters' shapes")
+                dims.append(self.static_dim(dd))
+            want = TensorType(dtype, tuple(dims))
+            which = f"result {i}" if len(outputs) > 1 else "the result"
+            if not isinstance(v.type, TensorType):
+                raise SpecError(f"{which} is the scalar {v.type}, but the op declares {want}", e.span,
+                                "ops return tensors")
+            if v.type.dtype != want.dtype:
+                raise SpecError(f"{which} is {v.type}, but the op declares {want}", e.span,
+                                f"cast it: cast({snippet(e.span)}, {want.dtype})")
+            if tuple(v.type.shape) != want.shape:
+                raise SpecError(f"{which} has shape {format_shape(v.type.shape)}, but the op declares "
+                                f"{format_shape(want.shape)}", e.span)
+            types.append(want)
+        return types
+
+    # -- expressions ---------------------------------------------------------------------------
+    def value(self, e: A.Expr) -> Value:
+        if isinstance(e, A.Call):
+            outs = self.call(e)
+            if len(outs) != 1:
+                raise SpecError(f"'{e.func.text}' gives {len(outs)} values; unpack them first",
+                                e.span, f"a, b = {snippet(e.span)}")
+            return outs[0]
+        if isinstance(e, A.Name):
+            return self.name(e)
+        if isinstance(e, A.Num):
+            dtype = DType.f32 if isinstance(e.value, float) else DType.i64
+            return self.const(e.value, dtype, e.span)
+        if isinstance(e, A.Bool):
+            return self.const(e.value, DType.bool, e.span)
+        if isinstance(e, A.BinOp):
+            return self.binop(e)
+        if isinstance(e, A.Neg):
+            if isinstance(e.operand, A.Num):
+                dtype = DType.f32 if isinstance(e.operand.value, float) else DType.i64
+                return self.const(-e.operand.value, dtype, e.span)
+            v = self.value(e.operand)
+            if v in self.consts and not isinstance(self.consts[v], bool):
+                return self.const(-self.consts[v], v.type.dtype, e.span)
+            return self.emit("neg", [v], {}, e.span, [e.operand])[0]
+        if isinstance(e, A.Attribute):
+            return self.attribute(e)
+        if isinstance(e, A.Index):
+            return self.index(e)
+        if isinstance(e, A.Str):
+            raise SpecError("a string is only allowed as a keyword argument value", e.span,
+                            'for example gelu(x, approximate="tanh")')
+        if isinstance(e, (A.TupleLit, A.ListLit)):
+            raise SpecError("a list or tuple is only allowed as an argument (shape, axes, permutation)",
+                            e.span)
+        if isinstance(e, (A.SliceItem, A.EllipsisItem)):
+            raise SpecError("a slice is only allowed inside [ ]", e.span)
+        raise SpecError(f"unsupported expression {type(e).__name__}", e.span)
+
+    def const(self, value, dtype: DType, span: Span) -> Value:
+        v = self.emit("const", [], {"value": value, "dtype": dtype}, span, [])[0]
+        self.consts[v] = value
+        return v
+
+    def known_names(self) -> list[str]:
+        return list(self.env) + list(self.symbols)
+
+    def name(self, e: A.Name) -> Value:
+        if e.id in self.env:
+            return self.env[e.id][0]
+        if e.id in self.symbols:
+            return self.dim_value(e.id, e.span)
+        if e.id in SPEC_DTYPES:
+            raise SpecError(f"'{e.id}' is a dtype, not a value", e.span,
+                            f"to convert a value write cast(x, {e.id})")
+        if e.id == "None":
+            raise SpecError("None is only allowed inside [ ] (a new axis)", e.span)
+        if e.id in registry.spec_builtins() or e.id in self.decls:
+            raise SpecError(f"'{e.id}' is a function; call it", e.span, f"{e.id}(...)")
+        hint = did_you_mean(e.id, self.known_names())
+        if hint is None and e.id in ("pi", "e"):
+            hint = "write the number itself, e.g. 3.141592653589793"
+        raise SpecError(f"unknown name '{e.id}'", e.span, hint)
+
+    def dim_value(self, s: str, span: Span) -> Value:
+        if s not in self.dim_values:
+            self.dim_values[s] = self.emit("dim", [], {"size": Sym.of(s)}, span, [])[0]
+        return self.dim_values[s]
+
+    def binop(self, e: A.BinOp) -> Value:
+        if e.op == "floordiv":
+            raise SpecError("'//' is only for sizes (such as E // 2 in a slice or reshape)", e.span,
+                            "for values write a / b")
+        lhs, rhs = self.value(e.lhs), self.value(e.rhs)
+        return self.emit(BINOP_PRIM[e.op], [lhs, rhs], {}, e.span, [e.lhs, e.rhs])[0]
+
+    def attribute(self, e: A.Attribute) -> Value:
+        if e.attr.text != "T":
+            raise SpecError(f"unknown attribute '.{e.attr.text}'", e.attr.span,
+                            "the only attribute is .T (swap the last two axes)")
+        v = self.value(e.value)
+        if not isinstance(v.type, TensorType) or v.type.rank < 2:
+            raise SpecError(f".T needs a tensor of rank 2 or more, got {v.type}", e.span,
+                            "use transpose(x, a, b) or permute(x, [...]) for other axes")
+        r = v.type.rank
+        return self.emit("transpose", [v], {"a": r - 2, "b": r - 1}, e.span, [e.value])[0]
+
+    # -- calls ---------------------------------------------------------------------------------
+    def call(self, e: A.Call) -> list[Value]:
+        fname = e.func.text
+        builtins = registry.spec_builtins()
+        if fname in self.decls:
+            return self.call_op(e)
+        if fname in builtins:
+            return self.call_builtin(e, builtins[fname])
+        if fname in SPEC_DTYPES:
+            raise SpecError(f"'{fname}' is a dtype, not a function", e.func.span,
+                            f"cast({', '.join(snippet(a.span) for a in e.args) or 'x'}, {fname})")
+        hint = did_you_mean(fname, list(builtins) + list(self.decls))
+        raise SpecError(f"unknown function '{fname}'", e.func.span, hint)
+
+    def bind_args(self, e: A.Call, sig: list[Arg]) -> tuple[list[A.Expr], dict[str, tuple[Any, A.Expr]]]:
+        """Match a call's arguments to a signature: (operand expressions, {attr: (ast, site)})."""
+        fname = e.func.text
+        names = [a.name for a in sig]
+        operands: list[A.Expr] = []
+        attrs: dict[str, A.Expr] = {}
+        pos = list(e.args)
+        var = next((a for a in sig if a.kind == "tensors"), None)
+        described = f"{fname}({', '.join(names)})"
+        if var is not None:
+            operands = pos
+            pos = []
+        for a in sig:
+            if not pos:
+                break
+            if a.kind == "tensors":
+                continue
+            x = pos.pop(0)
+            if a.is_operand:
+                operands.append(x)
+            else:
+                attrs[a.name] = x
+        if pos:
+            n_pos = len([a for a in sig])
+            raise SpecError(f"'{fname}' takes {n_pos} argument{'s' * (n_pos != 1)}, got {len(e.args)}",
+                            pos[0].span, described)
+        for kw in e.kwargs:
+            k = kw.name.text
+            spec = next((a for a in sig if a.name == k), None)
+            if spec is None:
+                raise SpecError(f"'{fname}' has no argument '{k}'", kw.name.span,
+                                did_you_mean(k, names) or described)
+            if spec.is_operand:
+                raise SpecError(f"pass the operand '{k}' of '{fname}' by position", kw.name.span, described)
+            if k in attrs:
+                raise SpecError(f"'{fname}' gets '{k}' twice", kw.name.span, described)
+            attrs[k] = kw.value
+        n_ops = len([a for a in sig if a.kind == "tensor"])
+        if var is None and len(operands) != n_ops:
+            raise SpecError(f"'{fname}' takes {len(sig)} argument{'s' * (len(sig) != 1)} "
+                            f"({', '.join(names)}), got {len(e.args) + len(e.kwargs)}", e.span, described)
+        if var is not None and not operands:
+            raise SpecError(f"'{fname}' needs at least one tensor", e.span, described)
+        for a in sig:
+            if not a.is_operand and a.required and a.name not in attrs:
+                raise SpecError(f"'{fname}' needs the argument '{a.name}'", e.span, described)
+        return operands, attrs
+
+    def call_builtin(self, e: A.Call, prim) -> list[Value]:
+        operand_exprs, attr_exprs = self.bind_args(e, list(prim.args))
+        attrs: dict[str, Any] = {}
+        sites: dict[str, Span] = {}
+        for a in prim.args:
+            if a.is_operand:
+                continue
+            if a.name in attr_exprs:
+                x = attr_exprs[a.name]
+                attrs[a.name] = self.static(x, a, e.func.text)
+                sites[a.name] = x.span
+            else:
+                attrs[a.name] = a.default
+        operands = [self.value(x) for x in operand_exprs]
+        return self.emit(prim.name, operands, attrs, e.span, operand_exprs, sites)
+
+    def call_op(self, e: A.Call) -> list[Value]:
+        """A call of another op: unify its size symbols with the arguments' shapes."""
+        callee = self.graphs[e.func.text]
+        fname = e.func.text
+        names = [p.name for p in callee.params]
+        described = f"{fname}({', '.join(names)})"
+        given: dict[str, A.Expr] = {}
+        if len(e.args) > len(names):
+            raise SpecError(f"'{fname}' takes {len(names)} argument{'s' * (len(names) != 1)}, got {len(e.args)}",
+                            e.args[len(names)].span, described)
+        for p, x in zip(callee.params, e.args):
+            given[p.name] = x
+        for kw in e.kwargs:
+            if kw.name.text not in names:
+                raise SpecError(f"'{fname}' has no argument '{kw.name.text}'", kw.name.span,
+                                did_you_mean(kw.name.text, names) or described)
+            if kw.name.text in given:
+                raise SpecError(f"'{fname}' gets '{kw.name.text}' twice", kw.name.span, described)
+            given[kw.name.text] = kw.value
+        mapping: dict[str, Dim] = {}
+        source_of: dict[str, str] = {}
+        inputs: list[Value] = []
+        for p in callee.params:
+            if p.name not in given:
+                if not p.has_default:
+                    raise SpecError(f"'{fname}' needs the argument '{p.name}'", e.span, described)
+                inputs.append(self.const(p.default, p.value.type.dtype, e.span))
+                continue
+            x = given[p.name]
+            v = self.value(x)
+            want = p.value.type
+            if isinstance(want, TensorType):
+                if not isinstance(v.type, TensorType):
+                    raise SpecError(f"'{fname}' expects a tensor {want} for '{p.name}', got the scalar {v.type}",
+                                    x.span)
+                if v.type.dtype != want.dtype:
+                    raise SpecError(f"'{fname}' expects {want.dtype} for '{p.name}', got {v.type}", x.span,
+                                    f"cast({snippet(x.span)}, {want.dtype})")
+                if v.type.rank != want.rank:
+                    raise SpecError(f"'{fname}' expects '{p.name}' of rank {want.rank} {want}, got {v.type}",
+                                    x.span)
+                for k, (dw, dv) in enumerate(zip(want.shape, v.type.shape)):
+                    if isinstance(dw, int):
+                        if dw != dv:
+                            raise SpecError(f"'{fname}' expects size {dw} in axis {k} of '{p.name}', got {dv}",
+                                            x.span)
+                        continue
+                    s = next(iter(dw.symbols))
+                    if s in mapping and mapping[s] != dv:
+                        raise SpecError(
+                            f"'{fname}' binds its size {s} to {mapping[s]} (from '{source_of[s]}') and to {dv} "
+                            f"(from '{p.name}')", x.span,
+                            f"{source_of[s]} and {p.name} must agree in {s}")
+                    mapping.setdefault(s, dv)
+                    source_of.setdefault(s, p.name)
+            else:
+                if isinstance(v.type, TensorType):
+                    raise SpecError(f"'{fname}' expects a scalar {want} for '{p.name}', got the tensor {v.type}",
+                                    x.span)
+                if v.type.dtype != want.dtype:
+                    if v.type.dtype.is_float and not want.dtype.is_float:
+                        raise SpecError(f"'{fname}' expects {want.dtype} for '{p.name}', got {v.type}", x.span)
+                    v = self.emit("cast", [v], {"dtype": want.dtype}, x.span, [x])[0]
+            inputs.append(v)
+        out_types = [TensorType(t.dtype, tuple(subst(d, mapping) for d in t.shape)) for t in callee.result_types]
+        outs = [Value(t) for t in out_types]
+        attrs = Attrs({"callee": fname, "sizes": tuple(sorted(mapping.items()))})
+        self.nodes.append(Node("call", tuple(inputs), attrs, tuple(outs), e.span))
+        return outs
+
+    # -- static arguments ----------------------------------------------------------------------
+    def static(self, x: A.Expr, a: Arg, fname: str):
+        kind = a.kind
+        if kind == "int":
+            return self.static_int(x, f"'{a.name}' of '{fname}'")
+        if kind == "axes":
+            if isinstance(x, (A.TupleLit, A.ListLit)):
+                return tuple(self.static_int(i, f"'{a.name}' of '{fname}'") for i in x.items)
+            return self.static_int(x, f"'{a.name}' of '{fname}'")
+        if kind == "ints":
+            if not isinstance(x, (A.TupleLit, A.ListLit)):
+                raise SpecError(f"'{a.name}' of '{fname}' must be a list of integers", x.span,
+                                "for example [0, 2, 1, 3]")
+            return tuple(self.static_int(i, f"'{a.name}' of '{fname}'") for i in x.items)
+        if kind == "bool":
+            if not isinstance(x, A.Bool):
+                raise SpecError(f"'{a.name}' of '{fname}' must be true or false", x.span)
+            return x.value
+        if kind == "float":
+            return float(self.static_number(x))
+        if kind == "str":
+            if not isinstance(x, A.Str):
+                raise SpecError(f"'{a.name}' of '{fname}' must be a string", x.span,
+                                f'one of {", ".join(repr(c) for c in a.choices)}'.replace("'", '"'))
+            if a.choices and x.value not in a.choices:
+                raise SpecError(f'"{x.value}" is not a choice of \'{a.name}\' in \'{fname}\'', x.span,
+                                "choose " + " or ".join(f'"{c}"' for c in a.choices))
+            return x.value
+        if kind == "dtype":
+            if not isinstance(x, A.Name):
+                raise SpecError(f"'{a.name}' of '{fname}' must be a dtype such as f32", x.span)
+            return parse_dtype(A.Ident(x.id, x.span))
+        if kind == "dim":
+            return self.static_dim(x)
+        if kind == "dims":
+            if not isinstance(x, (A.TupleLit, A.ListLit)):
+                raise SpecError(f"'{a.name}' of '{fname}' must be a list of sizes", x.span,
+                                "for example [M, H, -1]")
+            return tuple(self.static_dim(i, allow_hole=True) for i in x.items)
+        raise AssertionError(kind)
+
+    def static_number(self, x: A.Expr):
+        if isinstance(x, A.Num):
+            return x.value
+        if isinstance(x, A.Bool):
+            return x.value
+        if isinstance(x, A.Neg):
+            v = self.static_number(x.operand)
+            if isinstance(v, bool):
+                raise SpecError("cannot negate true or false", x.span)
+            return -v
+        raise SpecError("expected a number literal", x.span)
+
+    def static_int(self, x: A.Expr, what: str) -> int:
+        if isinstance(x, A.Num) and isinstance(x.value, int):
+            return x.value
+        if isinstance(x, A.Neg):
+            return -self.static_int(x.operand, what)
+        if isinstance(x, A.BinOp) and x.op in ("add", "sub", "mul", "floordiv"):
+            a, b = self.static_int(x.lhs, what), self.static_int(x.rhs, what)
+            if x.op == "floordiv" and b == 0:
+                raise SpecError("division by zero", x.span)
+            return {"add": a + b, "sub": a - b, "mul": a * b, "floordiv": a // b if b else 0}[x.op]
+        raise SpecError(f"{what} must be an integer", x.span,
+                        "axes and counts are written as literals, e.g. -1" if not isinstance(x, A.Num)
+                        else None)
+
+    def static_dim(self, x: A.Expr, allow_hole: bool = False) -> Dim:
+        if isinstance(x, A.Num):
+            if not isinstance(x.value, int):
+                raise SpecError(f"a size must be an integer, got {x.value}", x.span)
+            return x.value
+        if isinstance(x, A.Name):
+            if x.id in self.symbols:
+                return Sym.of(x.id)
+            hint = did_you_mean(x.id, self.symbols) or (
+                f"sizes are the symbols of the parameters' shapes: {', '.join(self.symbols)}"
+                if self.symbols else "no parameter has a symbolic size")
+            what = "a value, not a size" if x.id in self.env else "not a size of this op"
+            raise SpecError(f"'{x.id}' is {what}", x.span, hint)
+        if isinstance(x, A.Neg):
+            if allow_hole and isinstance(x.operand, A.Num) and x.operand.value == 1:
+                return -1
+            v = self.static_dim(x.operand)
+            if isinstance(v, int):
+                raise SpecError(f"size {-v} is negative", x.span, "-1 in a reshape infers one size")
+            return -v
+        if isinstance(x, A.BinOp) and x.op in ("add", "sub", "mul", "div", "floordiv"):
+            a, b = self.static_dim(x.lhs), self.static_dim(x.rhs)
+            if x.op == "add":
+                return a + b
+            if x.op == "sub":
+                return a - b
+            if x.op == "mul":
+                return a * b
+            if b == 0:
+                raise SpecError("division of a size by zero", x.span)
+            if isinstance(b, Sym) and len(b.terms) != 1:
+                raise SpecError(f"cannot divide a size by the sum {b}", x.rhs.span)
+            if isinstance(a, int) and isinstance(b, int):
+                if a % b:
+                    raise SpecError(f"{a} / {b} is not a whole size", x.span)
+                return a // b
+            return div(a, b)  # exact division; the runtime checks it is whole
+        raise SpecError("expected a size: a symbol, an integer, or arithmetic of those", x.span,
+                        "for example D / H or E // 2")
+
+    # -- indexing ------------------------------------------------------------------------------
+    def index(self, e: A.Index) -> Value:
+        v = self.value(e.value)
+        if not isinstance(v.type, TensorType):
+            raise SpecError(f"cannot index the scalar {v.type}", e.value.span)
+        for it in e.items[1:]:
+            if self.is_tensor_index(it):
+                raise SpecError("an index tensor is only allowed in the first position", it.span,
+                                "emb[ids] gathers rows; index other axes with integers and slices")
+        items = list(e.items)
+        if self.is_tensor_index(items[0]):
+            ids = self.value(items[0])
+            v = self.emit("gather_rows", [v, ids], {}, e.span, [e.value, items[0]])[0]
+            if len(items) == 1:
+                return v
+            # The gathered axes come first and stay whole; the other items index the table's axes.
+            items = [A.SliceItem(items[0].span, None, None, None)] * ids.type.rank + items[1:]
+        return self.basic_index(v, items, e)
+
+    def is_tensor_index(self, it) -> bool:
+        if isinstance(it, (A.SliceItem, A.EllipsisItem)):
+            return False
+        if isinstance(it, A.Name) and it.id == "None":
+            return False
+        try:
+            self.static_dim(it)
+            return False
+        except SpecError:
+            pass
+        if isinstance(it, A.Name) and it.id in self.env:
+            return isinstance(self.env[it.id][0].type, TensorType)
+        return not isinstance(it, (A.Num, A.Neg, A.BinOp))
+
+    def basic_index(self, v: Value, items: list, e: A.Index) -> Value:
+        shape = list(v.type.shape)
+        n_ell = sum(isinstance(i, A.EllipsisItem) for i in items)
+        if n_ell > 1:
+            raise SpecError("an index may contain '...' once", e.span)
+        consumes = [i for i in items if not isinstance(i, A.EllipsisItem)
+                    and not (isinstance(i, A.Name) and i.id == "None")]
+        if len(consumes) > len(shape):
+            raise SpecError(f"too many indices ({len(consumes)}) for a tensor of rank {len(shape)}", e.span,
+                            f"the tensor is {v.type}")
+        if n_ell:
+            k = next(j for j, i in enumerate(items) if isinstance(i, A.EllipsisItem))
+            fill = [A.SliceItem(items[k].span, None, None, None)] * (len(shape) - len(consumes))
+            items = items[:k] + fill + items[k + 1:]
+        else:
+            items = items + [A.SliceItem(e.span, None, None, None)] * (len(shape) - len(consumes))
+        starts, stops, steps, out_shape = [], [], [], []
+        axis = 0
+        sliced = False
+        for it in items:
+            if isinstance(it, A.Name) and it.id == "None":
+                out_shape.append(1)
+                continue
+            size = shape[axis]
+            if isinstance(it, A.SliceItem):
+                step = self.static_int(it.step, "a slice step") if it.step is not None else 1
+                if step <= 0:
+                    raise SpecError(f"slice step {step} must be positive", it.step.span)
+                start = self.bound(it.start, size, 0)
+                stop = self.bound(it.stop, size, size)
+                if start != 0 or stop != size or step != 1:
+                    sliced = True
+                n = slice_size(start, stop, step)
+                if isinstance(n, int) and n < 0:
+                    n = 0
+                out_shape.append(n)
+                starts.append(start), stops.append(stop), steps.append(step)
+            else:
+                i = self.bound(it, size, None)
+                if isinstance(i, int) and isinstance(size, int) and not 0 <= i < size:
+                    raise SpecError(f"index {i} is out of range for size {size}", it.span)
+                starts.append(i), stops.append(i + 1), steps.append(1)
+                sliced = True
+            axis += 1
+        if sliced:
+            v = self.emit("slice", [v], {"starts": tuple(starts), "stops": tuple(stops), "steps": tuple(steps)},
+                          e.span, [e.value])[0]
+        if tuple(out_shape) != tuple(v.type.shape):
+            v = self.emit("reshape", [v], {"shape": tuple(out_shape)}, e.span, [e.value])[0]
+        return v
+
+    def bound(self, x, size: Dim, default) -> Dim:
+        """A slice bound or an integer index, negative values counting from the end."""
+        if x is None:
+            return default
+        d = self.static_dim(x, allow_hole=False) if not self._is_negative_literal(x) else self.static_int(x, "an index")
+        if isinstance(d, int) and d < 0:
+            d = size + d
+            if isinstance(d, int) and d < 0:
+                raise SpecError(f"index {self.static_int(x, 'an index')} is out of range for size {size}", x.span)
+        if isinstance(d, int) and isinstance(size, int) and d > size:
+            d = size  # NumPy clamps slice bounds past the end
+        return d
+
+    @staticmethod
+    def _is_negative_literal(x) -> bool:
+        return isinstance(x, A.Neg) and isinstance(x.operand, A.Num)
+
+    # -- nodes ---------------------------------------------------------------------------------
+    def emit(self, op: str, inputs: list[Value], attrs: dict, span: Span, operand_exprs: list,
+             sites: dict[str, Span] | None = None) -> list[Value]:
+        prim = registry.get(op)
+        try:
+            types, attrs = prim.run_infer([v.type for v in inputs], attrs)
+        except RuleError as err:
+            raise self.rule_error(err, span, operand_exprs, sites or {}) from None
+        outs = [Value(t) for t in types]
+        self.nodes.append(Node(op, tuple(inputs), Attrs(attrs), tuple(outs), span))
+        return outs
+
+    def rule_error(self, err: RuleError, span: Span, operand_exprs: list, sites: dict[str, Span]) -> SpecError:
+        where = span
+        if isinstance(err.arg, int) and err.arg < len(operand_exprs):
+            where = operand_exprs[err.arg].span
+        elif isinstance(err.arg, str) and err.arg in sites:
+            where = sites[err.arg]
+        hint = err.hint
+        if hint:
+            texts = [snippet(x.span) for x in operand_exprs]
+            try:
+                hint = hint.format(*texts)
+            except (IndexError, KeyError):
+                pass
+        return SpecError(err.message, where, hint)
+

@@ -1,0 +1,309 @@
+"""Parsing: spec text -> AST with spans (frontend/ast.py), syntax errors -> SpecError.
+
+The grammar is LALR(1) (fast enough for large generated specs); a lark Transformer turns the
+parse tree into the AST, with each node's span taken from lark's position metadata. A post-lexer drops newlines inside
+parentheses and brackets, so calls and shapes may span lines while statements end at a newline.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from ..ir.graph import Source, Span
+from . import ast as A
+from .diagnostics import SpecError
+
+GRAMMAR = Path(__file__).with_name("opf.lark")
+
+
+class BracketNewlines:
+    """Drop newline tokens between brackets (as Python does inside ( and [)."""
+    always_accept = ("_NL",)
+    OPEN = {"LPAR", "LSQB"}
+    CLOSE = {"RPAR", "RSQB"}
+
+    def process(self, stream):
+        depth = 0
+        for tok in stream:
+            if tok.type in self.OPEN:
+                depth += 1
+            elif tok.type in self.CLOSE:
+                depth = max(0, depth - 1)
+            elif tok.type == "_NL" and depth:
+                continue
+            yield tok
+
+
+COMPARE = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
+
+
+@v_args(meta=True)
+class ToAst(Transformer):
+    """Builds the AST. ``source`` is set for each parse (under the parser's lock)."""
+
+    source: Source
+
+    def _span(self, meta) -> Span:
+        return Span(self.source, meta.line, meta.column, meta.end_line, meta.end_column)
+
+    def _tok(self, tok: Token) -> A.Ident:
+        return A.Ident(str(tok), Span(self.source, tok.line, tok.column, tok.end_line, tok.end_column))
+
+    # -- declarations --------------------------------------------------------------------------
+    def start(self, meta, children):
+        return A.ModuleDecl(tuple(children))
+
+    def op_def(self, meta, children):
+        name, *rest = children
+        *params, result, body = rest
+        params = tuple(p for p in params if p is not None)
+        results, is_tuple = result
+        stmts, body_span = body
+        return A.OpDecl(self._tok(name), params, results, is_tuple, stmts, self._span(meta), body_span)
+
+    def param(self, meta, children):
+        name, dtype, shape, layout, default = children
+        type_span = Span(self.source, dtype.line, dtype.column,
+                         *(shape[1] if shape else (dtype.end_line, dtype.end_column)))
+        ty = A.TypeDecl(self._tok(dtype), shape[0] if shape else None, type_span)
+        return A.ParamDecl(self._tok(name), ty, layout, default, self._span(meta))
+
+    def shape(self, meta, children):
+        return tuple(c for c in children if c is not None), (meta.end_line, meta.end_column)
+
+    def dim(self, meta, children):
+        (tok,) = children
+        return A.DimDecl(int(tok) if tok.type == "INT" else str(tok), self._span(meta))
+
+    def neg_dim(self, meta, children):
+        return A.DimDecl(-int(children[0]), self._span(meta))
+
+    def layout(self, meta, children):
+        kind, *args = children
+        return A.LayoutDecl(self._tok(kind), tuple(a for a in args if a is not None), self._span(meta))
+
+    def layout_arg(self, meta, children):
+        name, value = children
+        return A.LayoutArg(self._tok(name) if name is not None else None, value, self._span(meta))
+
+    def lname(self, meta, children):
+        return str(children[0])
+
+    def lint(self, meta, children):
+        return int(children[0])
+
+    def lfloat(self, meta, children):
+        return float(children[0])
+
+    def lratio(self, meta, children):
+        return (int(children[0]), int(children[1]))
+
+    def result(self, meta, children):
+        return (children[0],), False
+
+    def tuple_result(self, meta, children):
+        return tuple(c for c in children if c is not None), True
+
+    def result_type(self, meta, children):
+        dtype, shape = children
+        return A.TypeDecl(self._tok(dtype), shape, self._span(meta))
+
+    def result_shape(self, meta, children):
+        return tuple(c for c in children if c is not None)
+
+    def body(self, meta, children):
+        span = Span(self.source, meta.end_line, meta.end_column - 1, meta.end_line, meta.end_column)
+        return tuple(c for c in children if c is not None), span
+
+    def assign(self, meta, children):
+        *targets, value = children
+        return A.Assign(tuple(self._tok(t) for t in targets), value, self._span(meta))
+
+    def return_stmt(self, meta, children):
+        return A.Return(tuple(children), self._span(meta))
+
+    # -- expressions ---------------------------------------------------------------------------
+    def _bin(op):
+        def f(self, meta, children):
+            return A.BinOp(self._span(meta), op, children[0], children[1])
+        return f
+
+    add, sub, mul, div = _bin("add"), _bin("sub"), _bin("mul"), _bin("div")
+    floordiv, matmul, pow = _bin("floordiv"), _bin("matmul"), _bin("pow")
+
+    def compare(self, meta, children):
+        lhs, op, rhs = children
+        return A.BinOp(self._span(meta), COMPARE[str(op)], lhs, rhs)
+
+    def neg(self, meta, children):
+        return A.Neg(self._span(meta), children[0])
+
+    def call(self, meta, children):
+        name, *args = children
+        pos = tuple(a for a in args if a is not None and not isinstance(a, A.Keyword))
+        kws = tuple(a for a in args if isinstance(a, A.Keyword))
+        return A.Call(self._span(meta), self._tok(name), pos, kws)
+
+    def kwarg(self, meta, children):
+        name, value = children
+        return A.Keyword(self._tok(name), value, self._span(meta))
+
+    def attribute(self, meta, children):
+        value, name = children
+        return A.Attribute(self._span(meta), value, self._tok(name))
+
+    def index(self, meta, children):
+        value, *items = children
+        return A.Index(self._span(meta), value, tuple(items))
+
+    def slice(self, meta, children):
+        start, stop, step = (children + [None, None, None])[:3]
+        return A.SliceItem(self._span(meta), start, stop, step)
+
+    def ellipsis(self, meta, children):
+        return A.EllipsisItem(self._span(meta))
+
+    def name(self, meta, children):
+        return A.Name(self._span(meta), str(children[0]))
+
+    def int_lit(self, meta, children):
+        return A.Num(self._span(meta), int(children[0]))
+
+    def float_lit(self, meta, children):
+        return A.Num(self._span(meta), float(children[0]))
+
+    def str_lit(self, meta, children):
+        return A.Str(self._span(meta), str(children[0])[1:-1])
+
+    def true_lit(self, meta, children):
+        return A.Bool(self._span(meta), True)
+
+    def false_lit(self, meta, children):
+        return A.Bool(self._span(meta), False)
+
+    def inf_lit(self, meta, children):
+        return A.Num(self._span(meta), float("inf"))
+
+    def tuple_lit(self, meta, children):
+        return A.TupleLit(self._span(meta), tuple(c for c in children if c is not None))
+
+    def list_lit(self, meta, children):
+        return A.ListLit(self._span(meta), tuple(c for c in children if c is not None))
+
+
+_lock = threading.Lock()
+_parser: Lark | None = None
+_transformer = ToAst()
+
+
+def _get_parser() -> Lark:
+    global _parser
+    if _parser is None:
+        _parser = Lark(GRAMMAR.read_text(), parser="lalr", lexer="contextual", postlex=BracketNewlines(),
+                       propagate_positions=True, maybe_placeholders=True)
+    return _parser
+
+
+TOKEN_TEXT = {
+    "LPAR": "'('", "RPAR": "')'", "LSQB": "'['", "RSQB": "']'", "LBRACE": "'{'", "RBRACE": "'}'",
+    "COMMA": "','", "COLON": "':'", "SEMICOLON": "';'", "EQUAL": "'='", "MINUS": "'-'", "PLUS": "'+'",
+    "STAR": "'*'", "SLASH": "'/'", "AT": "'@'", "DOT": "'.'", "NAME": "a name", "INT": "an integer",
+    "FLOAT": "a number", "STRING": "a string", "_NL": "a newline", "__ANON_0": "'->'", "RETURN": "'return'",
+    "OP": "'op'", "COMPARE": "a comparison", "TRUE": "'true'", "FALSE": "'false'", "INF": "'inf'",
+    "$END": "the end of the file", "__ANON_1": "'//'", "__ANON_2": "'**'", "__ANON_3": "'...'",
+}
+
+
+def _describe(tok_type: str, parser: Lark) -> str:
+    if tok_type in TOKEN_TEXT and not tok_type.startswith("__ANON"):
+        return TOKEN_TEXT[tok_type]
+    try:
+        term = parser.get_terminal(tok_type)
+        pat = term.pattern
+        if pat.type == "str":
+            return f"'{pat.value}'"
+    except (KeyError, AttributeError):
+        pass
+    return TOKEN_TEXT.get(tok_type, tok_type.lower())
+
+
+OPERATORS = {"'*'", "'**'", "'+'", "'-'", "'/'", "'//'", "'@'", "'.'", "'['", "'('", "a comparison"}
+EXPRESSION = {"a name", "an integer", "a number", "a string", "'true'", "'false'", "'inf'", "'('", "'['", "'-'"}
+STATEMENT_END = {"a newline", "';'"}
+
+
+def _expected(expected, parser: Lark) -> str:
+    """LALR lookahead sets are long; say them the way a person would."""
+    names = {_describe(t, parser) for t in expected if t not in ("WS", "COMMENT")}
+    if "a newline" in names and "';'" not in names:
+        names.discard("a newline")  # the post-lexer accepts newlines everywhere; not a real option
+    parts = []
+    if len(names & OPERATORS) >= 4:
+        names -= OPERATORS
+        parts.append("an operator")
+    if {"a name", "an integer", "a number"} <= names:
+        names -= EXPRESSION
+        parts.append("an expression")
+    if STATEMENT_END <= names:
+        names -= STATEMENT_END
+        parts.append("the end of the statement")
+    parts += sorted(names)
+    if not parts:
+        return "something else"
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " or " + parts[-1]
+
+
+def _syntax_error(e: UnexpectedInput, source: Source, parser: Lark) -> SpecError:
+    line, col = max(1, e.line), max(1, e.column)
+    if isinstance(e, UnexpectedCharacters):
+        ch = source.text[e.pos_in_stream] if e.pos_in_stream < len(source.text) else "?"
+        hint = None
+        if ch == "\t":
+            ch = "\\t"
+        if ch in "&|~!%^":
+            hint = "the language has no bitwise or logical operators; use where() and comparisons"
+        if ch == "'":
+            hint = 'strings use double quotes: "tanh"'
+        span = Span(source, line, col, line, col + 1)
+        return SpecError(f"unexpected character '{ch}'", span, hint)
+    if isinstance(e, UnexpectedToken):
+        tok = e.token
+        if tok.type == "$END":
+            lines = source.text.splitlines() or [""]
+            line = len(lines)
+            col = len(lines[-1]) + 1
+            span = Span(source, line, max(1, col - 1), line, col)
+            return SpecError(f"unexpected end of file; expected {_expected(e.expected, parser)}", span,
+                             hint="is a '}' or ')' missing?" if "'}'" in _expected(e.expected, parser)
+                             or "')'" in _expected(e.expected, parser) else None)
+        text = "a newline" if tok.type == "_NL" else f"'{tok}'"
+        width = 1 if tok.type == "_NL" else max(1, len(str(tok)))
+        span = Span(source, tok.line, tok.column, tok.line, tok.column + width)
+        exp = _expected(e.expected, parser)
+        hint = None
+        if str(tok) == "=":
+            hint = "'=' assigns a name at the start of a statement; compare with '=='"
+        elif "'->'" in exp:
+            hint = "an op declares its result type: op NAME(...) -> f16[M, N] { ... }"
+        elif tok.type in ("NAME", "INT", "FLOAT") and "the end of the statement" in exp:
+            hint = "statements end at a newline or ';'"
+        return SpecError(f"unexpected {text}; expected {exp}", span, hint)
+    if isinstance(e, UnexpectedEOF):
+        lines = source.text.splitlines() or [""]
+        span = Span(source, len(lines), max(1, len(lines[-1])), len(lines), len(lines[-1]) + 1)
+        return SpecError("unexpected end of file", span)
+    return SpecError(str(e), Span(source, line, col, line, col + 1))
+
+
+def parse(source: Source) -> A.ModuleDecl:
+    parser = _get_parser()
+    with _lock:
+        _transformer.source = source
+        try:
+            tree = parser.parse(source.text)
+        except UnexpectedInput as e:
+            raise _syntax_error(e, source, parser) from None
+        return _transformer.transform(tree)

@@ -1,0 +1,235 @@
+"""Level 1: SSA values, nodes and graphs.
+
+Values are compared by identity (one object per SSA value); nodes and graphs are immutable, and
+passes build new graphs instead of editing shared ones. Every node keeps the source span of the
+expression it came from, so that errors found late still point at the user's text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from .dims import free_symbols
+from .types import ScalarType, TensorType, Type
+
+
+@dataclass(frozen=True)
+class Source:
+    """A spec's text and the name it is reported under (a path or '<string>')."""
+    name: str
+    text: str
+
+    def line(self, n: int) -> str:
+        lines = self.text.splitlines()
+        return lines[n - 1] if 0 < n <= len(lines) else ""
+
+
+@dataclass(frozen=True)
+class Span:
+    source: Source
+    line: int
+    col: int
+    end_line: int
+    end_col: int
+
+    def __repr__(self) -> str:
+        return f"Span({self.source.name}:{self.line}:{self.col})"
+
+
+class Value:
+    """One SSA value. ``name`` is a hint for printing (the spec's name where there is one)."""
+
+    __slots__ = ("type", "name")
+
+    def __init__(self, type: Type, name: str | None = None):
+        self.type = type
+        self.name = name
+
+    @property
+    def dtype(self):
+        return self.type.dtype
+
+    @property
+    def shape(self):
+        return self.type.shape
+
+    @property
+    def is_scalar(self) -> bool:
+        return isinstance(self.type, ScalarType)
+
+    def __repr__(self) -> str:
+        return f"Value({self.name or hex(id(self))}: {self.type})"
+
+
+class Attrs(Mapping[str, Any]):
+    """A frozen, hashable mapping of node attributes, iterated in sorted key order."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, Any] | Iterable[tuple[str, Any]] = ()):
+        d = dict(items)
+        self._items = tuple(sorted(d.items()))
+
+    def __getitem__(self, k):
+        for key, v in self._items:
+            if key == k:
+                return v
+        raise KeyError(k)
+
+    def __iter__(self):
+        return (k for k, _ in self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+    def __hash__(self):
+        return hash(self._items)
+
+    def __eq__(self, other):
+        return isinstance(other, Attrs) and self._items == other._items
+
+    def replace(self, **kw) -> "Attrs":
+        d = dict(self._items)
+        d.update(kw)
+        return Attrs(d)
+
+    def __repr__(self):
+        return f"Attrs({dict(self._items)})"
+
+
+@dataclass(frozen=True, eq=False)
+class Node:
+    op: str
+    inputs: tuple[Value, ...]
+    attrs: Attrs
+    outputs: tuple[Value, ...]
+    span: Span | None = None
+
+    @property
+    def out(self) -> Value:
+        assert len(self.outputs) == 1, f"{self.op} has {len(self.outputs)} outputs"
+        return self.outputs[0]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A weight layout annotation, ``@quant(int4, group=128)``: kind, positional and keyword args."""
+    kind: str
+    args: tuple[Any, ...] = ()
+    kwargs: Attrs = field(default_factory=Attrs)
+    span: Span | None = None
+
+    def __str__(self) -> str:
+        parts = [a if isinstance(a, str) else f"{a[0]}:{a[1]}" if isinstance(a, tuple) else _fmt_attr(a)
+                 for a in self.args] + [f"{k}={_fmt_attr(v)}" for k, v in self.kwargs.items()]
+        return f"@{self.kind}({', '.join(parts)})"
+
+    def __eq__(self, other):
+        return isinstance(other, Layout) and (self.kind, self.args, self.kwargs) == (other.kind, other.args, other.kwargs)
+
+    def __hash__(self):
+        return hash((self.kind, self.args, self.kwargs))
+
+
+@dataclass(frozen=True, eq=False)
+class Param:
+    """An op parameter: a tensor (possibly with a layout) or a scalar attribute with a default."""
+    name: str
+    value: Value
+    default: Any = None
+    has_default: bool = False
+    layout: Layout | None = None
+    span: Span | None = None
+
+    @property
+    def is_tensor(self) -> bool:
+        return isinstance(self.value.type, TensorType)
+
+
+@dataclass(frozen=True, eq=False)
+class Graph:
+    name: str
+    params: tuple[Param, ...]
+    nodes: tuple[Node, ...]
+    outputs: tuple[Value, ...]
+    result_types: tuple[Type, ...]
+    tuple_result: bool = False
+    span: Span | None = None
+
+    @property
+    def inputs(self) -> tuple[Value, ...]:
+        return tuple(p.value for p in self.params)
+
+    @property
+    def tensor_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.is_tensor)
+
+    @property
+    def scalar_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if not p.is_tensor)
+
+    @property
+    def symbols(self) -> tuple[str, ...]:
+        """Size symbols in the order they first appear in the tensor parameters."""
+        seen: list[str] = []
+        for p in self.tensor_params:
+            for d in p.value.type.shape:
+                for s in sorted(free_symbols([d])):
+                    if s not in seen:
+                        seen.append(s)
+        return tuple(seen)
+
+    def producers(self) -> dict[Value, Node]:
+        return {v: n for n in self.nodes for v in n.outputs}
+
+    def users(self) -> dict[Value, list[Node]]:
+        out: dict[Value, list[Node]] = {}
+        for n in self.nodes:
+            for v in n.inputs:
+                out.setdefault(v, []).append(n)
+        return out
+
+    def replace(self, **kw) -> "Graph":
+        d = dict(name=self.name, params=self.params, nodes=self.nodes, outputs=self.outputs,
+                 result_types=self.result_types, tuple_result=self.tuple_result, span=self.span)
+        d.update(kw)
+        return Graph(**d)
+
+
+def _fmt_attr(v: Any) -> str:
+    from .types import DType
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        if v == float("inf"):
+            return "inf"
+        if v == float("-inf"):
+            return "-inf"
+        return repr(v)
+    if isinstance(v, DType):
+        return v.text
+    if isinstance(v, str):
+        return f'"{v}"'
+    if isinstance(v, (tuple, list)):
+        return "[" + ", ".join(_fmt_attr(x) for x in v) + "]"
+    if v is None:
+        return "None"
+    return str(v)
+
+
+fmt_attr = _fmt_attr
+
+
+@dataclass(frozen=True, eq=False)
+class Program:
+    """All ops of one spec file, in definition order; ``namespace`` names their torch.library
+    namespace (the file's stem unless given)."""
+    namespace: str
+    source: Source
+    graphs: dict[str, Graph]
+
+    def __getitem__(self, name: str) -> Graph:
+        return self.graphs[name]
+
+    def replace_graphs(self, graphs: dict[str, Graph]) -> "Program":
+        return Program(self.namespace, self.source, graphs)

@@ -1,0 +1,178 @@
+"""Elementwise primitives: unary math, binary arithmetic and comparisons, ``where``, ``cast``,
+and the scalar sources (literals and symbolic sizes used as values).
+
+Arithmetic on 16- and 8-bit floats happens in f32 and is rounded once per primitive, as
+PyTorch's GPU kernels do; the tile lowering keeps fused chains in f32 and rounds at stores
+and explicit casts.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import rules
+from .registry import Arg, Kind, RuleError, primitive
+from .types import DType, ScalarType, TensorType
+
+X = Arg("x", "tensor")
+
+
+def _unary_rule(name: str, float_only: bool):
+    def infer(types, attrs):
+        (t,) = types
+        (rules.need_float if float_only else rules.need_numeric)(t, name)
+        return [t]
+    return infer
+
+
+def _unary_ref(fn):
+    def ref(ctx, inputs, attrs, out_types, in_types):
+        (x,) = inputs
+        out = out_types[0].dtype
+        return fn(x.to(ctx.compute_dt(out)), **attrs).to(ctx.dt(out))
+    return ref
+
+
+def _gelu(x, approximate="none"):
+    return F.gelu(x, approximate=approximate)
+
+
+UNARY = {
+    # name: (torch function, floating-point only, doc)
+    "abs": (torch.abs, False, "absolute value"),
+    "neg": (torch.neg, False, "negation (unary minus)"),
+    "exp": (torch.exp, True, "e ** x"),
+    "log": (torch.log, True, "natural logarithm"),
+    "sqrt": (torch.sqrt, True, "square root"),
+    "rsqrt": (torch.rsqrt, True, "1 / sqrt(x)"),
+    "sin": (torch.sin, True, "sine"),
+    "cos": (torch.cos, True, "cosine"),
+    "tanh": (torch.tanh, True, "hyperbolic tangent"),
+    "sigmoid": (torch.sigmoid, True, "1 / (1 + exp(-x))"),
+    "relu": (torch.relu, False, "max(x, 0)"),
+    "silu": (F.silu, True, "x * sigmoid(x)"),
+    "softplus": (F.softplus, True, "log(1 + exp(x))"),
+}
+
+for _name, (_fn, _float_only, _doc) in UNARY.items():
+    primitive(_name, Kind.POINTWISE, [X], internal=_name == "neg", doc=_doc)(
+        infer=_unary_rule(_name, _float_only), reference=_unary_ref(_fn))
+
+primitive("gelu", Kind.POINTWISE, [X, Arg("approximate", "str", "none", choices=("none", "tanh"))],
+          doc='Gaussian error linear unit, exact ("none") or the tanh approximation')(
+    infer=_unary_rule("gelu", True), reference=_unary_ref(_gelu))
+
+
+# -- binary -------------------------------------------------------------------------------------
+def _binary_rule(name: str, compare: bool = False, true_div: bool = False):
+    def infer(types, attrs):
+        for i, t in enumerate(types):
+            if not compare or name not in ("eq", "ne"):
+                rules.need_numeric(t, SYMBOLS.get(name, name), i)
+        dtype, shape = rules.elementwise(types, SYMBOLS.get(name, name))
+        if compare:
+            dtype = DType.bool
+        elif true_div and not dtype.is_float:
+            dtype = DType.f32  # true division, as torch: integers divide to a float
+        return [rules.make_type(dtype, shape)]
+    return infer
+
+
+def _binary_ref(fn, compare: bool = False):
+    def ref(ctx, inputs, attrs, out_types, in_types):
+        # Operands meet in the dtype the rule chose (scalars adopt it), computed in f32 for
+        # narrow floats; comparisons compare in the operands' common dtype.
+        operand = rules.result_dtype(in_types, "op") if compare else out_types[0].dtype
+        cd = ctx.compute_dt(operand)
+        a, b = (x.to(cd) for x in inputs)
+        r = fn(a, b)
+        return r if compare else r.to(ctx.dt(out_types[0].dtype))
+    return ref
+
+
+SYMBOLS = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "**", "lt": "<", "le": "<=",
+           "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
+
+BINARY = {
+    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow,
+    "maximum": torch.maximum, "minimum": torch.minimum,
+}
+COMPARE = {"lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge, "eq": torch.eq, "ne": torch.ne}
+AB = [Arg("a", "tensor"), Arg("b", "tensor")]
+
+for _name, _fn in BINARY.items():
+    primitive(_name, Kind.POINTWISE, AB, internal=_name in SYMBOLS, doc=f"elementwise {_name}")(
+        infer=_binary_rule(_name, true_div=_name == "div"), reference=_binary_ref(_fn))
+for _name, _fn in COMPARE.items():
+    primitive(_name, Kind.POINTWISE, AB, internal=True, doc=f"comparison {SYMBOLS[_name]}, gives bool")(
+        infer=_binary_rule(_name, compare=True), reference=_binary_ref(_fn, compare=True))
+
+
+# -- where, cast --------------------------------------------------------------------------------
+def _where_infer(types, attrs):
+    c, a, b = types
+    if not c.dtype.is_bool:
+        raise RuleError(f"the condition of 'where' must be bool, got {c}",
+                        hint="compare to get a bool, e.g. {0} != 0", arg=0)
+    dtype, _ = rules.elementwise([a, b], "where")
+    tensors = [(i, t.shape) for i, t in enumerate(types) if isinstance(t, TensorType)]
+    if not tensors:
+        return [ScalarType(dtype)]
+    shape = rules.broadcast_shapes([s for _, s in tensors], who=[i for i, _ in tensors])
+    return [TensorType(dtype, shape)]
+
+
+def _where_ref(ctx, inputs, attrs, out_types, in_types):
+    c, a, b = inputs
+    dt = ctx.dt(out_types[0].dtype)
+    return torch.where(c.to(torch.bool), a.to(dt), b.to(dt))
+
+
+primitive("where", Kind.POINTWISE, [Arg("cond", "tensor"), Arg("a", "tensor"), Arg("b", "tensor")],
+          doc="a where cond else b")(infer=_where_infer, reference=_where_ref)
+
+
+def _cast_infer(types, attrs):
+    (t,) = types
+    return [t.with_dtype(attrs["dtype"])]
+
+
+def _cast_ref(ctx, inputs, attrs, out_types, in_types):
+    (x,) = inputs
+    target = attrs["dtype"]
+    if target.is_int and x.dtype.is_floating_point:
+        x = torch.trunc(x)  # float -> int truncates toward zero, as C and torch do
+    return x.to(ctx.dt(target))
+
+
+primitive("cast", Kind.POINTWISE, [X, Arg("dtype", "dtype")], doc="convert to another dtype")(
+    infer=_cast_infer, reference=_cast_ref)
+
+
+# -- scalar sources -----------------------------------------------------------------------------
+def _const_infer(types, attrs):
+    return [ScalarType(attrs["dtype"])]
+
+
+def _const_ref(ctx, inputs, attrs, out_types, in_types):
+    return ctx.tensor(attrs["value"], attrs["dtype"])
+
+
+primitive("const", Kind.SOURCE, internal=True, doc="a literal")(infer=_const_infer, reference=_const_ref)
+
+
+def _dim_infer(types, attrs):
+    return [ScalarType(DType.i64)]
+
+
+def _dim_ref(ctx, inputs, attrs, out_types, in_types):
+    from .dims import evaluate
+    return ctx.tensor(evaluate(attrs["size"], ctx.bindings), DType.i64)
+
+
+primitive("dim", Kind.SOURCE, internal=True, doc="a symbolic size used as a value")(
+    infer=_dim_infer, reference=_dim_ref)
+
+INF = math.inf

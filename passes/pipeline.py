@@ -1,0 +1,35 @@
+"""The pass pipeline, in one visible list per level.
+
+GRAPH_PASSES turn the front end's graphs into the canonical graph that layouts, fusion and
+lowering work on. With checks on (tests, OPFORGE_CHECKS=1) the verifier runs after every pass.
+"""
+from __future__ import annotations
+
+from ..ir.graph import Graph, Program
+from ..ir.verifier import verify
+from .canonicalize import canonicalize
+from .context import PassContext
+from .inline import inline
+
+GRAPH_PASSES = [inline, canonicalize]
+
+
+def run_passes(g: Graph, passes, ctx: PassContext) -> Graph:
+    if ctx.verify:
+        verify(g)
+    for p in passes:
+        g = p(g, ctx)
+        if ctx.verify:
+            try:
+                verify(g)
+            except AssertionError as e:
+                raise AssertionError(f"after pass {p.__name__}: {e}") from None
+    return g
+
+
+def canonical_graph(program: Program, op: str, ctx: PassContext | None = None) -> Graph:
+    """The op's graph after inlining and canonicalisation."""
+    ctx = ctx or PassContext(program=program)
+    if ctx.program is None:
+        ctx = PassContext(program=program, verify=ctx.verify)
+    return run_passes(program[op], GRAPH_PASSES, ctx)

@@ -1,0 +1,122 @@
+"""Binding a call's arguments to an op's parameters, and size symbols to integers.
+
+Shared by the reference executor and the compiled ops, so both reject the same bad calls in the
+same words, before any kernel is launched: the parameter, the expected type, the actual shape,
+and the symbol bindings that disagree.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..ir.dims import Dim, evaluate, format_shape
+from ..ir.graph import Graph
+from ..ir.torch_dtypes import from_torch, to_torch
+from ..ir.types import TensorType
+
+
+class CallError(ValueError):
+    """A call with arguments of the wrong number, dtype, device, rank or size."""
+
+
+def bind_args(g: Graph, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Python call semantics: positional, then keyword, then defaults."""
+    names = [p.name for p in g.params]
+    if len(args) > len(names):
+        raise CallError(f"{g.name}() takes {len(names)} arguments ({', '.join(names)}), got {len(args)}")
+    out = dict(zip(names, args))
+    for k, v in kwargs.items():
+        if k not in names:
+            raise CallError(f"{g.name}() has no parameter '{k}'; its parameters are {', '.join(names)}")
+        if k in out:
+            raise CallError(f"{g.name}() got '{k}' twice")
+        out[k] = v
+    for p in g.params:
+        if p.name not in out:
+            if not p.has_default:
+                raise CallError(f"{g.name}() is missing the argument '{p.name}' ({p.value.type})")
+            out[p.name] = p.default
+    return out
+
+
+def bind_sizes(g: Graph, values: Mapping[str, Any], *, check_dtype: bool = True,
+               device: torch.device | None = None) -> dict[str, int]:
+    """Size symbol -> int from the tensor arguments' shapes, checking ranks, fixed sizes, dtypes
+    and devices, and that every symbol gets one value."""
+    bindings: dict[str, int] = {}
+    origin: dict[str, str] = {}
+    for p in g.params:
+        x = values[p.name]
+        want = p.value.type
+        if not isinstance(want, TensorType):
+            if isinstance(x, torch.Tensor) and x.dim() != 0:
+                raise CallError(f"{g.name}(): '{p.name}' is a scalar {want}, got a tensor of shape {list(x.shape)}")
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise CallError(f"{g.name}(): '{p.name}' expects a tensor {want}, got {type(x).__name__}")
+        if check_dtype and x.dtype != to_torch(want.dtype):
+            got = from_torch(x.dtype)
+            raise CallError(f"{g.name}(): '{p.name}' expects dtype {want.dtype} ({want}), got "
+                            f"{got or x.dtype}; convert it with .to({to_torch(want.dtype)})")
+        if device is not None and x.device != device:
+            raise CallError(f"{g.name}(): '{p.name}' is on {x.device}, the other inputs on {device}")
+        if x.dim() != want.rank:
+            raise CallError(f"{g.name}(): '{p.name}' expects rank {want.rank} {want}, got shape {list(x.shape)}")
+        for axis, (d, n) in enumerate(zip(want.shape, x.shape)):
+            if isinstance(d, int):
+                if d != n:
+                    raise CallError(f"{g.name}(): '{p.name}' expects {want}, got shape {list(x.shape)}: "
+                                    f"axis {axis} must be {d}")
+                continue
+            (s,) = d.symbols
+            if s in bindings and bindings[s] != n:
+                raise CallError(
+                    f"{g.name}(): '{p.name}' expects {want}, got shape {list(x.shape)}: "
+                    f"{s} = {n} here, but {s} = {bindings[s]} from '{origin[s]}' "
+                    f"(bindings so far: {_fmt(bindings)})")
+            bindings.setdefault(s, int(n))
+            origin.setdefault(s, p.name)
+    check_derived_sizes(g, tuple(sorted(bindings.items())))
+    return bindings
+
+
+def _fmt(b: Mapping[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in b.items())
+
+
+@lru_cache(maxsize=512)
+def check_derived_sizes(g: Graph, items: tuple[tuple[str, int], ...]) -> None:
+    """Every size in the graph must be a whole number >= 0 under these bindings; reshapes keep
+    the element count; slices stay inside their axes."""
+    b = dict(items)
+    for n in g.nodes:
+        try:
+            for v in n.outputs:
+                for d in v.type.shape:
+                    evaluate(d, b)
+            if n.op == "reshape" and n.attrs.get("check_numel"):
+                a, c = _numel(n.inputs[0].type.shape, b), _numel(n.out.type.shape, b)
+                if a != c:
+                    raise ValueError(f"reshape of {format_shape(n.inputs[0].type.shape)} ({a} elements) into "
+                                     f"{format_shape(n.out.type.shape)} ({c} elements)")
+            if n.op == "slice":
+                for k, (s0, s1, d) in enumerate(zip(n.attrs["starts"], n.attrs["stops"], n.inputs[0].type.shape)):
+                    s0, s1, d = evaluate(s0, b), evaluate(s1, b), evaluate(d, b)
+                    if not 0 <= s0 <= s1 <= d:
+                        raise ValueError(f"slice {s0}:{s1} of axis {k} with size {d}")
+        except ValueError as e:
+            where = f" ({n.span.source.name}:{n.span.line}:{n.span.col})" if n.span else ""
+            raise CallError(f"{g.name}(): sizes {_fmt(b)} do not fit the spec{where}: {e}") from None
+
+
+def _numel(shape: Sequence[Dim], b) -> int:
+    n = 1
+    for d in shape:
+        n *= evaluate(d, b)
+    return n
+
+
+def output_shapes(g: Graph, bindings: Mapping[str, int]) -> list[tuple[int, ...]]:
+    return [tuple(evaluate(d, bindings) for d in t.shape) for t in g.result_types]

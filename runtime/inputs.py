@@ -1,0 +1,76 @@
+"""Seeded random inputs of an op's parameter types (never zeros).
+
+Integer tensors that index something get values inside its range: the ids of a gather stay
+below the table's row count, the expert indices of expert_matmul below the expert count.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from ..ir.dims import evaluate
+from ..ir.graph import Graph, Value
+from ..ir.torch_dtypes import to_torch
+from ..ir.types import DType, TensorType
+
+
+def index_ranges(g: Graph) -> dict[Value, object]:
+    """Parameter value -> the size its entries must stay below."""
+    out: dict[Value, object] = {}
+    params = {p.value for p in g.params}
+    for n in g.nodes:
+        if n.op == "gather_rows" and n.inputs[1] in params:
+            out[n.inputs[1]] = n.inputs[0].type.shape[0]
+        if n.op == "expert_matmul" and n.inputs[2] in params:
+            out[n.inputs[2]] = n.inputs[1].type.shape[0]
+    return out
+
+
+def random_inputs(g: Graph, bindings: Mapping[str, int], *, seed: int = 0, device: str = "cpu",
+                  scale: float = 1.0) -> dict[str, object]:
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    ranges = index_ranges(g)
+    out: dict[str, object] = {}
+    for p in g.params:
+        t = p.value.type
+        if not isinstance(t, TensorType):
+            out[p.name] = p.default if p.has_default else _scalar(t.dtype, gen)
+            continue
+        shape = tuple(evaluate(d, bindings) for d in t.shape)
+        dt = t.dtype
+        if p.value in ranges:
+            hi = evaluate(ranges[p.value], bindings)
+            if p.value in {n.inputs[2] for n in g.nodes if n.op == "expert_matmul"} and shape:
+                x = _distinct_rows(shape, hi, gen)
+            else:
+                x = torch.randint(0, max(hi, 1), shape, generator=gen)
+        elif dt.is_float:
+            x = torch.randn(shape, generator=gen) * scale
+        elif dt is DType.bool:
+            x = torch.rand(shape, generator=gen) < 0.5
+        elif dt is DType.u8:
+            x = torch.randint(0, 256, shape, generator=gen)
+        elif dt is DType.i8:
+            x = torch.randint(-128, 128, shape, generator=gen)
+        else:
+            x = torch.randint(-16, 16, shape, generator=gen)
+        out[p.name] = x.to(dtype=to_torch(dt)).to(device)
+    return out
+
+
+def _distinct_rows(shape, hi: int, gen) -> torch.Tensor:
+    """Expert indices: each token's k choices distinct, as top-k routing gives."""
+    t, k = shape[0], shape[-1]
+    if k > hi:
+        return torch.randint(0, max(hi, 1), shape, generator=gen)
+    scores = torch.rand((t, hi), generator=gen)
+    return scores.topk(k, dim=-1).indices.reshape(shape)
+
+
+def _scalar(dtype: DType, gen):
+    if dtype.is_float:
+        return float(torch.rand((), generator=gen)) + 0.5
+    if dtype.is_bool:
+        return True
+    return int(torch.randint(1, 8, (), generator=gen))

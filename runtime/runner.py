@@ -1,0 +1,141 @@
+"""What ``opforge run`` and ``opforge demo`` do: seeded random inputs, the compiled op (or the
+reference executor), and the comparison with the float64 reference, printed as a table."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from ..frontend import get_op, load_program
+from ..ir.types import SPEC_DTYPES
+from ..passes.pipeline import canonical_graph
+from ..passes.retype import main_float_dtype, retype
+from .inputs import random_inputs
+from .reference import run_graph
+from .sizes import file_shapes, resolve_shapes
+from .tolerances import compare, tolerance_for
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def execution_path() -> str:
+    if torch.cuda.is_available():
+        return f"Triton on {torch.cuda.get_device_name()}"
+    return "Triton interpreter on the CPU (no GPU found)"
+
+
+def _prepare(file, op_name, shape, dtype):
+    program = load_program(file)
+    get_op(program, op_name)
+    g = canonical_graph(program, op_name)
+    if dtype:
+        old = main_float_dtype(g)
+        if old is not None:
+            g = retype(g, old, SPEC_DTYPES[dtype])
+    bindings = resolve_shapes(g, str(file), shape)
+    return program, g, bindings
+
+
+def run_op(file, op_name, shape=None, *, dtype=None, seed=0, reference_only=False, bench=False,
+           console: Console | None = None):
+    console = console or Console()
+    program, g, bindings = _prepare(file, op_name, shape, dtype)
+    device = torch.device("cpu") if reference_only else default_device()
+    inputs = random_inputs(g, bindings, seed=seed, device=str(device))
+    ref = run_graph(g, inputs, bindings, check=True)
+    sizes = ", ".join(f"{k}={v}" for k, v in bindings.items())
+    if reference_only:
+        path = "reference executor (PyTorch, spec dtypes)"
+        t0 = time.perf_counter()
+        outs = run_graph(g, inputs, bindings)
+        elapsed = time.perf_counter() - t0
+    else:
+        from .module import compile_module
+        mod = compile_module(file, dtype=dtype)
+        op = getattr(mod, op_name)
+        path = execution_path()
+        args = [inputs[p.name] for p in g.params]
+        t0 = time.perf_counter()
+        res = op(*args)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t0
+        outs = list(res) if isinstance(res, tuple) else [res]
+    tol = tolerance_for(g)
+    table = Table(title=f"{op_name}  ({sizes})", title_justify="left")
+    for col in ("result", "shape", "dtype", "vs float64 reference", "status"):
+        table.add_column(col)
+    all_ok = True
+    for i, (o, r) in enumerate(zip(outs, ref)):
+        c = compare(o, r, tol)
+        all_ok &= c.ok
+        table.add_row(str(i), str(list(o.shape)), str(o.dtype).replace("torch.", ""), c.message,
+                      "[green]ok[/]" if c.ok else "[red]MISMATCH[/]")
+    console.print(f"ran [bold]{op_name}[/] from {file} via {path} in {elapsed * 1e3:.1f} ms (first call "
+                  f"includes compilation)")
+    console.print(table)
+    if bench and not reference_only:
+        from .timing import time_op
+        ms = time_op(op, args)
+        console.print(f"time: {ms:.4f} ms per call ({'do_bench median' if device.type == 'cuda' else 'wall clock, interpreter'})")
+    return all_ok
+
+
+def example_files() -> list[Path]:
+    return sorted(EXAMPLES.glob("*.opf"))
+
+
+def demo(files=None, *, reference_only=False, console: Console | None = None) -> bool:
+    """Every op of every example: compile, run on seeded inputs, compare with the reference."""
+    console = console or Console()
+    files = [Path(f) for f in files] if files else example_files()
+    path = "reference executor" if reference_only else execution_path()
+    console.print(f"opforge demo: {len(files)} spec file(s), running via {path}")
+    table = Table(title_justify="left")
+    for col in ("spec", "op", "sizes", "kernels", "time", "vs float64 reference", "status"):
+        table.add_column(col)
+    all_ok = True
+    for f in files:
+        program = load_program(f)
+        mod = None
+        if not reference_only:
+            from .module import compile_module
+            mod = compile_module(f)
+        shapes = file_shapes(str(f))
+        for name in program.graphs:
+            g = canonical_graph(program, name)
+            missing = [s for s in g.symbols if s not in shapes]
+            if missing:
+                table.add_row(f.name, name, f"no sizes for {', '.join(missing)}", "", "", "", "[yellow]skipped[/]")
+                continue
+            bindings = {s: shapes[s] for s in g.symbols}
+            device = "cpu" if reference_only else str(default_device())
+            inputs = random_inputs(g, bindings, seed=0, device=device)
+            ref = run_graph(g, inputs, bindings, check=True)
+            t0 = time.perf_counter()
+            if mod is None:
+                outs, kernels = run_graph(g, inputs, bindings), "-"
+            else:
+                op = getattr(mod, name)
+                res = op(*[inputs[p.name] for p in g.params])
+                outs = list(res) if isinstance(res, tuple) else [res]
+                kernels = str(op.kernel_count)
+            elapsed = time.perf_counter() - t0
+            tol = tolerance_for(g)
+            cs = [compare(o, r, tol) for o, r in zip(outs, ref)]
+            ok = all(c.ok for c in cs)
+            all_ok &= ok
+            worst = max(cs, key=lambda c: c.rel_err)
+            table.add_row(f.name, name, ",".join(f"{k}={v}" for k, v in bindings.items()), kernels,
+                          f"{elapsed * 1e3:.0f} ms", f"rel err {worst.rel_err:.1e}",
+                          "[green]ok[/]" if ok else f"[red]{worst.message}[/]")
+    console.print(table)
+    console.print("all ops match the reference" if all_ok else "[red]some ops do not match the reference[/]")
+    return all_ok

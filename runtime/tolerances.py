@@ -1,0 +1,101 @@
+"""Tolerances by dtype, in one place, and the comparison every test and command uses.
+
+A compiled result is compared with the float64 reference executor two ways: the relative
+Frobenius error ||out - ref|| / ||ref||, and elementwise |out - ref| <= atol * rms(ref) +
+rtol * |ref| (so one wrong element cannot hide in a good norm). The dtype that sets the
+tolerance is the narrowest float dtype anywhere in the op, since every rounding there counts.
+f32 allows for TF32 dots on GPUs (about 3e-4). Integer and bool results must match exactly.
+NaN never passes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..ir.graph import Graph
+from ..ir.types import DType
+
+
+@dataclass(frozen=True)
+class Tol:
+    norm: float
+    rtol: float
+    atol: float
+
+
+TOLERANCES: dict[DType, Tol] = {
+    DType.f64: Tol(1e-9, 1e-9, 1e-9),
+    DType.f32: Tol(1e-3, 2e-3, 2e-3),
+    DType.f16: Tol(5e-3, 1e-2, 1e-2),
+    DType.bf16: Tol(3e-2, 6e-2, 6e-2),
+    DType.f8e4m3: Tol(1e-1, 2.5e-1, 2.5e-1),
+}
+
+PRECISION_ORDER = [DType.f8e4m3, DType.bf16, DType.f16, DType.f32, DType.f64]
+
+
+def graph_dtypes(g: Graph) -> set[DType]:
+    out = {p.value.type.dtype for p in g.params}
+    for n in g.nodes:
+        out.update(v.type.dtype for v in n.outputs)
+    return out
+
+
+def tolerance_for(g: Graph, extra: Tol | None = None) -> Tol:
+    floats = [d for d in PRECISION_ORDER if d in graph_dtypes(g)]
+    tol = TOLERANCES[floats[0]] if floats else TOLERANCES[DType.f32]
+    if extra is not None:
+        tol = Tol(max(tol.norm, extra.norm), max(tol.rtol, extra.rtol), max(tol.atol, extra.atol))
+    return tol
+
+
+@dataclass(frozen=True)
+class Comparison:
+    ok: bool
+    rel_err: float
+    max_abs_err: float
+    worst_index: tuple[int, ...] | None
+    message: str
+
+
+def compare(out: torch.Tensor, ref: torch.Tensor, tol: Tol) -> Comparison:
+    if tuple(out.shape) != tuple(ref.shape):
+        return Comparison(False, float("inf"), float("inf"), None,
+                          f"shape {tuple(out.shape)} against the reference's {tuple(ref.shape)}")
+    if not (out.dtype.is_floating_point or ref.dtype.is_floating_point):
+        bad = out.cpu() != ref.cpu()
+        n = int(bad.sum())
+        idx = tuple(int(i) for i in bad.nonzero()[0]) if n else None
+        return Comparison(n == 0, float(n), float(n), idx,
+                          "exact" if n == 0 else f"{n} of {out.numel()} elements differ, first at {idx}")
+    o = out.detach().to("cpu", torch.float64)
+    r = ref.detach().to("cpu", torch.float64)
+    if out.numel() == 0:
+        return Comparison(True, 0.0, 0.0, None, "empty")
+    if torch.isnan(o).any() and not torch.isnan(r).any():
+        idx = tuple(int(i) for i in torch.isnan(o).nonzero()[0])
+        return Comparison(False, float("nan"), float("nan"), idx, f"NaN at {idx}")
+    finite = torch.isfinite(r)
+    same_inf = (o == r) & ~finite
+    diff = torch.where(finite, (o - r).abs(), torch.where(same_inf, 0.0, float("inf")))
+    rf = torch.where(finite, r, 0.0)
+    denom = float(torch.linalg.vector_norm(rf))
+    rel = float(torch.linalg.vector_norm(torch.where(finite, o - r, 0.0))) / (denom or 1.0)
+    scale = float(torch.sqrt((rf * rf).mean())) or 1.0
+    bound = tol.atol * scale + tol.rtol * rf.abs()
+    excess = diff - bound
+    worst = int(torch.argmax(excess))
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), o.shape))
+    ok = bool((excess <= 0).all()) and rel <= tol.norm
+    max_abs = float(diff.max())
+    msg = (f"rel err {rel:.2e} (limit {tol.norm:.0e}), max |diff| {max_abs:.3g}"
+           + ("" if ok else f"; worst at {idx}: {float(o.reshape(-1)[worst]):.6g} vs {float(r.reshape(-1)[worst]):.6g}"))
+    return Comparison(ok, rel, max_abs, idx, msg)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, tol: Tol, what: str = "output") -> Comparison:
+    c = compare(out, ref, tol)
+    if not c.ok:
+        raise AssertionError(f"{what}: {c.message}")
+    return c
