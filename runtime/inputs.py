@@ -1,7 +1,11 @@
 """Seeded random inputs of an op's parameter types (never zeros).
 
-Integer tensors that index something get values inside its range: the ids of a gather stay
-below the table's row count, the expert indices of expert_matmul below the expert count.
+Floats are standard normal, except weights: a parameter that is the right-hand operand of a
+contraction (``x @ w.T``, an expert weight) is scaled by 1/sqrt(K), its fan-in, as initialised
+weights are, so deep blocks keep activations near unit scale instead of overflowing f16 or
+turning softmax into an argmax that flips under rounding. Integer tensors that index something
+get values inside its range: the ids of a gather stay below the table's row count, the expert
+indices of expert_matmul below the expert count.
 """
 from __future__ import annotations
 
@@ -27,10 +31,39 @@ def index_ranges(g: Graph) -> dict[Value, object]:
     return out
 
 
+VIEW_OPS = {"transpose", "permute", "reshape"}
+
+
+def fan_in(g: Graph) -> dict[Value, object]:
+    """Weight parameter -> the size it is contracted over."""
+    producer = {v: n for n in g.nodes for v in n.outputs}
+    params = {p.value for p in g.params}
+
+    def root(v: Value) -> Value | None:
+        while v not in params:
+            n = producer.get(v)
+            if n is None or n.op not in VIEW_OPS:
+                return None
+            v = n.inputs[0]
+        return v
+
+    out: dict[Value, object] = {}
+    for n in g.nodes:
+        if n.op == "matmul":
+            w = root(n.inputs[1])
+            if w is not None and w.type.rank == 2:
+                b = n.inputs[1].type.shape
+                out[w] = b[-2] if len(b) > 1 else b[0]
+        elif n.op == "expert_matmul" and n.inputs[1] in params:
+            out[n.inputs[1]] = n.inputs[1].type.shape[2]
+    return out
+
+
 def random_inputs(g: Graph, bindings: Mapping[str, int], *, seed: int = 0, device: str = "cpu",
                   scale: float = 1.0) -> dict[str, object]:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ranges = index_ranges(g)
+    fans = fan_in(g)
     out: dict[str, object] = {}
     for p in g.params:
         t = p.value.type
@@ -46,7 +79,8 @@ def random_inputs(g: Graph, bindings: Mapping[str, int], *, seed: int = 0, devic
             else:
                 x = torch.randint(0, max(hi, 1), shape, generator=gen)
         elif dt.is_float:
-            x = torch.randn(shape, generator=gen) * scale
+            k = evaluate(fans[p.value], bindings) if p.value in fans else 1
+            x = torch.randn(shape, generator=gen) * (scale / max(k, 1) ** 0.5)
         elif dt is DType.bool:
             x = torch.rand(shape, generator=gen) < 0.5
         elif dt is DType.u8:
