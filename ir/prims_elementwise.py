@@ -8,6 +8,7 @@ and explicit casts.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -56,12 +57,46 @@ UNARY = {
     "softplus": (F.softplus, True, "log(1 + exp(x))"),
 }
 
+# -- tile lowerings: (builder, operand tiles, attrs) -> tile. Triton's core has no tanh or
+# log1p (and the interpreter no libdevice), so those are written with exp and sigmoid.
+def _t_tanh(b, x):
+    return b.sub(b.mul(2.0, b.unary("sigmoid", b.mul(2.0, x))), 1.0)
+
+
+def _t_gelu(b, x, approximate="none"):
+    x = b.widen(x)
+    if approximate == "tanh":
+        inner = b.mul(0.7978845608028654, b.add(x, b.mul(0.044715, b.mul(x, b.mul(x, x)))))
+        return b.mul(b.mul(0.5, x), b.add(1.0, _t_tanh(b, inner)))
+    return b.mul(b.mul(0.5, x), b.add(1.0, b.unary("erf", b.mul(x, 0.7071067811865476))))
+
+
+UNARY_TILE = {
+    "abs": lambda b, x: b.unary("abs", x),
+    "neg": lambda b, x: b.unary("neg", x),
+    "exp": lambda b, x: b.unary("exp", x),
+    "log": lambda b, x: b.unary("log", x),
+    "sqrt": lambda b, x: b.unary("sqrt", x),
+    "rsqrt": lambda b, x: b.unary("rsqrt", x),
+    "sin": lambda b, x: b.unary("sin", x),
+    "cos": lambda b, x: b.unary("cos", x),
+    "tanh": _t_tanh,
+    "sigmoid": lambda b, x: b.unary("sigmoid", x),
+    "relu": lambda b, x: b.maximum(x, 0),
+    "silu": lambda b, x: b.mul(b.widen(x), b.unary("sigmoid", x)),
+    # torch's softplus returns x itself above the threshold 20
+    "softplus": lambda b, x: b.where(b.binop("gt", x, 20.0), b.widen(x),
+                                     b.unary("log", b.add(1.0, b.unary("exp", x)))),
+}
+
 for _name, (_fn, _float_only, _doc) in UNARY.items():
-    primitive(_name, Kind.POINTWISE, [X], internal=_name == "neg", doc=_doc)(
+    primitive(_name, Kind.POINTWISE, [X], internal=_name == "neg", doc=_doc,
+              tile=lambda b, args, attrs, _t=UNARY_TILE[_name]: _t(b, args[0]))(
         infer=_unary_rule(_name, _float_only), reference=_unary_ref(_fn))
 
 primitive("gelu", Kind.POINTWISE, [X, Arg("approximate", "str", "none", choices=("none", "tanh"))],
-          doc='Gaussian error linear unit, exact ("none") or the tanh approximation')(
+          doc='Gaussian error linear unit, exact ("none") or the tanh approximation',
+          tile=lambda b, args, attrs: _t_gelu(b, args[0], attrs.get("approximate", "none")))(
     infer=_unary_rule("gelu", True), reference=_unary_ref(_gelu))
 
 
@@ -102,11 +137,38 @@ BINARY = {
 COMPARE = {"lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge, "eq": torch.eq, "ne": torch.ne}
 AB = [Arg("a", "tensor"), Arg("b", "tensor")]
 
+def _t_pow(b, x, y):
+    """Integer and half-integer literal exponents become products and square roots."""
+    if y.op == "const" and not isinstance(y.args[0], bool):
+        e = y.args[0]
+        if float(e).is_integer() and abs(e) <= 8:
+            n = int(abs(e))
+            r = b.const(1.0) if n == 0 else x
+            for _ in range(max(n - 1, 0)):
+                r = b.mul(r, x)
+            return b.truediv(1.0, r) if e < 0 else (b.widen(r) if n else r)
+        if e == 0.5:
+            return b.unary("sqrt", x)
+    return b.unary("exp", b.mul(y, b.unary("log", x)))
+
+
+BINARY_TILE = {
+    "add": lambda b, x, y: b.add(x, y),
+    "sub": lambda b, x, y: b.sub(x, y),
+    "mul": lambda b, x, y: b.mul(x, y),
+    "div": lambda b, x, y: b.truediv(x, y),
+    "pow": _t_pow,
+    "maximum": lambda b, x, y: b.maximum(x, y),
+    "minimum": lambda b, x, y: b.minimum(x, y),
+}
+
 for _name, _fn in BINARY.items():
-    primitive(_name, Kind.POINTWISE, AB, internal=_name in SYMBOLS, doc=f"elementwise {_name}")(
+    primitive(_name, Kind.POINTWISE, AB, internal=_name in SYMBOLS, doc=f"elementwise {_name}",
+              tile=lambda b, args, attrs, _t=BINARY_TILE[_name]: _t(b, *args))(
         infer=_binary_rule(_name, true_div=_name == "div"), reference=_binary_ref(_fn))
 for _name, _fn in COMPARE.items():
-    primitive(_name, Kind.POINTWISE, AB, internal=True, doc=f"comparison {SYMBOLS[_name]}, gives bool")(
+    primitive(_name, Kind.POINTWISE, AB, internal=True, doc=f"comparison {SYMBOLS[_name]}, gives bool",
+              tile=lambda b, args, attrs, _op=_name: b.binop(_op, *args))(
         infer=_binary_rule(_name, compare=True), reference=_binary_ref(_fn, compare=True))
 
 
@@ -116,7 +178,11 @@ def _where_infer(types, attrs):
     if not c.dtype.is_bool:
         raise RuleError(f"the condition of 'where' must be bool, got {c}",
                         hint="compare to get a bool, e.g. {0} != 0", arg=0)
-    dtype, _ = rules.elementwise([a, b], "where")
+    try:
+        dtype, _ = rules.elementwise([a, b], "where")
+    except RuleError as e:  # the rule numbers a, b as 0, 1; they are operands 1, 2 of where
+        hint = re.sub(r"\{(\d+)\}", lambda m: "{%d}" % (int(m.group(1)) + 1), e.hint) if e.hint else e.hint
+        raise RuleError(e.message, hint, e.arg + 1 if isinstance(e.arg, int) else e.arg) from None
     tensors = [(i, t.shape) for i, t in enumerate(types) if isinstance(t, TensorType)]
     if not tensors:
         return [ScalarType(dtype)]
@@ -131,7 +197,7 @@ def _where_ref(ctx, inputs, attrs, out_types, in_types):
 
 
 primitive("where", Kind.POINTWISE, [Arg("cond", "tensor"), Arg("a", "tensor"), Arg("b", "tensor")],
-          doc="a where cond else b")(infer=_where_infer, reference=_where_ref)
+          doc="a where cond else b", tile=lambda b, args, attrs: b.where(*args))(infer=_where_infer, reference=_where_ref)
 
 
 def _cast_infer(types, attrs):
@@ -147,7 +213,14 @@ def _cast_ref(ctx, inputs, attrs, out_types, in_types):
     return x.to(ctx.dt(target))
 
 
-primitive("cast", Kind.POINTWISE, [X, Arg("dtype", "dtype")], doc="convert to another dtype")(
+def _t_cast(b, args, attrs):
+    (x,), target = args, attrs["dtype"]
+    if target.is_bool:
+        return b.binop("ne", x, 0)
+    return b.cast(x, target)  # float -> int truncates toward zero in Triton, as in torch
+
+
+primitive("cast", Kind.POINTWISE, [X, Arg("dtype", "dtype")], doc="convert to another dtype", tile=_t_cast)(
     infer=_cast_infer, reference=_cast_ref)
 
 

@@ -104,9 +104,9 @@ def check_derived_sizes(g: Graph, items: tuple[tuple[str, int], ...]) -> None:
             if n.op == "slice":
                 for k, (s0, s1, d) in enumerate(zip(n.attrs["starts"], n.attrs["stops"], n.inputs[0].type.shape)):
                     s0, s1, d = evaluate(s0, b), evaluate(s1, b), evaluate(d, b)
-                    if not 0 <= s0 <= s1 <= d:
+                    if not (0 <= s0 <= d and 0 <= s1 <= d):  # s1 < s0 is an empty slice
                         raise ValueError(f"slice {s0}:{s1} of axis {k} with size {d}")
-        except ValueError as e:
+        except (ValueError, ZeroDivisionError) as e:  # D / H with H = 0 divides by zero
             where = f" ({n.span.source.name}:{n.span.line}:{n.span.col})" if n.span else ""
             raise CallError(f"{g.name}(): sizes {_fmt(b)} do not fit the spec{where}: {e}") from None
 

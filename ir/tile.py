@@ -1,0 +1,196 @@
+"""Level 2: tile-level kernels.
+
+One :class:`TileKernel` per fusion group: parameters (pointers, sizes, strides, scalars), block
+sizes as tunables with candidate values, and a body of statements over tiles. Expressions are
+one node class, ``TExpr(op, args, dtype, shape)`` (tinygrad's shape of IR): ``shape`` is the
+tile shape in block names and 1s (``("BLOCK_M", 1)``), ``()`` for scalars. The vocabulary is
+Triton's core (OPS below), so codegen is a table from op to text and takes no decisions.
+
+The host side of a compiled op is a :class:`Plan`: buffers (inputs, intermediates, outputs),
+scalars evaluated on the host, and one :class:`Launch` per kernel saying how each kernel
+argument and the grid are computed from the bound sizes and the chosen config.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from .dims import Dim
+from .types import DType
+
+
+@dataclass(frozen=True)
+class PtrType:
+    elem: DType
+
+    def __str__(self) -> str:
+        return f"*{self.elem}"
+
+
+TDType = DType | PtrType
+
+# op -> (number of operands or None for any, kind). Kinds: leaf, arith, compare, math, mem, tile.
+OPS: dict[str, str] = {
+    "var": "leaf", "arg": "leaf", "const": "leaf", "program_id": "leaf", "arange": "leaf",
+    "add": "arith", "sub": "arith", "mul": "arith", "truediv": "arith", "floordiv": "arith", "mod": "arith",
+    "neg": "arith", "and": "arith", "or": "arith", "not": "arith",
+    "lt": "compare", "le": "compare", "gt": "compare", "ge": "compare", "eq": "compare", "ne": "compare",
+    "exp": "math", "exp2": "math", "log": "math", "log2": "math", "sqrt": "math", "rsqrt": "math",
+    "sin": "math", "cos": "math", "abs": "math", "erf": "math", "floor": "math", "sigmoid": "math",
+    "maximum": "math", "minimum": "math", "where": "math", "cast": "math", "cdiv": "math",
+    "bitcast": "math",
+    "load": "mem", "expand_dims": "tile", "broadcast_to": "tile", "full": "tile", "dot": "tile",
+    "reduce": "tile", "argreduce": "tile", "cumsum": "tile", "trans": "tile",
+}
+
+
+@dataclass(frozen=True, eq=False)
+class TExpr:
+    op: str
+    args: tuple
+    dtype: TDType
+    shape: tuple = ()
+
+    def __post_init__(self):
+        if self.op not in OPS:
+            raise ValueError(f"unknown tile op {self.op!r}")
+
+    @property
+    def name(self) -> str:
+        assert self.op in ("var", "arg")
+        return self.args[0]
+
+    def __repr__(self) -> str:
+        return f"TExpr({self.op}, {self.dtype}, {list(self.shape)})"
+
+
+def var(name: str, dtype: TDType, shape: tuple = ()) -> TExpr:
+    return TExpr("var", (name,), dtype, tuple(shape))
+
+
+# -- statements ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Let:
+    var: TExpr
+    value: TExpr
+
+
+@dataclass(frozen=True)
+class Store:
+    ptr: TExpr
+    value: TExpr
+    mask: TExpr | None = None
+
+
+@dataclass(frozen=True)
+class For:
+    var: TExpr
+    start: TExpr
+    stop: TExpr
+    step: TExpr
+    body: tuple
+
+
+@dataclass(frozen=True)
+class Comment:
+    text: str
+
+
+Stmt = Let | Store | For | Comment
+
+
+# -- kernels ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KParam:
+    """A kernel parameter and where the host gets it: ``ptr`` (the tensor ``buffer``),
+    ``stride`` (``buffer``'s stride along ``axis``), ``size`` (the value of ``dim`` under the
+    call's bindings) or ``scalar`` (the host scalar ``buffer``)."""
+    name: str
+    kind: str
+    dtype: TDType
+    buffer: str | None = None
+    axis: int | None = None
+    dim: Dim | None = None
+
+
+@dataclass(frozen=True)
+class Tunable:
+    """A block size. Either a free choice among ``candidates`` (autotuned on a GPU, ``cpu`` on
+    the interpreter), or, with ``covers`` set, the next power of two of that extent (a tile that
+    spans a whole row), clamped to ``[lo, hi]``."""
+    name: str
+    candidates: tuple[int, ...] = ()
+    cpu: int = 16
+    covers: Dim | None = None
+    lo: int = 1
+    hi: int = 1 << 16
+
+
+@dataclass(frozen=True)
+class GridDim:
+    """One grid axis: the product of ``cdiv(extent, block)`` (or ``extent`` where block is
+    None) over its parts."""
+    parts: tuple[tuple[Dim, str | None], ...]
+
+    @staticmethod
+    def of(extent: Dim, block: str | None = None) -> "GridDim":
+        return GridDim(((extent, block),))
+
+
+@dataclass(frozen=True)
+class TileKernel:
+    name: str
+    params: tuple[KParam, ...]
+    tunables: tuple[Tunable, ...]
+    grid: tuple[GridDim, ...]
+    body: tuple
+    doc: str = ""
+    # configurations the autotuner may time: (tunable values..., num_warps, num_stages) choices
+    warps: tuple[int, ...] = (4,)
+    stages: tuple[int, ...] = (1,)
+
+
+# -- the host plan ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Buffer:
+    """A tensor of the compiled op: an input parameter, an intermediate, or an output."""
+    name: str
+    dtype: DType
+    shape: tuple[Dim, ...]
+    kind: str            # "input" | "temp" | "output"
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch. ``guard`` = (extent, limit): use this launch only when the extent is
+    at most the limit under the call's bindings (else the next alternative of the step)."""
+    kernel: TileKernel
+    group: str = ""
+    reads: tuple[str, ...] = ()
+    writes: tuple[str, ...] = ()
+    guard: tuple | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    op: str
+    buffers: dict[str, Buffer]
+    inputs: tuple[str, ...]              # parameter buffers and scalars, in parameter order
+    host_nodes: tuple = ()               # level-1 nodes evaluated on the host (scalars)
+    scalars: dict[str, Any] = field(default_factory=dict)   # host scalar name -> level-1 value
+    steps: tuple[tuple[Launch, ...], ...] = ()   # in order; each step's alternatives by guard
+    outputs: tuple[str, ...] = ()
+
+    @property
+    def kernels(self) -> tuple[TileKernel, ...]:
+        return tuple(lnch.kernel for step in self.steps for lnch in step)
+
+
+def walk(stmts: Sequence) -> list:
+    """Every statement, loops flattened, in order."""
+    out = []
+    for s in stmts:
+        out.append(s)
+        if isinstance(s, For):
+            out.extend(walk(s.body))
+    return out

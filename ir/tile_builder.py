@@ -1,0 +1,354 @@
+"""Building level-2 kernels: typed tile expressions with broadcasting, named variables, loops,
+parameters and tunables. Lowering templates (passes/lower_*.py) and the per-primitive tile
+lowerings (ir/prims_*.py) build kernels through this class only.
+
+Dtype rules for tile arithmetic: floats beat integers, wider beats narrower, and literals are
+weak (they take the other operand's dtype). Narrow floats (f16, bf16, fp8) are widened to f32
+before arithmetic; results stay f32 until a store or an explicit cast rounds them.
+"""
+from __future__ import annotations
+
+import contextlib
+import keyword
+import re
+from typing import Iterable
+
+from .dims import Dim
+from .tile import (Comment, For, GridDim, KParam, Let, PtrType, Store, TExpr, TileKernel, Tunable, var)
+from .types import DType
+
+NARROW = (DType.f16, DType.bf16, DType.f8e4m3)
+I32, I64, F32, BOOL = DType.i32, DType.i64, DType.f32, DType.bool
+
+
+def broadcast(a: tuple, b: tuple) -> tuple:
+    n = max(len(a), len(b))
+    a = (1,) * (n - len(a)) + tuple(a)
+    b = (1,) * (n - len(b)) + tuple(b)
+    out = []
+    for x, y in zip(a, b):
+        if x == y or y == 1:
+            out.append(x)
+        elif x == 1:
+            out.append(y)
+        else:
+            raise ValueError(f"tile shapes {a} and {b} do not broadcast")
+    return tuple(out)
+
+
+def promote(a: TExpr, b: TExpr) -> DType:
+    da, db = a.dtype, b.dtype
+    if a.op == "const" and b.op != "const":
+        return db if not (da.is_float and not db.is_float) else F32
+    if b.op == "const" and a.op != "const":
+        return da if not (db.is_float and not da.is_float) else F32
+    if da == db:
+        return da
+    if da.is_float or db.is_float:
+        fl = [d for d in (da, db) if d.is_float]
+        return max(fl, key=lambda d: d.bits) if len(fl) == 2 else fl[0]
+    if da.is_bool:
+        return db
+    if db.is_bool:
+        return da
+    return max((da, db), key=lambda d: d.bits)
+
+
+# names the generated source needs for itself, and Python's keywords
+RESERVED = set(keyword.kwlist) | {"tl", "triton", "float", "range", "int", "min", "max", "sum", "abs",
+                                   "len", "print", "pid", "mask"}
+
+
+def ident(text: str) -> str:
+    s = re.sub(r"\W", "_", text)
+    s = s if s and not s[0].isdigit() else f"v_{s}"
+    return f"{s}_" if s in RESERVED else s
+
+
+class TileBuilder:
+    def __init__(self, name: str):
+        self.name = name
+        self.params: dict[str, KParam] = {}
+        self.tunables: dict[str, Tunable] = {}
+        self.blocks: list[list] = [[]]
+        self.used: set[str] = set()
+        self.size_names: dict[Dim, str] = {}
+
+    # -- parameters ----------------------------------------------------------------------------
+    def _param(self, name: str, kind: str, dtype, **source) -> TExpr:
+        if name not in self.params:
+            self.params[name] = KParam(name, kind, dtype, **source)
+            self.used.add(name)
+        return TExpr("arg", (name,), dtype, ())
+
+    def ptr(self, buffer: str, elem: DType) -> TExpr:
+        return self._param(f"{ident(buffer)}_ptr", "ptr", PtrType(elem), buffer=buffer)
+
+    def stride(self, buffer: str, axis: int) -> TExpr:
+        return self._param(f"stride_{ident(buffer)}_{axis}", "stride", I64, buffer=buffer, axis=axis)
+
+    def size(self, d: Dim) -> TExpr:
+        """A size as a tile expression: a literal when static, else a kernel argument."""
+        if isinstance(d, int):
+            return self.const(d, I32)
+        if d not in self.size_names:
+            base = str(d) if d.is_symbol() else "size_" + ident(str(d)).strip("_")
+            name = base
+            k = 1
+            while name in self.used and name not in self.size_names.values():
+                name = f"{base}_{k}"
+                k += 1
+            self.size_names[d] = name
+        return self._param(self.size_names[d], "size", I32, dim=d)
+
+    def scalar(self, name: str, dtype: DType) -> TExpr:
+        return self._param(ident(name), "scalar", dtype, buffer=name)
+
+    def tunable(self, t: Tunable) -> TExpr:
+        self.tunables.setdefault(t.name, t)
+        self.used.add(t.name)
+        return TExpr("arg", (t.name,), I32, ())
+
+    # -- leaves --------------------------------------------------------------------------------
+    def const(self, value, dtype: DType | None = None) -> TExpr:
+        if dtype is None:
+            dtype = BOOL if isinstance(value, bool) else F32 if isinstance(value, float) else I32
+        return TExpr("const", (value,), dtype, ())
+
+    def program_id(self, axis: int) -> TExpr:
+        return TExpr("program_id", (axis,), I32, ())
+
+    def arange(self, block: str) -> TExpr:
+        return TExpr("arange", (block,), I32, (block,))
+
+    def full(self, shape: tuple, value, dtype: DType) -> TExpr:
+        return TExpr("full", (tuple(shape), value), dtype, tuple(shape))
+
+    # -- arithmetic ----------------------------------------------------------------------------
+    def binop(self, op: str, a, b) -> TExpr:
+        a, b = self.lift(a), self.lift(b)
+        shape = broadcast(a.shape, b.shape)
+        if op in ("lt", "le", "gt", "ge", "eq", "ne"):
+            return TExpr(op, (a, b), BOOL, shape)
+        if op in ("and", "or"):
+            return TExpr(op, (a, b), promote(a, b), shape)
+        dt = promote(a, b)
+        if op == "truediv" and not dt.is_float:
+            a, b, dt = self.cast(a, F32), self.cast(b, F32), F32
+        if dt in NARROW:
+            a, b, dt = self.widen(a), self.widen(b), F32
+        return TExpr(op, (a, b), dt, shape)
+
+    def add(self, a, b):
+        a, b = self.lift(a), self.lift(b)
+        if _is_zero(a):
+            return b
+        if _is_zero(b):
+            return a
+        return self.binop("add", a, b)
+
+    def sub(self, a, b):
+        return a if _is_zero(self.lift(b)) else self.binop("sub", a, b)
+
+    def mul(self, a, b):
+        a, b = self.lift(a), self.lift(b)
+        if _is_one(a):
+            return b
+        if _is_one(b):
+            return a
+        return self.binop("mul", a, b)
+
+    def floordiv(self, a, b):
+        return a if _is_one(self.lift(b)) else self.binop("floordiv", a, b)
+
+    def mod(self, a, b):
+        return self.binop("mod", a, b)
+
+    def truediv(self, a, b):
+        return self.binop("truediv", a, b)
+
+    def lt(self, a, b):
+        return self.binop("lt", a, b)
+
+    def and_(self, a, b):
+        if a is None:
+            return b
+        if b is None:
+            return a
+        return self.binop("and", a, b)
+
+    def unary(self, op: str, a) -> TExpr:
+        a = self.lift(a)
+        if op in ("neg", "abs") and not a.dtype.is_float:
+            return TExpr(op, (a,), a.dtype, a.shape)
+        if op == "not":
+            return TExpr(op, (a,), a.dtype, a.shape)
+        a = self.widen(a) if a.dtype.is_float else self.cast(a, F32)
+        return TExpr(op, (a,), a.dtype, a.shape)
+
+    def maximum(self, a, b) -> TExpr:
+        return self._minmax("maximum", a, b)
+
+    def minimum(self, a, b) -> TExpr:
+        return self._minmax("minimum", a, b)
+
+    def _minmax(self, op, a, b):
+        a, b = self.lift(a), self.lift(b)
+        dt = promote(a, b)
+        if dt in NARROW:
+            dt = F32
+        return TExpr(op, (self.cast(a, dt), self.cast(b, dt)), dt, broadcast(a.shape, b.shape))
+
+    def where(self, c, a, b) -> TExpr:
+        c, a, b = self.lift(c), self.lift(a), self.lift(b)
+        dt = promote(a, b)
+        if dt in NARROW:
+            dt = F32
+        shape = broadcast(c.shape, broadcast(a.shape, b.shape))
+        return TExpr("where", (c, self.cast(a, dt), self.cast(b, dt)), dt, shape)
+
+    def cast(self, a, dtype: DType) -> TExpr:
+        a = self.lift(a)
+        if a.dtype == dtype:
+            return a
+        if a.op == "const":
+            v = a.args[0]
+            if dtype.is_float:
+                return self.const(float(v), dtype)
+            if dtype.is_bool:
+                return self.const(bool(v), dtype)
+            return self.const(int(v), dtype)
+        return TExpr("cast", (a, dtype), dtype, a.shape)
+
+    def widen(self, a) -> TExpr:
+        a = self.lift(a)
+        return self.cast(a, F32) if a.dtype in NARROW else a
+
+    def lift(self, x) -> TExpr:
+        return x if isinstance(x, TExpr) else self.const(x)
+
+    # -- tiles ---------------------------------------------------------------------------------
+    def expand_dims(self, a: TExpr, axis: int) -> TExpr:
+        shape = list(a.shape)
+        shape.insert(axis if axis >= 0 else len(shape) + 1 + axis, 1)
+        return TExpr("expand_dims", (a, axis), a.dtype, tuple(shape))
+
+    def broadcast_to(self, a: TExpr, shape: tuple) -> TExpr:
+        if tuple(a.shape) == tuple(shape):
+            return a
+        return TExpr("broadcast_to", (a, tuple(shape)), a.dtype, tuple(shape))
+
+    def load(self, ptr: TExpr, mask: TExpr | None, other=0) -> TExpr:
+        elem = ptr.dtype.elem
+        if elem.is_bool:
+            other = False
+        elif elem.is_float:
+            other = float(other)
+        else:
+            other = int(other)
+        shape = ptr.shape if mask is None else broadcast(ptr.shape, mask.shape)
+        return TExpr("load", (ptr, mask, other), elem, shape)
+
+    def reduce(self, x: TExpr, axis: int, kind: str) -> TExpr:
+        """``kind`` in sum, max, min; keeps the reduced axis as 1 (tl.sum(..., keep_dims=True))."""
+        if kind == "sum":
+            x = self.widen(x)
+            if x.dtype.is_bool or (x.dtype.is_int and x.dtype.bits < 32):
+                x = self.cast(x, I32)
+        shape = list(x.shape)
+        shape[axis] = 1
+        return TExpr("reduce", (x, axis, kind), x.dtype, tuple(shape))
+
+    def argreduce(self, x: TExpr, axis: int, kind: str) -> TExpr:
+        shape = list(x.shape)
+        shape[axis] = 1
+        return TExpr("argreduce", (x, axis, kind), I32, tuple(shape))
+
+    def cumsum(self, x: TExpr, axis: int) -> TExpr:
+        x = self.widen(x)
+        if x.dtype.is_int and x.dtype.bits < 32 or x.dtype.is_bool:
+            x = self.cast(x, I32)
+        return TExpr("cumsum", (x, axis), x.dtype, x.shape)
+
+    def dot(self, a: TExpr, b: TExpr, acc: TExpr, precision: str | None = None) -> TExpr:
+        """acc + a @ b. ``precision`` ("ieee" or "tf32") applies to f32 operands only."""
+        return TExpr("dot", (a, b, acc, precision), acc.dtype, acc.shape)
+
+    def trans(self, a: TExpr) -> TExpr:
+        return TExpr("trans", (a,), a.dtype, tuple(reversed(a.shape)))
+
+    def cdiv(self, a, b) -> TExpr:
+        a, b = self.lift(a), self.lift(b)
+        return TExpr("cdiv", (a, b), promote(a, b), ())
+
+    # -- statements ----------------------------------------------------------------------------
+    def fresh(self, hint: str) -> str:
+        base = hint if hint in ("mask",) else ident(hint or "t")
+        name = base
+        k = 1
+        while name in self.used:
+            name = f"{base}_{k}"
+            k += 1
+        self.used.add(name)
+        return name
+
+    def let(self, expr, hint: str = "t") -> TExpr:
+        expr = self.lift(expr)
+        if expr.op in ("var", "arg", "const"):
+            return expr
+        v = var(self.fresh(hint), expr.dtype, expr.shape)
+        self.blocks[-1].append(Let(v, expr))
+        return v
+
+    def assign(self, v: TExpr, expr: TExpr) -> None:
+        """Re-assign a variable (loop-carried accumulators)."""
+        expr = self.lift(expr)
+        if expr.dtype != v.dtype:
+            expr = self.cast(expr, v.dtype)
+        if tuple(expr.shape) != tuple(v.shape):
+            expr = self.broadcast_to(expr, v.shape)
+        self.blocks[-1].append(Let(v, expr))
+
+    def declare(self, expr, hint: str) -> TExpr:
+        """A new variable that a loop will re-assign (never folded into its uses)."""
+        expr = self.lift(expr)
+        v = var(self.fresh(hint), expr.dtype, expr.shape)
+        self.blocks[-1].append(Let(v, expr))
+        return v
+
+    def store(self, ptr: TExpr, value: TExpr, mask: TExpr | None) -> None:
+        elem = ptr.dtype.elem
+        if value.dtype != elem:
+            value = self.cast(value, elem)
+        self.blocks[-1].append(Store(ptr, value, mask))
+
+    def comment(self, text: str) -> None:
+        self.blocks[-1].append(Comment(text))
+
+    @contextlib.contextmanager
+    def loop(self, hint: str, start, stop, step):
+        i = var(self.fresh(hint), I32, ())
+        self.blocks.append([])
+        try:
+            yield i
+        finally:
+            body = self.blocks.pop()
+            self.blocks[-1].append(For(i, self.lift(start), self.lift(stop), self.lift(step), tuple(body)))
+
+    # -- the kernel ----------------------------------------------------------------------------
+    def kernel(self, grid: Iterable[GridDim], doc: str = "", warps=(4,), stages=(1,)) -> TileKernel:
+        assert len(self.blocks) == 1, "unclosed loop"
+        order = {"ptr": 0, "size": 1, "stride": 2, "scalar": 3}
+        params = sorted(self.params.values(), key=lambda p: order[p.kind])
+        return TileKernel(self.name, tuple(params), tuple(self.tunables.values()), tuple(grid),
+                          tuple(self.blocks[0]), doc, tuple(warps), tuple(stages))
+
+
+def _is_zero(e: TExpr) -> bool:
+    return e.op == "const" and not isinstance(e.args[0], bool) and e.args[0] == 0
+
+
+def _is_one(e: TExpr) -> bool:
+    return e.op == "const" and not isinstance(e.args[0], bool) and e.args[0] == 1
+
+

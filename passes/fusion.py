@@ -1,0 +1,350 @@
+"""Pass: partition a canonical graph into fusion groups (``opforge show --stage fused``).
+
+Pipeline position: after canonicalisation (and layouts/pattern rewrites); before lowering.
+
+Nodes fall in three classes:
+- host: scalar-only nodes (literals, symbolic sizes, arithmetic of those), evaluated on the host
+  and passed to kernels as arguments;
+- glue: views (reshape, permute, transpose, slice, expand), concat, gather_rows and causal
+  masks. Glue is never stored: every group that needs it recomputes it as index arithmetic on
+  its loads, so a view costs nothing and a concat of computed values stays in registers;
+- compute: everything else. Each compute node belongs to exactly one group.
+
+Grouping is consumer-first (reverse topological order): a pointwise or reduction node joins the
+row group of its consumers when all its consumers are in that one group, its result need not
+be stored at a shape the group cannot index, the group stays acyclic, and the reductions in the
+group agree on their domain. Contractions, top-k, scans and expert matmuls are one group each
+here; passes/fuse_contractions.py extends this in the fusion issue.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+from ..ir import registry
+from ..ir.dims import format_shape
+from ..ir.graph import Graph, Node, Value
+from ..ir.registry import Kind
+from ..ir.types import TensorType
+from .context import PassContext
+
+GLUE_OPS = {"reshape", "permute", "transpose", "slice", "expand", "concat", "gather_rows", "causal"}
+# glue that keeps canonical indices canonical (so reductions upstream stay evaluable)
+CANONICAL_GLUE = {"expand"}
+ROW_REDUCTIONS = {"sum", "mean", "max", "min", "softmax", "log_softmax"}
+OWN_GROUP = {"matmul": "matmul", "topk": "topk", "cumsum": "scan", "expert_matmul": "expert"}
+
+
+@dataclass(frozen=True, eq=False)
+class Group:
+    """One kernel's worth of level-1 nodes. ``domain``/``axes`` describe a row group's
+    iteration space: the full shape and its reduced axes (empty for pure pointwise groups)."""
+    name: str
+    kind: str                      # row | matmul | topk | scan | expert | (later: flash, moe, ...)
+    nodes: tuple[Node, ...]
+    outputs: tuple[Value, ...]     # values this group stores
+    domain: tuple = ()
+    axes: tuple[int, ...] = ()
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)
+class FusedGraph:
+    graph: Graph
+    groups: tuple[Group, ...]      # in execution order
+    host: tuple[Node, ...]         # scalar nodes for the host
+    names: dict                    # Value -> buffer name, for every stored value and parameter
+    results: tuple[str, ...] = ()  # the buffer returned in each result slot
+
+    def buffer(self, group: Group, v: Value) -> str:
+        """Where a group stores v: its own buffer, or a copy group's result buffer."""
+        return group.extra["buffer"] if group.kind == "copy" else self.names[v]
+
+
+def is_unit_reshape(n: Node) -> bool:
+    """A reshape that only inserts or removes size-1 axes."""
+    if n.op != "reshape":
+        return False
+    a = [d for d in n.inputs[0].type.shape if d != 1]
+    b = [d for d in n.out.type.shape if d != 1]
+    return a == b
+
+
+def node_class(n: Node) -> str:
+    if all(not isinstance(v.type, TensorType) for v in n.outputs):
+        return "host"
+    if n.op in GLUE_OPS:
+        return "glue"
+    return "compute"
+
+
+def is_row_node(n: Node) -> bool:
+    prim = registry.get(n.op)
+    return prim.kind is Kind.POINTWISE or n.op in ROW_REDUCTIONS
+
+
+def reduction_domain(n: Node) -> tuple[tuple, tuple[int, ...]]:
+    x = n.inputs[0].type.shape
+    axes = n.attrs["axis"]
+    return tuple(x), (axes,) if isinstance(axes, int) else tuple(axes)
+
+
+def reduced_shapes(domain, axes) -> set[tuple]:
+    keep = tuple(1 if i in axes else d for i, d in enumerate(domain))
+    drop = tuple(d for i, d in enumerate(domain) if i not in axes)
+    return {keep, drop}
+
+
+class Partitioner:
+    def __init__(self, g: Graph):
+        self.g = g
+        self.producer: dict[Value, Node] = g.producers()
+        self.users: dict[Value, list[Node]] = g.users()
+        self.outputs = set(g.outputs)
+        self.compute = [n for n in g.nodes if node_class(n) == "compute"]
+        self.group_of: dict[Node, int] = {}
+        self.members: list[list[Node]] = []
+        self.dom: list[tuple | None] = []        # per group: (domain, axes) or None (not a row group)
+        self.dag = self._compute_dag()
+
+    # compute node -> compute nodes it feeds, through any chain of glue
+    def _compute_dag(self) -> nx.DiGraph:
+        dag = nx.DiGraph()
+        dag.add_nodes_from(self.compute)
+        for n in self.compute:
+            for c, _ in self.consumers(n):
+                dag.add_edge(n, c)
+        return dag
+
+    def consumers(self, n: Node) -> list[tuple[Node, tuple[Node, ...]]]:
+        """(compute consumer, glue path) pairs for the outputs of n."""
+        out = []
+        stack = [(v, ()) for v in n.outputs]
+        while stack:
+            v, path = stack.pop()
+            for u in self.users.get(v, []):
+                cls = node_class(u)
+                if cls == "glue":
+                    stack.extend((w, path + (u,)) for w in u.outputs)
+                elif cls == "compute":
+                    out.append((u, path))
+        return out
+
+    def glue_outputs(self, n: Node) -> bool:
+        """Is a view of n's result a graph output (so n's result is reached through glue there)?"""
+        stack = list(n.outputs)
+        while stack:
+            v = stack.pop()
+            for u in self.users.get(v, []):
+                if node_class(u) == "glue":
+                    if any(w in self.outputs for w in u.outputs):
+                        return True
+                    stack.extend(u.outputs)
+        return False
+
+    def run(self) -> list[list[Node]]:
+        for n in reversed(self.compute):
+            gid = self.try_join(n)
+            if gid is None:
+                gid = len(self.members)
+                self.members.append([])
+                self.dom.append(self.root_domain(n))
+            self.members[gid].append(n)
+            self.group_of[n] = gid
+        return self.members
+
+    def root_domain(self, n: Node):
+        if n.op in OWN_GROUP:
+            return None
+        if n.op in ROW_REDUCTIONS:
+            return reduction_domain(n)
+        return (tuple(n.out.type.shape), ())
+
+    def try_join(self, n: Node) -> int | None:
+        if n.op in OWN_GROUP or not is_row_node(n):
+            return None
+        cons = self.consumers(n)
+        if not cons:
+            return None
+        gids = {self.group_of.get(c) for c, _ in cons}
+        if len(gids) != 1 or None in gids:
+            return None
+        gid = gids.pop()
+        if self.dom[gid] is None:
+            return None
+        if self.glue_outputs(n):
+            return None
+        domain, axes = self.dom[gid]
+        out_shape = tuple(n.out.type.shape)
+        reduces = n.op in ROW_REDUCTIONS
+        paths = [p for _, p in cons]
+        plain = all(all(u.op in CANONICAL_GLUE or is_unit_reshape(u) for u in p) for p in paths)
+        if reduces:
+            nd, na = reduction_domain(n)
+            if axes and (nd, na) != (domain, axes):
+                return None
+            if not axes and not self.pointwise_group_fits(gid, nd, na):
+                return None
+            if not plain:
+                return None   # a view of a reduced value would need non-canonical indices
+        else:
+            if axes and self.upstream_of_view_with_reduction(gid, paths):
+                return None
+        if n.out in self.outputs:
+            # its result is stored by this group, at the group's canonical indices
+            d, a = (reduction_domain(n) if reduces and not axes else (domain, axes))
+            if not plain or (out_shape != tuple(d) and out_shape not in reduced_shapes(d, a)):
+                return None
+        if self.creates_cycle(n, gid):
+            return None
+        if reduces and not axes:
+            self.dom[gid] = reduction_domain(n)
+        return gid
+
+    def pointwise_group_fits(self, gid: int, nd: tuple, na: tuple) -> bool:
+        """A pointwise group takes a reduction when its stored values fit the new domain."""
+        ok = {tuple(nd)} | reduced_shapes(nd, na)
+        for m in self.members[gid]:
+            for v in m.outputs:
+                if v in self.outputs and tuple(v.type.shape) not in ok:
+                    return False
+        root = self.members[gid][0]
+        return tuple(root.out.type.shape) in ok
+
+    def upstream_of_view_with_reduction(self, gid: int, paths) -> bool:
+        """In a group with reductions, a value reached through a real view would be indexed
+        non-canonically; allowed only if no reduction of the group lies upstream of it (we are
+        pulling producers, so reductions pulled later would be upstream: refuse)."""
+        return any(any(not (u.op in CANONICAL_GLUE or is_unit_reshape(u)) for u in p) for p in paths)
+
+    def creates_cycle(self, n: Node, gid: int) -> bool:
+        """Joining n to the group closes a cycle if some ancestor of n outside the group is
+        itself fed by the group (group -> x -> n, with n now inside the group)."""
+        members = set(self.members[gid])
+        ancestors = nx.ancestors(self.dag, n)
+        seen: set[Node] = set()
+        stack = [y for m in members for y in self.dag.successors(m) if y not in members]
+        while stack:
+            x = stack.pop()
+            if x in seen:
+                continue
+            seen.add(x)
+            if x in ancestors:
+                return True
+            stack.extend(y for y in self.dag.successors(x) if y not in members)
+        return False
+
+
+def _name_values(g: Graph, groups) -> dict:
+    names: dict[Value, str] = {}
+    used: set[str] = set()
+
+    def name(v: Value, hint: str) -> None:
+        if v in names:
+            return
+        base = hint or "t"
+        s = base
+        k = 1
+        while s in used:
+            s = f"{base}_{k}"
+            k += 1
+        used.add(s)
+        names[v] = s
+
+    for p in g.params:
+        name(p.value, p.name)
+    for n in g.nodes:
+        if node_class(n) == "host" and n.op != "const":
+            for v in n.outputs:
+                name(v, f"s_{v.name}" if v.name else "s")
+    for grp in groups:
+        for v in grp.outputs:
+            name(v, v.name or f"{grp.name}_out")
+    return names
+
+
+def fuse(g: Graph, ctx: PassContext | None = None) -> FusedGraph:
+    part = Partitioner(g)
+    members = part.run()
+    order = {n: i for i, n in enumerate(g.nodes)}
+    # execution order: groups by the position of their last node in the graph (topological)
+    gids = sorted(range(len(members)), key=lambda i: max(order[n] for n in members[i]))
+    graph_out = set(g.outputs)
+    groups = []
+    for k, gid in enumerate(gids):
+        nodes = tuple(sorted(members[gid], key=order.get))
+        inside = set(nodes)
+        stored = []
+        for n in nodes:
+            for v in n.outputs:
+                if v in graph_out or _used_outside(part, v, inside):
+                    stored.append(v)
+        root = nodes[-1]
+        kind = OWN_GROUP.get(root.op, "row")
+        dom = part.dom[gid]
+        domain, axes = dom if dom is not None else ((), ())
+        groups.append(Group(f"k{k}_{root.op}", kind, nodes, tuple(stored), tuple(domain), tuple(axes)))
+    # a result slot whose value no group stores as itself (a parameter, a view, a repeat)
+    # gets a copy group with a buffer of its own
+    names = _name_values(g, groups)
+    owned = {v for grp in groups for v in grp.outputs}
+    used: set[Value] = set()
+    results = []
+    for i, v in enumerate(g.outputs):
+        if v in owned and v not in used:
+            used.add(v)
+            results.append(names[v])
+            continue
+        buf = _unique(f"out{i}", set(names.values()) | set(results))
+        groups.append(Group(f"k{len(groups)}_copy", "copy", (), (v,), tuple(v.type.shape), (), {"buffer": buf}))
+        results.append(buf)
+    host = tuple(n for n in g.nodes if node_class(n) == "host")
+    return FusedGraph(g, tuple(groups), host, names, tuple(results))
+
+
+def _unique(base: str, taken: set[str]) -> str:
+    s, k = base, 1
+    while s in taken:
+        s, k = f"{base}_{k}", k + 1
+    return s
+
+
+def _used_outside(part: Partitioner, v: Value, inside: set) -> bool:
+    stack = [v]
+    while stack:
+        x = stack.pop()
+        for u in part.users.get(x, []):
+            cls = node_class(u)
+            if cls == "glue":
+                stack.extend(u.outputs)
+            elif cls == "compute" and u not in inside:
+                return True
+    return False
+
+
+# -- printing (opforge show --stage fused) ------------------------------------------------------
+def print_fused(fg: FusedGraph) -> str:
+    from ..ir.printer import Namer, format_attrs
+    name = Namer()
+    for p in fg.graph.params:
+        name(p.value)
+    lines = [f"fused {fg.graph.name}: {len(fg.groups)} kernel(s)"]
+    if fg.host:
+        lines.append("  host scalars:")
+        for n in fg.host:
+            outs = ", ".join(f"{name(v)}: {v.type}" for v in n.outputs)
+            lines.append(f"    {outs} = {n.op}({', '.join(name(v) for v in n.inputs)}){format_attrs(n.attrs)}")
+    for grp in fg.groups:
+        head = f"  group {grp.name} [{grp.kind}]"
+        if grp.kind in ("row", "copy"):
+            head += f" domain {format_shape(grp.domain)}"
+            if grp.axes:
+                head += f" reduce axes {list(grp.axes)}"
+        lines.append(head)
+        for n in grp.nodes:
+            outs = ", ".join(f"{name(v)}: {v.type}" for v in n.outputs)
+            lines.append(f"    {outs} = {n.op}({', '.join(name(v) for v in n.inputs)}){format_attrs(n.attrs)}")
+        lines.append(f"    stores {', '.join(f'{name(v)} -> {fg.buffer(grp, v)}' for v in grp.outputs)}")
+    return "\n".join(lines)
+

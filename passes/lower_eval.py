@@ -1,0 +1,256 @@
+"""Evaluating level-1 values as tiles: the heart of lowering.
+
+A *context* gives, for each axis of a value, the tile of indices at which the kernel wants it
+(None for "index 0", a broadcast axis), and the mask of valid lanes. Evaluating a value at a
+context emits tile IR:
+- a stored value (a parameter or another group's output) becomes a masked load at
+  ``base + sum(index * stride)``;
+- a pointwise node evaluates its operands at the broadcast contexts and applies its primitive's
+  tile lowering (ir/prims_elementwise.py);
+- glue changes the context and recurses: permute/transpose reorder it, slice shifts and scales
+  it, expand zeroes broadcast axes, reshape linearises and splits it, concat selects between
+  its operands with masks, gather_rows loads indices and uses them, causal compares indices.
+So views, concats and gathers never touch memory; they are index arithmetic on the loads.
+Values the template has already computed for a context (a reduction's result, a matmul's
+accumulator) are *bound* and returned as they are. Results are memoised per (value, context).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..ir import registry
+from ..ir.dims import Dim
+from ..ir.graph import Node, Value
+from ..ir.registry import Kind
+from ..ir.tile import TExpr
+from ..ir.tile_builder import TileBuilder
+from ..ir.types import DType, ScalarType
+from .fusion import FusedGraph, Group, node_class
+
+
+class LoweringError(Exception):
+    """The template cannot lower this group as formed (a partitioner bug if ever raised)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Ctx:
+    idx: tuple            # TExpr | None per axis of the value
+    mask: TExpr | None
+
+    def key(self):
+        return (tuple(None if i is None else id(i) for i in self.idx),
+                None if self.mask is None else id(self.mask))
+
+    def with_idx(self, idx) -> "Ctx":
+        return Ctx(tuple(idx), self.mask)
+
+
+class Evaluator:
+    def __init__(self, b: TileBuilder, fg: FusedGraph, group: Group):
+        self.b = b
+        self.fg = fg
+        self.group = group
+        self.inside = set(group.nodes)
+        self.producer: dict[Value, Node] = fg.graph.producers()
+        self.memo: dict = {}
+        self.bound: dict = {}          # (value, index key) -> tile
+        self.special: dict = {}        # value -> function(ctx) -> tile, for any context
+        self.loads: set[str] = set()   # buffers this kernel reads
+        self._keep: list = []          # contexts kept alive so their ids stay unique
+
+    # -- entry points --------------------------------------------------------------------------
+    def bind(self, v: Value, ctx: Ctx, tile) -> None:
+        """The template already has v at this context (a mask does not change a value): a tile,
+        or a function of the context for values computed from bound ones (softmax)."""
+        self._keep.append(ctx)
+        self.bound[(v, ctx.key()[0])] = tile
+
+    def __call__(self, v: Value, ctx: Ctx) -> TExpr:
+        self._keep.append(ctx)
+        hit = self.bound.get((v, ctx.key()[0]))
+        if hit is not None:
+            return hit(ctx) if callable(hit) else hit
+        if v in self.special:
+            return self.special[v](ctx)
+        key = (v, ctx.key())
+        if key in self.memo:
+            return self.memo[key]
+        out = self._eval(v, ctx)
+        self.memo[key] = out
+        return out
+
+    # -- dispatch ------------------------------------------------------------------------------
+    def is_base(self, v: Value) -> bool:
+        n = self.producer.get(v)
+        if n is None:
+            return True           # a parameter
+        if n in self.inside:
+            return False
+        return node_class(n) == "compute"
+
+    def _eval(self, v: Value, ctx: Ctx) -> TExpr:
+        if isinstance(v.type, ScalarType):
+            return self.scalar(v)
+        if self.is_base(v):
+            return self.load(v, ctx)
+        n = self.producer[v]
+        prim = registry.get(n.op)
+        if n.op in GLUE:
+            return GLUE[n.op](self, n, v, ctx)
+        if prim.kind is Kind.POINTWISE:
+            return self.pointwise(n, ctx)
+        raise LoweringError(f"{self.group.name}: {n.op} is not evaluable at a context here")
+
+    def scalar(self, v: Value) -> TExpr:
+        n = self.producer.get(v)
+        if n is not None and n.op == "const":
+            return self.b.const(n.attrs["value"], n.attrs["dtype"])
+        return self.b.scalar(self.fg.names[v], v.type.dtype)
+
+    def load(self, v: Value, ctx: Ctx) -> TExpr:
+        name = self.fg.names[v]
+        self.loads.add(name)
+        b = self.b
+        offset = None
+        for axis, (i, d) in enumerate(zip(ctx.idx, v.type.shape)):
+            if i is None or d == 1:
+                continue
+            term = b.mul(i, b.stride(name, axis))
+            offset = term if offset is None else b.add(offset, term)
+        ptr = b.ptr(name, v.type.dtype)
+        if offset is not None:
+            ptr = ptr_add(ptr, offset)
+        return b.let(b.load(ptr, ctx.mask), f"{name}_tile")
+
+    def pointwise(self, n: Node, ctx: Ctx) -> TExpr:
+        out_shape = n.out.type.shape
+        args = []
+        for x in n.inputs:
+            if isinstance(x.type, ScalarType):
+                args.append(self.scalar(x))
+            else:
+                args.append(self(x, broadcast_ctx(ctx, out_shape, x.type.shape)))
+        tile = registry.get(n.op).extra["tile"](self.b, args, dict(n.attrs))
+        return self.b.let(tile, n.out.name or n.op)
+
+    # -- helpers for templates -----------------------------------------------------------------
+    def size(self, d: Dim) -> TExpr:
+        return self.b.size(d)
+
+
+def ptr_add(ptr: TExpr, offset: TExpr) -> TExpr:
+    from ..ir.tile_builder import broadcast
+    return TExpr("add", (ptr, offset), ptr.dtype, broadcast(ptr.shape, offset.shape))
+
+
+def broadcast_ctx(ctx: Ctx, out_shape, in_shape) -> Ctx:
+    """NumPy broadcasting: operand axes align to the right; size-1 axes read index 0."""
+    off = len(out_shape) - len(in_shape)
+    idx = []
+    for k, d in enumerate(in_shape):
+        idx.append(None if d == 1 else ctx.idx[k + off])
+    return ctx.with_idx(idx)
+
+
+# -- glue: context transformations -------------------------------------------------------------
+def _permute(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
+    perm = n.attrs["perm"]
+    idx = [None] * len(perm)
+    for i, p in enumerate(perm):
+        idx[p] = ctx.idx[i]
+    return ev(n.inputs[0], ctx.with_idx(idx))
+
+
+def _transpose(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
+    idx = list(ctx.idx)
+    a, b = n.attrs["a"], n.attrs["b"]
+    idx[a], idx[b] = idx[b], idx[a]
+    return ev(n.inputs[0], ctx.with_idx(idx))
+
+
+def _expand(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
+    return ev(n.inputs[0], broadcast_ctx(ctx, v.type.shape, n.inputs[0].type.shape))
+
+
+def _slice(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
+    b = ev.b
+    idx = []
+    for i, start, step in zip(ctx.idx, n.attrs["starts"], n.attrs["steps"]):
+        if i is None:
+            idx.append(None if start == 0 else ev.size(start))
+            continue
+        j = b.mul(i, step) if step != 1 else i
+        idx.append(b.add(j, ev.size(start)) if start != 0 else j)
+    return ev(n.inputs[0], ctx.with_idx(idx))
+
+
+def _reshape(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
+    src = n.inputs[0].type.shape
+    dst = v.type.shape
+    if [d for d in src if d != 1] == [d for d in dst if d != 1]:
+        # only size-1 axes come or go: the other axes keep their indices
+        kept = iter([i for i, d in zip(ctx.idx, dst) if d != 1])
+        return ev(n.inputs[0], ctx.with_idx([None if d == 1 else next(kept) for d in src]))
+    b = ev.b
+    lin = None   # the row-major linear index of the element, None while it is 0
+    for i, d in zip(ctx.idx, dst):
+        if lin is not None:
+            lin = b.mul(lin, ev.size(d))
+        if i is not None:
+            lin = i if lin is None else b.add(lin, i)
+    if lin is None:
+        return ev(n.inputs[0], ctx.with_idx([None] * len(src)))
+    lin = b.let(lin, "lin")
+    idx = []
+    inner: Dim = 1
+    for d in reversed(src):
+        if d == 1:
+            idx.append(None)
+            continue
+        q = b.floordiv(lin, ev.size(inner)) if inner != 1 else lin
+        idx.append(b.mod(q, ev.size(d)))
+        inner = inner * d
+    return ev(n.inputs[0], ctx.with_idx(list(reversed(idx))))
+
+
+def _concat(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
+    b = ev.b
+    axis = n.attrs["axis"]
+    i = ctx.idx[axis]
+    if i is None:
+        return ev(n.inputs[0], ctx)
+    start: Dim = 0
+    branches = []
+    for x in n.inputs:
+        size = x.type.shape[axis]
+        lo, hi = ev.size(start), ev.size(start + size)
+        inside = b.let(b.and_(b.binop("ge", i, lo), b.lt(i, hi)), "in_part")
+        idx = list(ctx.idx)
+        idx[axis] = b.sub(i, lo)
+        tile = ev(x, Ctx(tuple(idx), b.and_(ctx.mask, inside)))
+        branches.append((inside, tile))
+        start = start + size
+    out = branches[-1][1]
+    for inside, tile in reversed(branches[:-1]):
+        out = b.where(inside, tile, out)
+    return b.let(out, "cat")
+
+
+def _gather_rows(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
+    table, ids = n.inputs
+    r = ids.type.rank
+    rows = ev(ids, ctx.with_idx(ctx.idx[:r]))
+    rows = ev.b.let(ev.b.cast(rows, DType.i64), "row_ids")
+    return ev(table, ctx.with_idx((rows,) + tuple(ctx.idx[r:])))
+
+
+def _causal(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
+    b = ev.b
+    i, j = (x if x is not None else b.const(0) for x in ctx.idx)
+    shift = n.attrs["T"] - n.attrs["S"]
+    rhs = b.add(i, ev.size(shift)) if shift != 0 else i
+    return b.let(b.binop("le", j, rhs), "causal")
+
+
+GLUE = {"permute": _permute, "transpose": _transpose, "expand": _expand, "slice": _slice,
+        "reshape": _reshape, "concat": _concat, "gather_rows": _gather_rows, "causal": _causal}

@@ -1,0 +1,165 @@
+"""Executing a plan: allocate buffers, evaluate host scalars, choose each step's kernel by its
+guard and a configuration, and launch. Everything here is host work around the kernels."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Mapping
+
+import torch
+
+from ..ir import registry
+from ..ir.dims import evaluate
+from ..ir.tile import Launch, Plan
+from ..ir.torch_dtypes import RefCtx, to_torch
+from ..passes.fusion import FusedGraph
+from .binding import CallError
+from .cache import KernelCache
+from .config import Config, heuristic_config, interpreter_config
+from .device import interpreting
+from .loader import load_kernel
+
+GRID_AXIS_LIMIT = (2 ** 31 - 1, 65535, 65535)
+
+
+class PlanRunner:
+    def __init__(self, plan: Plan, fused: FusedGraph, cache: KernelCache, tuner=None, wrap=None):
+        self.plan = plan
+        self.fused = fused
+        self.cache = cache
+        self.tuner = tuner          # runtime/autotune.Autotuner on a GPU, or None
+        self.wrap = wrap            # torch.library.wrap_triton under triton_op registration
+        self._fns: dict[str, tuple[Any, Any]] = {}
+
+    def kernel(self, launch: Launch):
+        name = launch.kernel.name
+        if name not in self._fns:
+            self._fns[name] = load_kernel(launch.kernel, self.cache)
+        return self._fns[name]
+
+    def load_all(self) -> None:
+        for step in self.plan.steps:
+            for lnch in step:
+                self.kernel(lnch)
+
+    def config(self, launch: Launch, bindings: Mapping[str, int], args) -> Config:
+        if interpreting():
+            return interpreter_config(launch.kernel, bindings)
+        if self.tuner is not None:
+            fn, entry = self.kernel(launch)
+            return self.tuner.choose(launch, fn, entry, bindings, args, self.grid)
+        return heuristic_config(launch.kernel, bindings)
+
+    # -- one call ------------------------------------------------------------------------------
+    def __call__(self, values: Mapping[str, Any], bindings: Mapping[str, int], device: torch.device) -> list:
+        plan = self.plan
+        buffers: dict[str, torch.Tensor] = {}
+        for name, buf in plan.buffers.items():
+            if buf.kind == "input":
+                buffers[name] = values[name]
+            else:
+                shape = [evaluate(d, bindings) for d in buf.shape]
+                buffers[name] = torch.empty(shape, dtype=to_torch(buf.dtype), device=device)
+        scalars = self.host_scalars(values, bindings)
+        for step in plan.steps:
+            launch = choose(step, bindings)
+            args = kernel_args(launch, buffers, scalars, bindings)
+            cfg = self.config(launch, bindings, args)
+            grid = self.grid(launch, bindings, cfg)
+            if 0 in grid:
+                continue
+            fn, _ = self.kernel(launch)
+            if self.wrap is not None:
+                fn = self.wrap(fn)
+            with quiet_padding():
+                fn[grid](*args, **cfg.as_dict(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return [buffers[name] for name in plan.outputs]
+
+    @staticmethod
+    def grid(launch: Launch, bindings, cfg: Config) -> tuple[int, ...]:
+        vals = cfg.as_dict()
+        out = []
+        for gd in launch.kernel.grid:
+            n = 1
+            for extent, block in gd.parts:
+                e = evaluate(extent, bindings)
+                n *= -(-e // vals[block]) if block else e
+            out.append(n)
+        for axis, (n, limit) in enumerate(zip(out, GRID_AXIS_LIMIT)):
+            if n > limit:
+                raise CallError(f"{launch.kernel.name}: grid axis {axis} would need {n} programs, "
+                                f"over the limit of {limit}")
+        return tuple(out)
+
+    def host_scalars(self, values: Mapping[str, Any], bindings) -> dict[str, Any]:
+        if not self.plan.scalars:
+            return {}
+        key = (tuple(sorted(bindings.items())),
+               tuple((p.name, _hashable(values[p.name])) for p in self.fused.graph.scalar_params))
+        return _host_scalars(self, key)
+
+
+def quiet_padding():
+    """The interpreter computes masked-off lanes too (1/sum of a padding row, exp of a large
+    padding value); numpy's warnings about them say nothing about the results."""
+    if interpreting():
+        import numpy as np
+        return np.errstate(all="ignore")
+    return contextlib.nullcontext()
+
+
+def _hashable(x):
+    return x.item() if isinstance(x, torch.Tensor) else x
+
+
+def _host_scalars(runner: PlanRunner, key) -> dict[str, Any]:
+    bindings = dict(key[0])
+    sv = dict(key[1])
+    cache = runner.__dict__.setdefault("_scalar_cache", {})
+    if key in cache:
+        return cache[key]
+    ctx = RefCtx(bindings=bindings)
+    env = {}
+    for p in runner.fused.graph.scalar_params:
+        env[p.value] = ctx.tensor(sv[p.name], p.value.type.dtype)
+    for n in runner.plan.host_nodes:
+        prim = registry.get(n.op)
+        outs = prim.reference(ctx, [env[v] for v in n.inputs], dict(n.attrs), [v.type for v in n.outputs],
+                              [v.type for v in n.inputs])
+        outs = [outs] if isinstance(outs, torch.Tensor) else outs
+        env.update(zip(n.outputs, outs))
+    out = {}
+    for name, v in runner.plan.scalars.items():
+        x = env[v]
+        out[name] = float(x) if v.type.dtype.is_float else bool(x) if v.type.dtype.is_bool else int(x)
+    if len(cache) > 256:
+        cache.clear()
+    cache[key] = out
+    return out
+
+
+def choose(step, bindings) -> Launch:
+    for launch in step:
+        if launch.guard is None:
+            return launch
+        extent, limit = launch.guard
+        if evaluate(extent, bindings) <= limit:
+            return launch
+    extent, limit = step[-1].guard
+    raise CallError(f"{step[-1].kernel.name}: size {evaluate(extent, bindings)} is over the supported "
+                    f"{limit} for this kernel ({step[-1].kernel.doc})")
+
+
+def kernel_args(launch: Launch, buffers, scalars, bindings) -> list:
+    args = []
+    for p in launch.kernel.params:
+        if p.kind == "ptr":
+            args.append(buffers[p.buffer])
+        elif p.kind == "stride":
+            args.append(buffers[p.buffer].stride(p.axis))
+        elif p.kind == "size":
+            args.append(evaluate(p.dim, bindings))
+        else:
+            args.append(scalars[p.buffer])
+    return args
+
+

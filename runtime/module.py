@@ -1,0 +1,156 @@
+"""``opforge.compile``: a spec -> a module of compiled ops, each a registered torch op.
+
+For each op: the canonical graph, its fusion groups, the level-2 plan and kernels (loaded
+through the cache), and the torch.library registration. Calling ``mod.op(...)`` goes through the
+torch dispatcher (so torch.compile sees the same op); the implementation checks the arguments
+(dtype, device, rank, sizes and the symbol bindings) before any kernel is launched.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..frontend import get_op, load_program
+from ..frontend.diagnostics import SpecError
+from ..ir.graph import Graph
+from ..ir.printer import print_graph
+from ..ir.tile_printer import print_plan
+from ..ir.types import SPEC_DTYPES
+from ..passes.fusion import FusedGraph, fuse, print_fused
+from ..passes.pipeline import canonical_graph
+from ..passes.plan import build_plan
+from ..passes.retype import main_float_dtype, retype
+from .binding import CallError, bind_args, bind_sizes, output_shapes
+from .cache import KernelCache
+from .device import describe, interpreting, kernel_device
+from .executor import PlanRunner
+from .library import register, registration_mode
+
+
+class CompiledOp:
+    def __init__(self, namespace: str, graph: Graph, fused: FusedGraph, cache: KernelCache, mode: str):
+        self.namespace = namespace
+        self.name = graph.name
+        self.graph = graph
+        self.fused = fused
+        self.plan = build_plan(fused)
+        wrap = torch.library.wrap_triton if mode == "triton_op" else None
+        self.runner = PlanRunner(self.plan, fused, cache, tuner=_tuner(cache), wrap=wrap)
+        self.runner.load_all()
+        self.torch_op = register(namespace, graph, self, mode)
+
+    # -- calling -------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        return self.torch_op(*args, **kwargs)
+
+    def _bind(self, args):
+        values = bind_args(self.graph, args, {})
+        tensors = [v for v in values.values() if isinstance(v, torch.Tensor)]
+        device = tensors[0].device if tensors else kernel_device()
+        bindings = bind_sizes(self.graph, values, device=device)
+        return values, bindings, device
+
+    def run(self, *args):
+        values, bindings, device = self._bind(args)
+        want = kernel_device()
+        if device.type != want.type:
+            raise CallError(f"{self.name}(): the inputs are on {device}, but the kernels run on {want.type} here "
+                            f"({describe()}); move them with .to('{want.type}')")
+        outs = self.runner(values, bindings, device)
+        return tuple(outs) if self.graph.tuple_result else outs[0]
+
+    def fake(self, *args):
+        values, bindings, device = self._bind(args)
+        from ..ir.torch_dtypes import to_torch
+        outs = [torch.empty(s, dtype=to_torch(t.dtype), device=device)
+                for s, t in zip(output_shapes(self.graph, bindings), self.graph.result_types)]
+        return tuple(outs) if self.graph.tuple_result else outs[0]
+
+    # -- looking inside ------------------------------------------------------------------------
+    @property
+    def kernel_count(self) -> int:
+        return len(self.plan.steps)
+
+    def stage_text(self, stage: str) -> str:
+        if stage == "graph":
+            return print_graph(self.graph)
+        if stage == "fused":
+            return print_fused(self.fused)
+        if stage == "tile":
+            return print_plan(self.plan)
+        if stage == "triton":
+            from ..codegen.triton import render_module
+            return render_module(self.plan.kernels)
+        raise ValueError(f"unknown stage {stage!r}")
+
+    def explain(self, file=None) -> str:
+        parts = [f"== {self.namespace}::{self.name} on {describe()} =="]
+        for stage in ("graph", "fused", "tile", "triton"):
+            parts.append(f"== {stage} ==\n{self.stage_text(stage)}")
+        text = "\n\n".join(parts)
+        print(text, file=file)
+        return text
+
+    def __repr__(self) -> str:
+        return f"<opforge op {self.namespace}::{self.name}: {self.kernel_count} kernel(s)>"
+
+
+def _tuner(cache: KernelCache):
+    """None: the heuristic configuration (runtime/config.py) until autotuning lands."""
+    return None
+
+
+class CompiledModule:
+    """The ops of one spec file, as attributes: ``mod.rms_norm(x, w)``."""
+
+    def __init__(self, namespace: str, ops: dict[str, CompiledOp], source_name: str):
+        self.namespace = namespace
+        self.ops = ops
+        self.source_name = source_name
+
+    def __getattr__(self, name: str) -> CompiledOp:
+        ops = self.__dict__.get("ops", {})
+        if name in ops:
+            return ops[name]
+        from ..frontend.diagnostics import did_you_mean
+        hint = did_you_mean(name, ops)
+        raise AttributeError(f"{self.__dict__.get('source_name')} has no op '{name}'" + (f"; {hint}" if hint else ""))
+
+    def __dir__(self):
+        return list(self.ops) + ["ops", "namespace", "explain"]
+
+    def explain(self) -> None:
+        for op in self.ops.values():
+            op.explain()
+
+    def __repr__(self) -> str:
+        return f"<opforge module {self.namespace}: {', '.join(self.ops)}>"
+
+
+def compile_module(path_or_source, namespace: str | None = None, *, dtype: str | None = None,
+                   ops: list[str] | None = None, cache_dir: str | Path | None = None,
+                   registration: str | None = None) -> CompiledModule:
+    program = load_program(path_or_source, namespace)
+    cache = KernelCache(Path(cache_dir) if cache_dir else None)
+    mode = registration_mode(registration)
+    compiled: dict[str, Any] = {}
+    for name in ops or list(program.graphs):
+        get_op(program, name)
+        g = canonical_graph(program, name)
+        if dtype:
+            old = main_float_dtype(g)
+            if old is not None:
+                g = retype(g, old, SPEC_DTYPES[dtype])
+        check_supported(g)
+        compiled[name] = CompiledOp(program.namespace, g, fuse(g), cache, mode)
+    return CompiledModule(program.namespace, compiled, program.source.name)
+
+
+def check_supported(g: Graph) -> None:
+    """Limits of the compiler, reported at compile time against the spec's text."""
+    for p in g.params:
+        if p.layout is not None:
+            raise SpecError(f"layout {p.layout} of '{p.name}' is not implemented by the compiler yet", p.layout.span,
+                            "remove the annotation to compile the dense weight")
