@@ -16,8 +16,9 @@ import sys
 import click
 from rich.console import Console
 
-console = Console(highlight=False)
-errors = Console(stderr=True, highlight=False)
+# soft_wrap: error reports and printed IR must keep their lines whatever the terminal width
+console = Console(highlight=False, soft_wrap=True)
+errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
 STAGES = ("graph", "fused", "tile", "triton")
 
@@ -75,7 +76,7 @@ def show(file, op_name, stage, shape):
         console.print(print_graph(canonical_graph(program, op_name)), markup=False)
         return
     from .runtime.module import compile_module
-    mod = compile_module(file)
+    mod = compile_module(file, ops=[op_name])
     console.print(getattr(mod, op_name).stage_text(stage), markup=False, soft_wrap=True)
 
 

@@ -181,6 +181,8 @@ def free_symbols(dims) -> frozenset[str]:
 def evaluate(d: Dim, bindings: Mapping[str, int]) -> int:
     """The value of a size under ``bindings``; raises ValueError if it is not a whole number >= 0."""
     if isinstance(d, int):
+        if d < 0:
+            raise ValueError(f"size {d} is negative")
         return d
     v = d.evaluate(bindings)
     if v.denominator != 1:

@@ -120,8 +120,9 @@ class Layout:
     span: Span | None = None
 
     def __str__(self) -> str:
-        parts = [a if isinstance(a, str) else f"{a[0]}:{a[1]}" if isinstance(a, tuple) else _fmt_attr(a)
-                 for a in self.args] + [f"{k}={_fmt_attr(v)}" for k, v in self.kwargs.items()]
+        def show(a):
+            return a if isinstance(a, str) else f"{a[0]}:{a[1]}" if isinstance(a, tuple) else _fmt_attr(a)
+        parts = [show(a) for a in self.args] + [f"{k}={show(v)}" for k, v in self.kwargs.items()]
         return f"@{self.kind}({', '.join(parts)})"
 
     def __eq__(self, other):

@@ -120,7 +120,9 @@ def _binary_ref(fn, compare: bool = False):
         # Operands meet in the dtype the rule chose (scalars adopt it), computed in f32 for
         # narrow floats; comparisons compare in the operands' common dtype.
         operand = rules.result_dtype(in_types, "op") if compare else out_types[0].dtype
-        cd = ctx.compute_dt(operand)
+        # torch compares in the operands' common dtype (a float scalar is rounded to f16 first);
+        # arithmetic happens in f32 for narrow floats, the scalar unrounded
+        cd = ctx.dt(operand) if compare else ctx.compute_dt(operand)
         a, b = (x.to(cd) for x in inputs)
         r = fn(a, b)
         return r if compare else r.to(ctx.dt(out_types[0].dtype))
@@ -166,9 +168,19 @@ for _name, _fn in BINARY.items():
     primitive(_name, Kind.POINTWISE, AB, internal=_name in SYMBOLS, doc=f"elementwise {_name}",
               tile=lambda b, args, attrs, _t=BINARY_TILE[_name]: _t(b, *args))(
         infer=_binary_rule(_name, true_div=_name == "div"), reference=_binary_ref(_fn))
+def _t_compare(b, op, x, y):
+    """Compare in the operands' common dtype: a scalar meeting a narrow-float tile is rounded
+    to that dtype first, as torch does."""
+    for s, t in ((x, y), (y, x)):
+        if s.shape == () and t.shape != () and t.dtype.is_float and s.dtype != t.dtype:
+            s2 = b.cast(s, t.dtype)
+            x, y = (s2, y) if s is x else (x, s2)
+    return b.binop(op, x, y)
+
+
 for _name, _fn in COMPARE.items():
     primitive(_name, Kind.POINTWISE, AB, internal=True, doc=f"comparison {SYMBOLS[_name]}, gives bool",
-              tile=lambda b, args, attrs, _op=_name: b.binop(_op, *args))(
+              tile=lambda b, args, attrs, _op=_name: _t_compare(b, _op, *args))(
         infer=_binary_rule(_name, compare=True), reference=_binary_ref(_fn, compare=True))
 
 

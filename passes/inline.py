@@ -35,7 +35,8 @@ def inline(g: Graph, ctx: PassContext) -> Graph:
         mapping = dict(n.attrs["sizes"])
         vmap: dict[Value, Value] = {p.value: a for p, a in zip(callee.params, ins)}
         for cn in callee.nodes:
-            outs = tuple(Value(subst_type(v.type, mapping), v.name) for v in cn.outputs)
+            outs = tuple(Value(subst_type(v.type, mapping), f"{callee.name}.{v.name}" if v.name else None)
+                         for v in cn.outputs)
             attrs = Attrs({k: subst_any(v, mapping) for k, v in cn.attrs.items()})
             nodes.append(Node(cn.op, tuple(vmap[v] for v in cn.inputs), attrs, outs, cn.span))
             vmap.update(zip(cn.outputs, outs))

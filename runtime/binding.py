@@ -6,6 +6,7 @@ and the symbol bindings that disagree.
 """
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
@@ -120,3 +121,33 @@ def _numel(shape: Sequence[Dim], b) -> int:
 
 def output_shapes(g: Graph, bindings: Mapping[str, int]) -> list[tuple[int, ...]]:
     return [tuple(evaluate(d, bindings) for d in t.shape) for t in g.result_types]
+
+
+@lru_cache(maxsize=256)
+def index_params(g: Graph) -> tuple[tuple[str, Dim, str], ...]:
+    """Integer parameters used as row ids (emb[ids]) or expert indices, with the size their
+    entries must stay below."""
+    params = {p.value: p.name for p in g.params}
+    out = []
+    for n in g.nodes:
+        if n.op == "gather_rows" and n.inputs[1] in params:
+            out.append((params[n.inputs[1]], n.inputs[0].type.shape[0], "row ids"))
+        if n.op == "expert_matmul" and n.inputs[2] in params:
+            out.append((params[n.inputs[2]], n.inputs[1].type.shape[0], "expert indices"))
+    return tuple(out)
+
+
+def check_indices(g: Graph, values: Mapping[str, Any], bindings: Mapping[str, int]) -> None:
+    """Kernels cannot raise, so index tensors that come from the caller are checked here (one
+    min/max per tensor). OPFORGE_CHECK_INDICES=0 skips it (no device sync on a GPU)."""
+    if os.environ.get("OPFORGE_CHECK_INDICES", "1") == "0":
+        return
+    for name, limit, what in index_params(g):
+        x = values[name]
+        if x.numel() == 0:
+            continue
+        lo, hi = int(x.min()), int(x.max())
+        n = evaluate(limit, bindings)
+        if lo < 0 or hi >= n:
+            bad = lo if lo < 0 else hi
+            raise CallError(f"{g.name}(): '{name}' holds {what} in [0, {n}); found {bad}")

@@ -22,7 +22,7 @@ from ..passes.fusion import FusedGraph, fuse, print_fused
 from ..passes.pipeline import canonical_graph
 from ..passes.plan import build_plan
 from ..passes.retype import main_float_dtype, retype
-from .binding import CallError, bind_args, bind_sizes, output_shapes
+from .binding import CallError, bind_args, bind_sizes, check_indices, output_shapes
 from .cache import KernelCache
 from .device import describe, interpreting, kernel_device
 from .executor import PlanRunner
@@ -58,6 +58,7 @@ class CompiledOp:
         if device.type != want.type:
             raise CallError(f"{self.name}(): the inputs are on {device}, but the kernels run on {want.type} here "
                             f"({describe()}); move them with .to('{want.type}')")
+        check_indices(self.graph, values, bindings)
         outs = self.runner(values, bindings, device)
         return tuple(outs) if self.graph.tuple_result else outs[0]
 

@@ -11,13 +11,14 @@ from ..ir import registry
 from ..ir.dims import evaluate
 from ..ir.graph import Graph
 from ..ir.torch_dtypes import RefCtx
-from .binding import bind_args, bind_sizes, check_derived_sizes
+from .binding import bind_args, bind_sizes, check_derived_sizes, check_indices
 
 
 def run_graph(g: Graph, values: Mapping[str, Any], bindings: Mapping[str, int], *, check: bool = False,
               device: torch.device | str | None = None) -> list[torch.Tensor]:
     """Run ``g`` on bound arguments (parameter name -> tensor or number)."""
     check_derived_sizes(g, tuple(sorted(bindings.items())))  # a CallError for sizes that do not fit
+    check_indices(g, values, bindings)
     if device is None:
         device = next((v.device for v in values.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
     ctx = RefCtx(check=check, device=device, bindings=dict(bindings))

@@ -22,13 +22,13 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    from .device import kernel_device
+    return kernel_device()
 
 
 def execution_path() -> str:
-    if torch.cuda.is_available():
-        return f"Triton on {torch.cuda.get_device_name()}"
-    return "Triton interpreter on the CPU (no GPU found)"
+    from .device import describe
+    return describe()
 
 
 def _prepare(file, op_name, shape, dtype):
@@ -58,7 +58,7 @@ def run_op(file, op_name, shape=None, *, dtype=None, seed=0, reference_only=Fals
         elapsed = time.perf_counter() - t0
     else:
         from .module import compile_module
-        mod = compile_module(file, dtype=dtype)
+        mod = compile_module(file, dtype=dtype, ops=[op_name])
         op = getattr(mod, op_name)
         path = execution_path()
         args = [inputs[p.name] for p in g.params]
@@ -104,10 +104,6 @@ def demo(files=None, *, reference_only=False, console: Console | None = None) ->
     all_ok = True
     for f in files:
         program = load_program(f)
-        mod = None
-        if not reference_only:
-            from .module import compile_module
-            mod = compile_module(f)
         shapes = file_shapes(str(f))
         for name in program.graphs:
             g = canonical_graph(program, name)
@@ -116,25 +112,33 @@ def demo(files=None, *, reference_only=False, console: Console | None = None) ->
                 table.add_row(f.name, name, f"no sizes for {', '.join(missing)}", "", "", "", "[yellow]skipped[/]")
                 continue
             bindings = {s: shapes[s] for s in g.symbols}
+            sizes = ",".join(f"{k}={v}" for k, v in bindings.items())
+            op, kernels = None, "-"
+            if not reference_only:
+                from ..frontend.diagnostics import SpecError
+                from .module import compile_module
+                try:
+                    op = getattr(compile_module(f, ops=[name]), name)
+                except SpecError as e:
+                    table.add_row(f.name, name, sizes, "", "", "", f"[yellow]not compiled: {e.message}[/]")
+                    continue
+                kernels = str(op.kernel_count)
             device = "cpu" if reference_only else str(default_device())
             inputs = random_inputs(g, bindings, seed=0, device=device)
             ref = run_graph(g, inputs, bindings, check=True)
             t0 = time.perf_counter()
-            if mod is None:
-                outs, kernels = run_graph(g, inputs, bindings), "-"
+            if op is None:
+                outs = run_graph(g, inputs, bindings)
             else:
-                op = getattr(mod, name)
                 res = op(*[inputs[p.name] for p in g.params])
                 outs = list(res) if isinstance(res, tuple) else [res]
-                kernels = str(op.kernel_count)
             elapsed = time.perf_counter() - t0
             tol = tolerance_for(g)
             cs = [compare(o, r, tol) for o, r in zip(outs, ref)]
             ok = all(c.ok for c in cs)
             all_ok &= ok
             worst = max(cs, key=lambda c: c.rel_err)
-            table.add_row(f.name, name, ",".join(f"{k}={v}" for k, v in bindings.items()), kernels,
-                          f"{elapsed * 1e3:.0f} ms", f"rel err {worst.rel_err:.1e}",
+            table.add_row(f.name, name, sizes, kernels, f"{elapsed * 1e3:.0f} ms", f"rel err {worst.rel_err:.1e}",
                           "[green]ok[/]" if ok else f"[red]{worst.message}[/]")
     console.print(table)
     console.print("all ops match the reference" if all_ok else "[red]some ops do not match the reference[/]")
