@@ -148,6 +148,9 @@ class TileKernel:
     # configurations the autotuner may time: (tunable values..., num_warps, num_stages) choices
     warps: tuple[int, ...] = (4,)
     stages: tuple[int, ...] = (1,)
+    # explicit candidate configurations ((name, value)..., num_warps, num_stages) replacing the
+    # product of the candidates, where that product is too large to time (matmuls)
+    presets: tuple = ()
 
 
 # -- the host plan ------------------------------------------------------------------------------

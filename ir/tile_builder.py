@@ -336,12 +336,12 @@ class TileBuilder:
             self.blocks[-1].append(For(i, self.lift(start), self.lift(stop), self.lift(step), tuple(body)))
 
     # -- the kernel ----------------------------------------------------------------------------
-    def kernel(self, grid: Iterable[GridDim], doc: str = "", warps=(4,), stages=(1,)) -> TileKernel:
+    def kernel(self, grid: Iterable[GridDim], doc: str = "", warps=(4,), stages=(1,), presets=()) -> TileKernel:
         assert len(self.blocks) == 1, "unclosed loop"
         order = {"ptr": 0, "size": 1, "stride": 2, "scalar": 3}
         params = sorted(self.params.values(), key=lambda p: order[p.kind])
         return TileKernel(self.name, tuple(params), tuple(self.tunables.values()), tuple(grid),
-                          tuple(self.blocks[0]), doc, tuple(warps), tuple(stages))
+                          tuple(self.blocks[0]), doc, tuple(warps), tuple(stages), tuple(presets))
 
 
 def _is_zero(e: TExpr) -> bool:

@@ -15,3 +15,5 @@ def checks_enabled() -> bool:
 class PassContext:
     program: Program | None = None          # for inlining calls of other ops of the file
     verify: bool = field(default_factory=checks_enabled)   # run the verifier after every pass
+    fuse_contractions: bool = True          # matmul prologues, epilogues and shared-A matmuls
+    max_group_nodes: int = 64               # bounds a kernel's size (registers, compile time)

@@ -97,15 +97,22 @@ def reduced_shapes(domain, axes) -> set[tuple]:
 
 
 class Partitioner:
-    def __init__(self, g: Graph):
+    """Consumer-first grouping with explicit group kinds: ``row`` (pointwise and reductions),
+    ``matmul`` (one or more matmuls sharing the A operand, with pointwise prologues and
+    epilogues), and the kinds that are one node each (top-k, scans, expert matmuls)."""
+
+    def __init__(self, g: Graph, ctx: PassContext | None = None):
         self.g = g
+        self.ctx = ctx or PassContext()
         self.producer: dict[Value, Node] = g.producers()
         self.users: dict[Value, list[Node]] = g.users()
         self.outputs = set(g.outputs)
         self.compute = [n for n in g.nodes if node_class(n) == "compute"]
         self.group_of: dict[Node, int] = {}
         self.members: list[list[Node]] = []
-        self.dom: list[tuple | None] = []        # per group: (domain, axes) or None (not a row group)
+        self.kind: list[str] = []
+        self.dom: list[tuple | None] = []        # per group: (domain, axes) or None
+        self.prologue: set[Node] = set()         # nodes computing a matmul operand in their group
         self.dag = self._compute_dag()
 
     # compute node -> compute nodes it feeds, through any chain of glue
@@ -149,20 +156,26 @@ class Partitioner:
             if gid is None:
                 gid = len(self.members)
                 self.members.append([])
+                self.kind.append(OWN_GROUP.get(n.op, "row"))
                 self.dom.append(self.root_domain(n))
             self.members[gid].append(n)
             self.group_of[n] = gid
         return self.members
 
     def root_domain(self, n: Node):
+        if n.op == "matmul":
+            return (tuple(n.out.type.shape), ())
         if n.op in OWN_GROUP:
             return None
         if n.op in ROW_REDUCTIONS:
             return reduction_domain(n)
         return (tuple(n.out.type.shape), ())
 
+    # -- joining -------------------------------------------------------------------------------
     def try_join(self, n: Node) -> int | None:
-        if n.op in OWN_GROUP or not is_row_node(n):
+        if n.op in OWN_GROUP and n.op != "matmul":
+            return None
+        if n.op != "matmul" and not is_row_node(n):
             return None
         cons = self.consumers(n)
         if not cons:
@@ -171,36 +184,90 @@ class Partitioner:
         if len(gids) != 1 or None in gids:
             return None
         gid = gids.pop()
-        if self.dom[gid] is None:
+        if self.glue_outputs(n) or self.dom[gid] is None:
             return None
-        if self.glue_outputs(n):
+        paths = [p for _, p in cons]
+        plain = all(all(u.op in CANONICAL_GLUE or is_unit_reshape(u) for u in p) for p in paths)
+        if n.op == "matmul":
+            ok = self.ctx.fuse_contractions and self.join_matmul(n, gid, plain)
+        elif self.kind[gid] == "matmul":
+            ok = self.ctx.fuse_contractions and self.join_around_matmul(n, gid, cons, plain)
+        else:
+            ok = self.join_row(n, gid, paths, plain)
+        if not ok or self.creates_cycle(n, gid) or len(self.members[gid]) >= self.ctx.max_group_nodes:
             return None
+        if n.op == "matmul":
+            self.kind[gid] = "matmul"
+        elif n.op in ROW_REDUCTIONS and not self.dom[gid][1]:
+            self.dom[gid] = reduction_domain(n)
+        return gid
+
+    def join_row(self, n: Node, gid: int, paths, plain: bool) -> bool:
         domain, axes = self.dom[gid]
         out_shape = tuple(n.out.type.shape)
         reduces = n.op in ROW_REDUCTIONS
-        paths = [p for _, p in cons]
-        plain = all(all(u.op in CANONICAL_GLUE or is_unit_reshape(u) for u in p) for p in paths)
         if reduces:
             nd, na = reduction_domain(n)
             if axes and (nd, na) != (domain, axes):
-                return None
+                return False
             if not axes and not self.pointwise_group_fits(gid, nd, na):
-                return None
+                return False
             if not plain:
-                return None   # a view of a reduced value would need non-canonical indices
-        else:
-            if axes and self.upstream_of_view_with_reduction(gid, paths):
-                return None
+                return False   # a view of a reduced value would need non-canonical indices
+        elif axes and not plain:
+            return False       # a reduction pulled in later would be upstream of a real view
         if n.out in self.outputs:
             # its result is stored by this group, at the group's canonical indices
-            d, a = (reduction_domain(n) if reduces and not axes else (domain, axes))
+            d, a = reduction_domain(n) if reduces and not axes else (domain, axes)
             if not plain or (out_shape != tuple(d) and out_shape not in reduced_shapes(d, a)):
-                return None
-        if self.creates_cycle(n, gid):
-            return None
-        if reduces and not axes:
-            self.dom[gid] = reduction_domain(n)
-        return gid
+                return False
+        return True
+
+    def join_matmul(self, n: Node, gid: int, plain: bool) -> bool:
+        """A matmul takes a pure pointwise consumer group as its epilogue, or joins a matmul
+        group whose matmuls read the same A operand (one pass over A for both: x @ wg.T and
+        x @ wu.T of a gated MLP)."""
+        domain, axes = self.dom[gid]
+        if axes or not plain or tuple(n.out.type.shape) != tuple(domain):
+            return False
+        mms = [m for m in self.members[gid] if m.op == "matmul"]
+        if not mms:
+            return True
+        if len(mms) >= MAX_SHARED_A:
+            return False
+        return all(m.inputs[0] is n.inputs[0] and m.inputs[1].type.shape == n.inputs[1].type.shape
+                   and m.out.type == n.out.type for m in mms)
+
+    def join_around_matmul(self, n: Node, gid: int, cons, plain: bool) -> bool:
+        """A pointwise node joins a matmul group as part of the epilogue (computed on the output
+        tile) or as a prologue of an operand (recomputed for every tile that loads it), the
+        latter only when it reads no more bytes than the operand it makes (a cast, a
+        dequantisation, a scale by a vector), never a reduction."""
+        if n.op in ROW_REDUCTIONS:
+            return False
+        domain, _ = self.dom[gid]
+        feeds_operand = any(c in self.prologue or (c.op == "matmul" and self.reaches(n, c.inputs[0]))
+                            or (c.op == "matmul" and self.reaches(n, c.inputs[1])) for c, _ in cons)
+        if not feeds_operand:
+            if n.out in self.outputs and (not plain or tuple(n.out.type.shape) != tuple(domain)):
+                return False
+            return True
+        if n.out in self.outputs or not prologue_is_cheap(n):
+            return False
+        self.prologue.add(n)
+        return True
+
+    def reaches(self, n: Node, v: Value) -> bool:
+        """Does n's output reach value v through glue only?"""
+        stack = list(n.outputs)
+        while stack:
+            x = stack.pop()
+            if x is v:
+                return True
+            for u in self.users.get(x, []):
+                if node_class(u) == "glue":
+                    stack.extend(u.outputs)
+        return False
 
     def pointwise_group_fits(self, gid: int, nd: tuple, na: tuple) -> bool:
         """A pointwise group takes a reduction when its stored values fit the new domain."""
@@ -211,12 +278,6 @@ class Partitioner:
                     return False
         root = self.members[gid][0]
         return tuple(root.out.type.shape) in ok
-
-    def upstream_of_view_with_reduction(self, gid: int, paths) -> bool:
-        """In a group with reductions, a value reached through a real view would be indexed
-        non-canonically; allowed only if no reduction of the group lies upstream of it (we are
-        pulling producers, so reductions pulled later would be upstream: refuse)."""
-        return any(any(not (u.op in CANONICAL_GLUE or is_unit_reshape(u)) for u in p) for p in paths)
 
     def creates_cycle(self, n: Node, gid: int) -> bool:
         """Joining n to the group closes a cycle if some ancestor of n outside the group is
@@ -234,6 +295,18 @@ class Partitioner:
                 return True
             stack.extend(y for y in self.dag.successors(x) if y not in members)
         return False
+
+
+MAX_SHARED_A = 3
+
+
+def prologue_is_cheap(n: Node) -> bool:
+    """Operand prologues are recomputed per tile, so they must not read more bytes than the
+    operand they produce: inputs of the operand's full size count, broadcast ones do not."""
+    out = n.out.type
+    full = [v for v in n.inputs if isinstance(v.type, TensorType) and len(v.type.shape) == len(out.shape)
+            and sorted(map(str, v.type.shape)) == sorted(map(str, out.shape))]
+    return sum(v.type.dtype.itemsize for v in full) <= out.dtype.itemsize
 
 
 def _name_values(g: Graph, groups) -> dict:
@@ -265,7 +338,7 @@ def _name_values(g: Graph, groups) -> dict:
 
 
 def fuse(g: Graph, ctx: PassContext | None = None) -> FusedGraph:
-    part = Partitioner(g)
+    part = Partitioner(g, ctx)
     members = part.run()
     order = {n: i for i, n in enumerate(g.nodes)}
     # execution order: groups by the position of their last node in the graph (topological)
@@ -281,10 +354,11 @@ def fuse(g: Graph, ctx: PassContext | None = None) -> FusedGraph:
                 if v in graph_out or _used_outside(part, v, inside):
                     stored.append(v)
         root = nodes[-1]
-        kind = OWN_GROUP.get(root.op, "row")
+        kind = part.kind[gid]
         dom = part.dom[gid]
         domain, axes = dom if dom is not None else ((), ())
-        groups.append(Group(f"k{k}_{root.op}", kind, nodes, tuple(stored), tuple(domain), tuple(axes)))
+        label = "_".join(dict.fromkeys(n.op for n in nodes if n.op == "matmul")) if kind == "matmul" else root.op
+        groups.append(Group(f"k{k}_{label}", kind, nodes, tuple(stored), tuple(domain), tuple(axes)))
     # a result slot whose value no group stores as itself (a parameter, a view, a repeat)
     # gets a copy group with a buffer of its own
     names = _name_values(g, groups)

@@ -2,6 +2,11 @@
 [BLOCK_M, BLOCK_N] output tile (grouped along M for L2 reuse), batch axes on the second grid
 axis, a K loop accumulating in f32 (i32 for integers) with tl.dot, and a masked store.
 
+A group may hold several matmuls that read the same A operand (the gate and up projections of
+a gated MLP): one A tile per K step feeds all their accumulators. Pointwise prologues are
+evaluated on the operand tiles, epilogues on the output tile, where each matmul's value is its
+accumulator rounded to the matmul's dtype (as the unfused op would store it).
+
 Operands are evaluated through lower_eval, so transposes, permutes, slices and broadcast batch
 axes of the operands are strides and index arithmetic, never copies. f32 operands use exact
 ("ieee") products unless torch allows TF32 (torch.get_float32_matmul_precision() != "highest"),
@@ -20,6 +25,20 @@ from .lower_eval import Ctx, Evaluator
 from .lower_row import kernel_name, prod, store
 
 DOT_MIN = 16   # tl.dot needs every block dimension >= 16
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): the Triton matmul tutorial's
+# CUDA configurations, plus small-M ones for decode-shaped products (M of 1 to 16)
+GEMM_PRESETS = [
+    (128, 256, 64, 8, 8, 3), (64, 256, 32, 8, 4, 4), (128, 128, 32, 8, 4, 4), (128, 64, 32, 8, 4, 4),
+    (64, 128, 32, 8, 4, 4), (128, 32, 32, 8, 4, 4), (64, 32, 32, 8, 2, 5), (32, 64, 32, 8, 2, 5),
+    (128, 128, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3),
+    (16, 64, 128, 1, 4, 4), (16, 128, 128, 1, 4, 3), (16, 32, 256, 1, 2, 4), (32, 128, 64, 1, 4, 4),
+]
+
+
+def gemm_presets():
+    return tuple((( ("BLOCK_M", bm), ("BLOCK_N", bn), ("BLOCK_K", bk), ("GROUP_M", gm)), w, st)
+                 for bm, bn, bk, gm, w, st in GEMM_PRESETS)
 
 
 def f32_precision() -> str:
@@ -43,7 +62,8 @@ def is_plain_load(ev: Evaluator, v: Value) -> bool:
 
 
 def lower_matmul(fg: FusedGraph, group: Group) -> list:
-    (node,) = [n for n in group.nodes if n.op == "matmul"]
+    mms = [n for n in group.nodes if n.op == "matmul"]
+    node = mms[0]
     a, bv = node.inputs
     out = node.out
     b = TileBuilder(kernel_name(fg, group))
@@ -88,7 +108,8 @@ def lower_matmul(fg: FusedGraph, group: Group) -> list:
 
     ev = Evaluator(b, fg, group)
     acc_dt = accumulator(a.type.dtype)
-    acc = b.declare(b.full(("BLOCK_M", "BLOCK_N"), 0 if acc_dt.is_int else 0.0, acc_dt), "acc")
+    accs = [b.declare(b.full(("BLOCK_M", "BLOCK_N"), 0 if acc_dt.is_int else 0.0, acc_dt),
+                      "acc" if len(mms) == 1 else f"acc_{k}") for k in range(len(mms))]
     precision = f32_precision() if a.type.dtype == DType.f32 else None
     b.comment("K loop: accumulate A[rows, k] @ B[k, cols]")
     with b.loop("k0", 0, sK, BK) as k0:
@@ -98,28 +119,35 @@ def lower_matmul(fg: FusedGraph, group: Group) -> list:
         mask_a = b.let(b.and_(b.lt(rows, sM), b.lt(ka, sK)) if not a_vec else b.lt(ka, sK), "mask_a")
         mask_b = b.let(b.and_(b.lt(kb, sK), b.lt(cols, sN)) if not b_vec else b.lt(kb, sK), "mask_b")
         a_ctx = operand_ctx(a, batch_idx, len(batch), (ka,) if a_vec else (rows, ka))
-        b_ctx = operand_ctx(bv, batch_idx, len(batch), (kb,) if b_vec else (kb, cols))
         at = ev(a, Ctx(a_ctx.idx, mask_a))
-        bt = ev(bv, Ctx(b_ctx.idx, mask_b))
         if not is_plain_load(ev, a):
             at = b.where(mask_a, at, 0)
-        if not is_plain_load(ev, bv):
-            bt = b.where(mask_b, bt, 0)
-        at = b.broadcast_to(b.cast(at, a.type.dtype), ("BLOCK_M", "BLOCK_K"))
-        bt = b.broadcast_to(b.cast(bt, bv.type.dtype), ("BLOCK_K", "BLOCK_N"))
-        b.assign(acc, b.dot(at, bt, acc, precision))
-    b.comment("epilogue: store the tile")
+        at = b.let(b.broadcast_to(b.cast(at, a.type.dtype), ("BLOCK_M", "BLOCK_K")), "a")
+        for mm, acc in zip(mms, accs):
+            w = mm.inputs[1]
+            b_ctx = operand_ctx(w, batch_idx, len(batch), (kb,) if b_vec else (kb, cols))
+            bt = ev(w, Ctx(b_ctx.idx, mask_b))
+            if not is_plain_load(ev, w):
+                bt = b.where(mask_b, bt, 0)
+            bt = b.broadcast_to(b.cast(bt, w.type.dtype), ("BLOCK_K", "BLOCK_N"))
+            b.assign(acc, b.dot(at, bt, acc, precision))
+    b.comment("epilogue: on the output tile" if len(group.nodes) > len(mms) else "epilogue: store the tile")
     out_idx = list(batch_idx) + ([] if a_vec else [rows]) + ([] if b_vec else [cols])
     out_mask = b.let(b.and_(b.lt(rows, sM), b.lt(cols, sN)), "out_mask")
     out_ctx = Ctx(tuple(out_idx), out_mask)
-    ev.bind(out, out_ctx, acc)
+    for mm, acc in zip(mms, accs):
+        tile = acc if len(group.nodes) == 1 else b.let(b.cast(acc, mm.out.type.dtype), mm.out.name or "mm")
+        ev.bind(mm.out, out_ctx, tile)
     for v in group.outputs:
         store(ev, fg.buffer(group, v), v, out_ctx)
     grid = [GridDim(((M, "BLOCK_M"), (N, "BLOCK_N")))]
     if batch:
         grid.append(GridDim.of(prod(batch)))
-    kernel = b.kernel(grid, doc=f"{group.name} (matmul): [{M}, {K}] @ [{K}, {N}] tiles, batch {list(batch)}",
-                      warps=(4, 8), stages=(2, 3, 4))
+    extra = len(group.nodes) - len(mms)
+    kernel = b.kernel(grid, doc=f"{group.name} (matmul): [{M}, {K}] @ [{K}, {N}] tiles, batch {list(batch)}"
+                                + (f", {len(mms)} matmuls sharing A" if len(mms) > 1 else "")
+                                + (f", {extra} fused pointwise op(s)" if extra else ""),
+                      warps=(4, 8), stages=(2, 3, 4), presets=gemm_presets())
     return [(kernel, None, 0)]
 
 

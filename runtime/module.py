@@ -78,7 +78,8 @@ class CompiledOp:
         if stage == "graph":
             return print_graph(self.graph)
         if stage == "fused":
-            return print_fused(self.fused)
+            from ..passes.cost import report
+            return f"{print_fused(self.fused)}\n{report(self.fused)}"
         if stage == "tile":
             return print_plan(self.plan)
         if stage == "triton":
@@ -99,8 +100,11 @@ class CompiledOp:
 
 
 def _tuner(cache: KernelCache):
-    """None: the heuristic configuration (runtime/config.py) until autotuning lands."""
-    return None
+    """The autotuner on a GPU; None (the heuristic or interpreter choice) otherwise."""
+    if interpreting():
+        return None
+    from .autotune import Autotuner, autotune_enabled
+    return Autotuner(cache) if autotune_enabled() else None
 
 
 class CompiledModule:

@@ -1,0 +1,222 @@
+"""Autotuning kernel configurations on the GPU.
+
+For a kernel at given sizes: the space is every combination of its free tunables' candidates,
+warps and pipeline stages (a tunable that covers an extent is fixed by it). Configurations that
+cannot fit are pruned first, by estimates of shared memory (the operand tiles a K loop keeps in
+flight) and registers (accumulator and tile elements per thread), and so are blocks far larger
+than the problem. The rest are timed with triton.testing.do_bench on the call's own arguments;
+a configuration that fails to compile or launch is skipped and reported, never fatal. The winner
+is persisted in the kernel's cache entry (``tuned.json``) per shape bucket (each size rounded up
+to a power of two); the cache key already holds the device and the versions. Progress shows on
+the terminal while tuning runs. OPFORGE_AUTOTUNE=0 uses the heuristic choice instead.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..ir.tile import Launch, TileKernel
+from .config import Config, covered, heuristic_config, next_pow2
+
+TUNED = "tuned.json"
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("OPFORGE_AUTOTUNE", "1") != "0"
+
+
+@dataclass
+class Limits:
+    shared_memory: int = 227 * 1024     # bytes per block (H100 opt-in maximum)
+    registers_per_thread: int = 255
+
+    @staticmethod
+    def of_device() -> "Limits":
+        import torch
+        if not torch.cuda.is_available():
+            return Limits()
+        p = torch.cuda.get_device_properties(0)
+        smem = getattr(p, "shared_memory_per_block_optin", 0) or getattr(p, "shared_memory_per_block", 0)
+        return Limits(shared_memory=int(smem) or Limits.shared_memory)
+
+
+def space(k: TileKernel, bindings) -> list[Config]:
+    fixed = [(t.name, covered(t, bindings)) for t in k.tunables if t.covers is not None]
+    if k.presets:
+        return [Config(tuple(fixed) + tuple(vals), w, st) for vals, w, st in k.presets]
+    free = [t for t in k.tunables if t.covers is None]
+    out = []
+    for combo in itertools.product(*[t.candidates for t in free]):
+        vals = tuple(fixed) + tuple(zip((t.name for t in free), combo))
+        for w in k.warps:
+            for st in k.stages:
+                out.append(Config(vals, w, st))
+    return out
+
+
+def dot_count(k: TileKernel) -> int:
+    from ..ir.tile import walk, Let
+    n = 0
+    for s in walk(k.body):
+        if isinstance(s, Let) and s.value.op == "dot":
+            n += 1
+    return n
+
+
+def fits(k: TileKernel, cfg: Config, bindings, limits: Limits, itemsize: int = 2) -> tuple[bool, str]:
+    """Whether a configuration can run well: (ok, why not)."""
+    v = cfg.as_dict()
+    threads = 32 * cfg.num_warps
+    bm, bn, bk = v.get("BLOCK_M", 1), v.get("BLOCK_N", 1), v.get("BLOCK_K")
+    if bk is not None:
+        dots = max(1, dot_count(k))
+        smem = (bm * bk + dots * bk * bn) * itemsize * max(cfg.num_stages, 1)
+        if smem > limits.shared_memory:
+            return False, f"shared memory {smem} B > {limits.shared_memory} B"
+        regs = dots * bm * bn / threads          # f32 accumulators per thread
+        if regs > limits.registers_per_thread * 0.6:
+            return False, f"{regs:.0f} accumulator registers per thread"
+    else:
+        if bm * bn / threads > 128:
+            return False, f"{bm * bn // threads} tile elements per thread"
+    return True, ""
+
+
+def useful(k: TileKernel, cfg: Config, bindings) -> bool:
+    """Blocks more than twice the extent they tile only add masked lanes."""
+    v = cfg.as_dict()
+    for g in k.grid:
+        for extent, block in g.parts:
+            if block is None:
+                continue
+            from ..ir.dims import evaluate
+            e = evaluate(extent, bindings)
+            floor = 16 if block in ("BLOCK_M", "BLOCK_N", "BLOCK_K") and "BLOCK_K" in v else 1
+            if v[block] > max(2 * next_pow2(e), floor):
+                return False
+    return True
+
+
+def bucket(bindings) -> str:
+    return ",".join(f"{k}={next_pow2(int(v))}" for k, v in sorted(bindings.items()))
+
+
+@dataclass
+class TuneReport:
+    kernel: str
+    bucket: str
+    tried: int = 0
+    pruned: int = 0
+    failed: list = field(default_factory=list)
+    best: Config | None = None
+    best_ms: float | None = None
+
+
+class Autotuner:
+    def __init__(self, cache, *, timer: Callable | None = None, limits: Limits | None = None, progress: bool = True):
+        self.cache = cache
+        self.timer = timer or _do_bench
+        self.limits = limits or Limits.of_device()
+        self.progress = progress
+        self.reports: list[TuneReport] = []
+        self._memo: dict = {}
+
+    def choose(self, launch: Launch, fn, entry: Path, bindings, args, grid_of) -> Config:
+        k = launch.kernel
+        key = bucket(bindings)
+        memo_key = (str(entry), key)
+        if memo_key in self._memo:
+            return self._memo[memo_key]
+        stored = self.cache.read_json(entry, TUNED).get(key)
+        if stored:
+            cfg = Config(tuple((n, int(x)) for n, x in stored["values"]), stored["num_warps"], stored["num_stages"])
+            self._memo[memo_key] = cfg
+            return cfg
+        if _tracing(args):
+            return heuristic_config(k, bindings)
+        cfg, report = self.tune(k, bindings, lambda c: _launcher(fn, grid_of(launch, bindings, c), args, c))
+        self.reports.append(report)
+        if cfg is None:
+            cfg = heuristic_config(k, bindings)
+        else:
+            data = self.cache.read_json(entry, TUNED)
+            data[key] = {"values": list(cfg.values), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                         "ms": report.best_ms}
+            self.cache.write_json(entry, TUNED, data)
+        self._memo[memo_key] = cfg
+        return cfg
+
+    def tune(self, k: TileKernel, bindings, make_run: Callable[[Config], Callable]) -> tuple[Config | None, TuneReport]:
+        report = TuneReport(k.name, bucket(bindings))
+        candidates = []
+        for cfg in space(k, bindings):
+            ok, _ = fits(k, cfg, bindings, self.limits)
+            if ok and useful(k, cfg, bindings):
+                candidates.append(cfg)
+            else:
+                report.pruned += 1
+        if not candidates:
+            return None, report
+        timings = []
+        bar = _progress(self.progress and len(candidates) > 1, f"tuning {k.name}", len(candidates))
+        with bar as advance:
+            for cfg in candidates:
+                report.tried += 1
+                try:
+                    ms = self.timer(make_run(cfg))
+                except Exception as e:  # a config that fails to compile or launch is skipped
+                    report.failed.append((str(cfg), f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+                else:
+                    timings.append((ms, cfg))
+                advance()
+        for cfg, why in report.failed:
+            print(f"opforge autotune: {k.name}: skipped {cfg}: {why}", file=sys.stderr)
+        if not timings:
+            return None, report
+        report.best_ms, report.best = min(timings, key=lambda t: t[0])
+        return report.best, report
+
+
+def _launcher(fn, grid, args, cfg: Config):
+    def run():
+        fn[grid](*args, **cfg.as_dict(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return run
+
+
+def _do_bench(run) -> float:
+    from triton.testing import do_bench
+    return float(do_bench(run, warmup=5, rep=20, return_mode="median"))
+
+
+def _tracing(args) -> bool:
+    """Fake tensors (torch.compile tracing) cannot be timed."""
+    try:
+        from torch._subclasses.fake_tensor import FakeTensor
+    except ImportError:
+        return False
+    return any(isinstance(a, FakeTensor) for a in args)
+
+
+class _progress:
+    """A rich progress bar on the terminal while tuning; a no-op when quiet."""
+
+    def __init__(self, show: bool, label: str, total: int):
+        self.show, self.label, self.total = show, label, total
+
+    def __enter__(self):
+        if not self.show:
+            return lambda: None
+        from rich.progress import Progress
+        self.p = Progress(transient=True)
+        self.p.__enter__()
+        task = self.p.add_task(self.label, total=self.total)
+        return lambda: self.p.advance(task)
+
+    def __exit__(self, *exc):
+        if self.show:
+            self.p.__exit__(*exc)
+        return False
