@@ -64,6 +64,7 @@ def fused_bytes(fg: FusedGraph) -> Dim:
     return total
 
 
-def report(fg: FusedGraph) -> str:
-    before, after = unfused_bytes(fg.graph), fused_bytes(fg)
+def report(fg: FusedGraph, original: Graph | None = None) -> str:
+    """``original``: the graph before pattern rewrites (what 'unfused' means to a reader)."""
+    before, after = unfused_bytes(original or fg.graph), fused_bytes(fg)
     return f"bytes moved: {before} unfused, {after} fused ({len(fg.groups)} kernel(s))"

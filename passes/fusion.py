@@ -33,7 +33,8 @@ GLUE_OPS = {"reshape", "permute", "transpose", "slice", "expand", "concat", "gat
 # glue that keeps canonical indices canonical (so reductions upstream stay evaluable)
 CANONICAL_GLUE = {"expand"}
 ROW_REDUCTIONS = {"sum", "mean", "max", "min", "softmax", "log_softmax"}
-OWN_GROUP = {"matmul": "matmul", "topk": "topk", "cumsum": "scan", "expert_matmul": "expert"}
+OWN_GROUP = {"matmul": "matmul", "topk": "topk", "cumsum": "scan", "expert_matmul": "expert",
+             "flash_attention": "flash"}
 
 
 @dataclass(frozen=True, eq=False)

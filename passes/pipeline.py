@@ -9,9 +9,12 @@ from ..ir.graph import Graph, Program
 from ..ir.verifier import verify
 from .canonicalize import canonicalize
 from .context import PassContext
+from .flash_attention import rewrite_flash_attention
 from .inline import inline
 
 GRAPH_PASSES = [inline, canonicalize]
+# pattern rewrites that choose specialised kernels; after them the graph goes to fusion
+REWRITE_PASSES = [rewrite_flash_attention]
 
 
 def run_passes(g: Graph, passes, ctx: PassContext) -> Graph:
@@ -33,3 +36,8 @@ def canonical_graph(program: Program, op: str, ctx: PassContext | None = None) -
     if ctx.program is None:
         ctx = PassContext(program=program, verify=ctx.verify)
     return run_passes(program[op], GRAPH_PASSES, ctx)
+
+
+def kernel_graph(g: Graph, ctx: PassContext | None = None) -> Graph:
+    """A canonical graph after the pattern rewrites: what fusion partitions."""
+    return run_passes(g, REWRITE_PASSES, ctx or PassContext())

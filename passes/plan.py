@@ -12,6 +12,7 @@ from ..ir.tile import Buffer, Launch, Plan
 from ..ir.types import TensorType
 from .fusion import FusedGraph
 from .lower_expert import lower_expert
+from .lower_flash import lower_flash
 from .lower_matmul import lower_matmul
 from .lower_row import lower_row
 from .lower_scan import lower_scan
@@ -24,6 +25,7 @@ LOWERINGS = {
     "topk": lower_topk,
     "scan": lower_scan,
     "expert": lower_expert,
+    "flash": lower_flash,
 }
 
 

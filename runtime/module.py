@@ -19,7 +19,7 @@ from ..ir.printer import print_graph
 from ..ir.tile_printer import print_plan
 from ..ir.types import SPEC_DTYPES
 from ..passes.fusion import FusedGraph, fuse, print_fused
-from ..passes.pipeline import canonical_graph
+from ..passes.pipeline import canonical_graph, kernel_graph
 from ..passes.plan import build_plan
 from ..passes.retype import main_float_dtype, retype
 from .binding import CallError, bind_args, bind_sizes, check_indices, output_shapes
@@ -79,7 +79,7 @@ class CompiledOp:
             return print_graph(self.graph)
         if stage == "fused":
             from ..passes.cost import report
-            return f"{print_fused(self.fused)}\n{report(self.fused)}"
+            return f"{print_fused(self.fused)}\n{report(self.fused, self.graph)}"
         if stage == "tile":
             return print_plan(self.plan)
         if stage == "triton":
@@ -149,7 +149,7 @@ def compile_module(path_or_source, namespace: str | None = None, *, dtype: str |
             if old is not None:
                 g = retype(g, old, SPEC_DTYPES[dtype])
         check_supported(g)
-        compiled[name] = CompiledOp(program.namespace, g, fuse(g), cache, mode)
+        compiled[name] = CompiledOp(program.namespace, g, fuse(kernel_graph(g)), cache, mode)
     return CompiledModule(program.namespace, compiled, program.source.name)
 
 
