@@ -130,7 +130,8 @@ def body(stmts, indent: int) -> list[str]:
             out.append(f"{pad}{s.var.name} = {text(s.value)}")
         elif isinstance(s, Store):
             mask = f", mask={text(s.mask)}" if s.mask is not None else ""
-            out.append(f"{pad}tl.store({text(s.ptr)}, {text(s.value)}{mask})")
+            fn = "tl.atomic_add" if s.atomic_add else "tl.store"
+            out.append(f"{pad}{fn}({text(s.ptr)}, {text(s.value)}{mask})")
         elif isinstance(s, For):
             step = f", {text(s.step)}"
             out.append(f"{pad}for {s.var.name} in range({text(s.start)}, {text(s.stop)}{step}):")

@@ -80,6 +80,7 @@ class Store:
     ptr: TExpr
     value: TExpr
     mask: TExpr | None = None
+    atomic_add: bool = False     # tl.atomic_add: several programs add into one element
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,16 @@ class Tunable:
     covers: Dim | None = None
     lo: int = 1
     hi: int = 1 << 16
+    # or fixed by a rule of sizes shared with other kernels: (name in TUNABLE_RULES, sizes...)
+    rule: tuple | None = None
+
+
+def _moe_block(slots, experts):
+    from .prims_fused import moe_block
+    return moe_block(slots, experts)
+
+
+TUNABLE_RULES = {"moe_block": _moe_block}
 
 
 @dataclass(frozen=True)
@@ -161,6 +172,7 @@ class Buffer:
     dtype: DType
     shape: tuple[Dim, ...]
     kind: str            # "input" | "temp" | "output"
+    zeroed: bool = False  # starts as zeros (a kernel adds into it)
 
 
 @dataclass(frozen=True)

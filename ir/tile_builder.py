@@ -92,7 +92,8 @@ class TileBuilder:
         if isinstance(d, int):
             return self.const(d, I32)
         if d not in self.size_names:
-            base = str(d) if d.is_symbol() else "size_" + ident(str(d)).strip("_")
+            text = str(d).replace(" + ", "_plus_").replace(" - ", "_minus_").replace("*", "").replace("/", "_div_")
+            base = str(d) if d.is_symbol() else "size_" + re.sub(r"\W", "_", text)
             name = base
             k = 1
             while name in self.used and name not in self.size_names.values():
@@ -131,6 +132,12 @@ class TileBuilder:
         if op in ("lt", "le", "gt", "ge", "eq", "ne"):
             return TExpr(op, (a, b), BOOL, shape)
         if op in ("and", "or"):
+            # a scalar bool meeting a tile is widened first (Triton's interpreter mistypes
+            # scalar & tile, and masks then fail)
+            if a.shape == () and b.shape != () and a.op != "const" and a.dtype.is_bool:
+                a = TExpr("and", (self.full(b.shape, True, BOOL), a), BOOL, b.shape)
+            if b.shape == () and a.shape != () and b.op != "const" and b.dtype.is_bool:
+                b = TExpr("and", (self.full(a.shape, True, BOOL), b), BOOL, a.shape)
             return TExpr(op, (a, b), promote(a, b), shape)
         dt = promote(a, b)
         if op == "truediv" and not dt.is_float:
@@ -238,7 +245,14 @@ class TileBuilder:
             return a
         return TExpr("broadcast_to", (a, tuple(shape)), a.dtype, tuple(shape))
 
+    def block_mask(self, ptr: TExpr, mask: TExpr | None) -> TExpr | None:
+        """A scalar mask of a tile access, widened to the tile (the interpreter needs it)."""
+        if mask is None or mask.shape != () or ptr.shape == ():
+            return mask
+        return self.and_(self.full(ptr.shape, True, BOOL), mask)
+
     def load(self, ptr: TExpr, mask: TExpr | None, other=0) -> TExpr:
+        mask = self.block_mask(ptr, mask)
         elem = ptr.dtype.elem
         if elem.is_bool:
             other = False
@@ -317,10 +331,18 @@ class TileBuilder:
         return v
 
     def store(self, ptr: TExpr, value: TExpr, mask: TExpr | None) -> None:
+        mask = self.block_mask(ptr, mask)
         elem = ptr.dtype.elem
         if value.dtype != elem:
             value = self.cast(value, elem)
         self.blocks[-1].append(Store(ptr, value, mask))
+
+    def atomic_add(self, ptr: TExpr, value: TExpr, mask: TExpr | None) -> None:
+        mask = self.block_mask(ptr, mask)
+        elem = ptr.dtype.elem
+        if value.dtype != elem:
+            value = self.cast(value, elem)
+        self.blocks[-1].append(Store(ptr, value, mask, atomic_add=True))
 
     def comment(self, text: str) -> None:
         self.blocks[-1].append(Comment(text))

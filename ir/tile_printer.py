@@ -37,7 +37,8 @@ def fmt_stmts(stmts, indent: int) -> list[str]:
         elif isinstance(s, Let):
             out.append(f"{pad}{s.var.name}: {fmt_type(s.var)} = {fmt(s.value)}")
         elif isinstance(s, Store):
-            out.append(f"{pad}store({fmt(s.ptr)}, {fmt(s.value)}, mask={fmt(s.mask) if s.mask is not None else '_'})")
+            op = "atomic_add" if s.atomic_add else "store"
+            out.append(f"{pad}{op}({fmt(s.ptr)}, {fmt(s.value)}, mask={fmt(s.mask) if s.mask is not None else '_'})")
         elif isinstance(s, For):
             out.append(f"{pad}for {s.var.name} in range({fmt(s.start)}, {fmt(s.stop)}, {fmt(s.step)}):")
             out.extend(fmt_stmts(s.body, indent + 1))
@@ -45,6 +46,8 @@ def fmt_stmts(stmts, indent: int) -> list[str]:
 
 
 def fmt_tunable(t) -> str:
+    if t.rule is not None:
+        return f"{t.name} = {t.rule[0]}({', '.join(format_dim(d) for d in t.rule[1:])})"
     if t.covers is not None:
         return f"{t.name} = next_pow2({format_dim(t.covers)}) in [{t.lo}, {t.hi}]"
     return f"{t.name} in {{{', '.join(map(str, t.candidates))}}} (interpreter: {t.cpu})"
@@ -66,7 +69,8 @@ def print_kernel(k: TileKernel) -> str:
 def print_plan(plan: Plan) -> str:
     lines = [f"plan {plan.op}: {len(plan.steps)} launch step(s)"]
     for name, buf in plan.buffers.items():
-        lines.append(f"  buffer {name}: {buf.dtype}[{', '.join(format_dim(d) for d in buf.shape)}] ({buf.kind})")
+        lines.append(f"  buffer {name}: {buf.dtype}[{', '.join(format_dim(d) for d in buf.shape)}] ({buf.kind}"
+                     f"{', zeroed' if buf.zeroed else ''})")
     if plan.scalars:
         lines.append("  host scalars: " + ", ".join(plan.scalars))
     for i, step in enumerate(plan.steps):

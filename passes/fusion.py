@@ -34,7 +34,9 @@ GLUE_OPS = {"reshape", "permute", "transpose", "slice", "expand", "concat", "gat
 CANONICAL_GLUE = {"expand"}
 ROW_REDUCTIONS = {"sum", "mean", "max", "min", "softmax", "log_softmax"}
 OWN_GROUP = {"matmul": "matmul", "topk": "topk", "cumsum": "scan", "expert_matmul": "expert",
-             "flash_attention": "flash"}
+             "flash_attention": "flash", "expert_gemm": "moe", "moe_align": "moe_align",
+             "moe_router": "router"}
+JOINS_CONSUMERS = {"matmul", "expert_gemm"}   # contractions that take their consumers as epilogues
 
 
 @dataclass(frozen=True, eq=False)
@@ -174,9 +176,9 @@ class Partitioner:
 
     # -- joining -------------------------------------------------------------------------------
     def try_join(self, n: Node) -> int | None:
-        if n.op in OWN_GROUP and n.op != "matmul":
+        if n.op in OWN_GROUP and n.op not in JOINS_CONSUMERS:
             return None
-        if n.op != "matmul" and not is_row_node(n):
+        if n.op not in JOINS_CONSUMERS and not is_row_node(n):
             return None
         cons = self.consumers(n)
         if not cons:
@@ -191,14 +193,16 @@ class Partitioner:
         plain = all(all(u.op in CANONICAL_GLUE or is_unit_reshape(u) for u in p) for p in paths)
         if n.op == "matmul":
             ok = self.ctx.fuse_contractions and self.join_matmul(n, gid, plain)
-        elif self.kind[gid] == "matmul":
+        elif n.op == "expert_gemm":
+            ok = self.ctx.fuse_contractions and self.join_expert(n, gid, plain)
+        elif self.kind[gid] in ("matmul", "moe"):
             ok = self.ctx.fuse_contractions and self.join_around_matmul(n, gid, cons, plain)
         else:
             ok = self.join_row(n, gid, paths, plain)
         if not ok or self.creates_cycle(n, gid) or len(self.members[gid]) >= self.ctx.max_group_nodes:
             return None
-        if n.op == "matmul":
-            self.kind[gid] = "matmul"
+        if n.op in JOINS_CONSUMERS:
+            self.kind[gid] = OWN_GROUP[n.op]
         elif n.op in ROW_REDUCTIONS and not self.dom[gid][1]:
             self.dom[gid] = reduction_domain(n)
         return gid
@@ -239,6 +243,29 @@ class Partitioner:
         return all(m.inputs[0] is n.inputs[0] and m.inputs[1].type.shape == n.inputs[1].type.shape
                    and m.out.type == n.out.type for m in mms)
 
+    def join_expert(self, n: Node, gid: int, plain: bool) -> bool:
+        """An expert GEMM takes a pointwise consumer group as its epilogue, optionally ending
+        in the sum over the k choices (the gated combine: a scatter-add per token); or joins
+        expert GEMMs with the same tokens and routing (gate and up projections)."""
+        domain, axes = self.dom[gid]
+        if not plain or tuple(n.out.type.shape) != tuple(domain):
+            return False
+        if axes:
+            if axes != (1,):
+                return False
+            reductions = [m for m in self.members[gid] if m.op in ROW_REDUCTIONS]
+            if len(reductions) != 1 or reductions[0].op != "sum" or any(
+                    self.is_upstream(r, m) for r in reductions for m in self.members[gid] if m is not r):
+                return False
+        gemms = [m for m in self.members[gid] if m.op == "expert_gemm"]
+        if self.kind[gid] == "moe":
+            return len(gemms) < MAX_SHARED_A and all(
+                m.inputs[0] is n.inputs[0] and m.inputs[2] is n.inputs[2] and m.out.type == n.out.type for m in gemms)
+        return self.kind[gid] == "row"
+
+    def is_upstream(self, a: Node, b: Node) -> bool:
+        return nx.has_path(self.dag, a, b)
+
     def join_around_matmul(self, n: Node, gid: int, cons, plain: bool) -> bool:
         """A pointwise node joins a matmul group as part of the epilogue (computed on the output
         tile) or as a prologue of an operand (recomputed for every tile that loads it), the
@@ -247,8 +274,10 @@ class Partitioner:
         if n.op in ROW_REDUCTIONS:
             return False
         domain, _ = self.dom[gid]
-        feeds_operand = any(c in self.prologue or (c.op == "matmul" and self.reaches(n, c.inputs[0]))
-                            or (c.op == "matmul" and self.reaches(n, c.inputs[1])) for c, _ in cons)
+        feeds_operand = any(c in self.prologue or (c.op in JOINS_CONSUMERS and any(
+            self.reaches(n, v) for v in c.inputs)) for c, _ in cons)
+        if feeds_operand and self.kind[gid] == "moe":
+            return False       # expert GEMM operands are gathered rows: no prologues
         if not feeds_operand:
             if n.out in self.outputs and (not plain or tuple(n.out.type.shape) != tuple(domain)):
                 return False
@@ -359,7 +388,11 @@ def fuse(g: Graph, ctx: PassContext | None = None) -> FusedGraph:
         dom = part.dom[gid]
         domain, axes = dom if dom is not None else ((), ())
         label = "_".join(dict.fromkeys(n.op for n in nodes if n.op == "matmul")) if kind == "matmul" else root.op
-        groups.append(Group(f"k{k}_{label}", kind, nodes, tuple(stored), tuple(domain), tuple(axes)))
+        extra = {}
+        if kind == "moe" and axes:
+            # the sum over the k choices becomes a scatter-add into a zeroed output
+            extra["zeroed"] = tuple(n.out for n in nodes if n.op == "sum")
+        groups.append(Group(f"k{k}_{label}", kind, nodes, tuple(stored), tuple(domain), tuple(axes), extra))
     # a result slot whose value no group stores as itself (a parameter, a view, a repeat)
     # gets a copy group with a buffer of its own
     names = _name_values(g, groups)

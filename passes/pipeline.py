@@ -11,10 +11,11 @@ from .canonicalize import canonicalize
 from .context import PassContext
 from .flash_attention import rewrite_flash_attention
 from .inline import inline
+from .moe_dispatch import rewrite_expert_dispatch, rewrite_router
 
 GRAPH_PASSES = [inline, canonicalize]
 # pattern rewrites that choose specialised kernels; after them the graph goes to fusion
-REWRITE_PASSES = [rewrite_flash_attention]
+REWRITE_PASSES = [rewrite_flash_attention, rewrite_router, rewrite_expert_dispatch]
 
 
 def run_passes(g: Graph, passes, ctx: PassContext) -> Graph:

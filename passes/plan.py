@@ -13,6 +13,7 @@ from ..ir.types import TensorType
 from .fusion import FusedGraph
 from .lower_expert import lower_expert
 from .lower_flash import lower_flash
+from .lower_moe import lower_align, lower_moe_gemm, lower_router
 from .lower_matmul import lower_matmul
 from .lower_row import lower_row
 from .lower_scan import lower_scan
@@ -26,6 +27,9 @@ LOWERINGS = {
     "scan": lower_scan,
     "expert": lower_expert,
     "flash": lower_flash,
+    "moe": lower_moe_gemm,
+    "moe_align": lower_align,
+    "router": lower_router,
 }
 
 
@@ -44,7 +48,8 @@ def build_plan(fg: FusedGraph) -> Plan:
     for grp in fg.groups:
         for v in grp.outputs:
             name = fg.buffer(grp, v)
-            buffers[name] = Buffer(name, v.type.dtype, tuple(v.type.shape), "output" if name in results else "temp")
+            buffers[name] = Buffer(name, v.type.dtype, tuple(v.type.shape), "output" if name in results else "temp",
+                                   zeroed=v in grp.extra.get("zeroed", ()))
     scalars: dict[str, Value] = {}
     for p in g.params:
         if not isinstance(p.value.type, TensorType):

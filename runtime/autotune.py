@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..ir.tile import Launch, TileKernel
-from .config import Config, covered, heuristic_config, next_pow2
+from .config import Config, covered, heuristic_config, is_fixed, next_pow2
 
 TUNED = "tuned.json"
 
@@ -45,10 +45,10 @@ class Limits:
 
 
 def space(k: TileKernel, bindings) -> list[Config]:
-    fixed = [(t.name, covered(t, bindings)) for t in k.tunables if t.covers is not None]
+    fixed = [(t.name, covered(t, bindings)) for t in k.tunables if is_fixed(t)]
     if k.presets:
         return [Config(tuple(fixed) + tuple(vals), w, st) for vals, w, st in k.presets]
-    free = [t for t in k.tunables if t.covers is None]
+    free = [t for t in k.tunables if not is_fixed(t)]
     out = []
     for combo in itertools.product(*[t.candidates for t in free]):
         vals = tuple(fixed) + tuple(zip((t.name for t in free), combo))

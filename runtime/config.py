@@ -32,14 +32,22 @@ def next_pow2(n: int) -> int:
 
 
 def covered(t: Tunable, bindings) -> int:
+    if t.rule is not None:
+        from ..ir.tile import TUNABLE_RULES
+        name, *dims = t.rule
+        return TUNABLE_RULES[name](*(evaluate(d, bindings) for d in dims))
     n = evaluate(t.covers, bindings)
     return max(t.lo, min(t.hi, next_pow2(n)))
+
+
+def is_fixed(t: Tunable) -> bool:
+    return t.covers is not None or t.rule is not None
 
 
 def interpreter_config(k: TileKernel, bindings) -> Config:
     vals = []
     for t in k.tunables:
-        vals.append((t.name, covered(t, bindings) if t.covers is not None else t.cpu))
+        vals.append((t.name, covered(t, bindings) if is_fixed(t) else t.cpu))
     return Config(tuple(vals), 4, 1)
 
 
@@ -51,7 +59,7 @@ def heuristic_config(k: TileKernel, bindings) -> Config:
     keep memory-bound row kernels to about 4K-16K elements per program."""
     vals = {}
     for t in k.tunables:
-        if t.covers is not None:
+        if is_fixed(t):
             vals[t.name] = covered(t, bindings)
     for t in k.tunables:
         if t.name in vals:

@@ -59,7 +59,8 @@ class PlanRunner:
                 buffers[name] = values[name]
             else:
                 shape = [evaluate(d, bindings) for d in buf.shape]
-                buffers[name] = allocate(shape, to_torch(buf.dtype), device)
+                buffers[name] = torch.zeros(shape, dtype=to_torch(buf.dtype), device=device) if buf.zeroed \
+                    else allocate(shape, to_torch(buf.dtype), device)
         scalars = self.host_scalars(values, bindings)
         for step in plan.steps:
             launch = choose(step, bindings)
