@@ -32,7 +32,7 @@ CALLS = {
 }
 REDUCE = {"sum": "tl.sum", "max": "tl.max", "min": "tl.min"}
 ARGREDUCE = {"max": "tl.argmax", "min": "tl.argmin"}
-NONASSOC = {"sub", "truediv", "floordiv", "mod"}
+NONASSOC = {"sub", "truediv", "floordiv", "mod", "and", "or"}  # & and | keep their grouping (see tile_builder.binop)
 PRIMARY = 20
 
 

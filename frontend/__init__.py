@@ -17,11 +17,25 @@ def load_source(path_or_source: str | Path) -> tuple[Source, str]:
     else is a path, whose stem is the namespace."""
     if isinstance(path_or_source, Path) or ("\n" not in path_or_source and "{" not in path_or_source):
         path = Path(path_or_source)
-        if not path.is_file():
-            raise SpecError(f"no such spec file: {path}", None,
+        try:
+            is_file = path.is_file()
+        except (OSError, ValueError):  # a name too long for the file system, a NUL byte...
+            is_file = False
+        if not is_file:
+            raise SpecError(f"no such spec file: {_shorten(str(path))}", None,
                             "pass a path to a .opf file, or the spec text itself")
-        return Source(str(path_or_source), path.read_text()), _identifier(path.stem)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise SpecError(f"{path} is not UTF-8 text (byte {e.start})", None) from None
+        except OSError as e:
+            raise SpecError(f"cannot read {path}: {e.strerror or e}", None) from None
+        return Source(str(path_or_source), text), _identifier(path.stem)
     return Source("<string>", path_or_source), "opforge_spec"
+
+
+def _shorten(text: str, n: int = 200) -> str:
+    return text if len(text) <= n else text[:n] + "..."
 
 
 def _identifier(stem: str) -> str:

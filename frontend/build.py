@@ -9,6 +9,8 @@ first; a cycle of calls is an error at the call that closes it.
 """
 from __future__ import annotations
 
+import re
+import sys
 from typing import Any
 
 import networkx as nx
@@ -20,7 +22,7 @@ from ..ir.graph import Attrs, Graph, Node, Param, Program, Source, Span, Value
 from ..ir.registry import Arg, RuleError
 from ..ir.types import SPEC_DTYPES, DType, ScalarType, TensorType, Type
 from . import ast as A
-from .diagnostics import SpecError, did_you_mean
+from .diagnostics import SpecError, did_you_mean, source_line
 from .layouts import check_layout
 
 DTYPE_ALIASES = {"float32": "f32", "float": "f32", "float16": "f16", "half": "f16", "bfloat16": "bf16",
@@ -28,15 +30,82 @@ DTYPE_ALIASES = {"float32": "f32", "float": "f32", "float16": "f16", "half": "f1
                  "int8": "i8", "uint8": "u8", "fp8": "f8e4m3", "float8": "f8e4m3", "f64": "f32"}
 BINOP_PRIM = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "pow": "pow", "matmul": "matmul",
               "lt": "lt", "le": "le", "gt": "gt", "ge": "ge", "eq": "eq", "ne": "ne"}
+RECURSION_LIMIT = 20_000
 OPERATOR_TEXT = {"add": "+", "sub": "-", "mul": "*", "div": "/", "floordiv": "//", "pow": "**", "matmul": "@",
                  "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
 
 
+INT_RANGES = {DType.i64: (-2 ** 63, 2 ** 63 - 1), DType.i32: (-2 ** 31, 2 ** 31 - 1),
+              DType.i8: (-128, 127), DType.u8: (0, 255)}
+
+
+def int_range_text(dtype: DType) -> str:
+    lo, hi = INT_RANGES[dtype]
+    show = {-2 ** 63: "-2**63", 2 ** 63 - 1: "2**63 - 1", -2 ** 31: "-2**31", 2 ** 31 - 1: "2**31 - 1"}
+    return f"{dtype} holds {show.get(lo, lo)} to {show.get(hi, hi)}"
+
+
+def fits(value, dtype: DType) -> bool:
+    """Whether an integer value is representable in an integer dtype (other dtypes: True)."""
+    if dtype not in INT_RANGES or isinstance(value, bool) or not isinstance(value, int):
+        return True
+    lo, hi = INT_RANGES[dtype]
+    return lo <= value <= hi
+
+
 def snippet(span: Span) -> str:
-    """The source text of a span (its first line only)."""
-    line = span.source.line(span.line)
-    end = span.end_col - 1 if span.end_line == span.line else len(line)
-    return line[span.col - 1:end]
+    """The source text of a span; a span over several lines is joined into one line."""
+    lines = span.source.text.split("\n")
+    first = source_line(span.source, span.line)
+    if span.end_line == span.line:
+        return first[span.col - 1:span.end_col - 1]
+    parts = [first[span.col - 1:]] + lines[span.line:span.end_line - 1] + \
+        [source_line(span.source, span.end_line)[:span.end_col - 1]]
+    parts = [re.sub(r"#[^\"]*$", "", p).strip() for p in parts]
+    text = " ".join(p for p in parts if p)
+    return re.sub(r"([(\[]) | ([)\]])", r"\1\2", text)
+
+
+def cast_text(e: A.Expr, dtype) -> str:
+    """``cast(E, dtype)`` for an expression; when E is itself a cast, change its dtype instead of
+    wrapping it (the hint for cast(b, f32) meeting f16 is cast(b, f16), not cast(cast(b, f32), f16))."""
+    return f"cast({cast_operand(e)}, {dtype})"
+
+
+def cast_operand(e: A.Expr) -> str:
+    if isinstance(e, A.Call) and e.func.text == "cast" and e.args:
+        return snippet(e.args[0].span)
+    return snippet(e.span)
+
+
+_PLACEHOLDER = re.compile(r"(cast\()?\{(\d+)\}")
+
+
+def fill_hint(hint: str | None, operand_exprs: list) -> str | None:
+    """Fill a rule's hint placeholders ({0}, {1}...) with the operands' source text. Only the
+    placeholders are replaced (str.format would trip on any other brace)."""
+    if not hint:
+        return hint
+
+    def sub(m):
+        i = int(m.group(2))
+        if i >= len(operand_exprs):
+            return m.group(0)
+        e = operand_exprs[i]
+        return ("cast(" + cast_operand(e)) if m.group(1) else snippet(e.span)
+
+    return _PLACEHOLDER.sub(sub, hint)
+
+
+KEYWORDS = ("op", "return", "true", "false", "inf")
+
+
+def check_not_keyword(ident: A.Ident, what: str) -> None:
+    """Keywords are reserved (DSL.md); the contextual lexer reads one as a name where no keyword
+    can stand (``true = x``), which would make the name unusable later (``return true``)."""
+    if ident.text in KEYWORDS:
+        raise SpecError(f"'{ident.text}' is a keyword and cannot name {what}", ident.span,
+                        "choose another name")
 
 
 def parse_dtype(ident: A.Ident) -> DType:
@@ -54,6 +123,7 @@ def build_program(module: A.ModuleDecl, source: Source, namespace: str) -> Progr
     decls: dict[str, A.OpDecl] = {}
     builtins = registry.spec_builtins()
     for op in module.ops:
+        check_not_keyword(op.name, "an op")
         if op.name.text in decls:
             first = decls[op.name.text].name.span
             raise SpecError(f"op '{op.name.text}' is defined twice", op.name.span,
@@ -67,8 +137,18 @@ def build_program(module: A.ModuleDecl, source: Source, namespace: str) -> Progr
                         "start with: op NAME(x: f16[M, D]) -> f16[M, D] { return x }")
     order = call_order(decls)
     graphs: dict[str, Graph] = {}
-    for name in order:
-        graphs[name] = OpBuilder(decls[name], graphs, decls).build()
+    # Checking recurses once per level of an expression (a chain of a thousand '+' is a
+    # thousand levels). Python-to-Python calls do not grow the C stack, so a higher limit is
+    # safe; whatever is deeper still is a SpecError at its statement, not a crash.
+    limit = sys.getrecursionlimit()
+    if limit < RECURSION_LIMIT:
+        sys.setrecursionlimit(RECURSION_LIMIT)
+    try:
+        for name in order:
+            graphs[name] = OpBuilder(decls[name], graphs, decls).build()
+    finally:
+        if limit < RECURSION_LIMIT:
+            sys.setrecursionlimit(limit)
     return Program(namespace, source, {n: graphs[n] for n in decls})
 
 
@@ -124,6 +204,47 @@ def call_order(decls: dict[str, A.OpDecl]) -> list[str]:
                     "an op may call other ops of the file, which are inlined; recursion cannot be")
 
 
+_BUILTINS: tuple[int, dict] = (-1, {})
+
+
+def _builtins() -> dict:
+    """registry.spec_builtins(), rebuilt only when a primitive has been registered since."""
+    global _BUILTINS
+    if _BUILTINS[0] != len(registry.REGISTRY):
+        table = registry.spec_builtins()     # loads the registry on first use
+        _BUILTINS = (len(registry.REGISTRY), table)
+    return _BUILTINS[1]
+
+
+def signature(g: Graph) -> str:
+    """``name(x: f16[M, K], eps: f32)``, for hints."""
+    return f"{g.name}({', '.join(f'{p.name}: {p.value.type}' for p in g.params)})"
+
+
+def _divisions(g: Graph) -> tuple:
+    """Every symbolic size of a graph (types and attributes) that divides by a symbol."""
+    found: dict = {}
+
+    def visit(x):
+        if isinstance(x, Sym):
+            if any(e < 0 for m, _ in x.terms for _, e in m):
+                found[x] = None
+        elif isinstance(x, (tuple, list)):
+            for y in x:
+                visit(y)
+        elif isinstance(x, (TensorType,)):
+            visit(x.shape)
+
+    for n in g.nodes:
+        for v in n.outputs:
+            visit(v.type)
+        for a in n.attrs.values():
+            visit(a)
+    for t in g.result_types:
+        visit(t)
+    return tuple(found)
+
+
 # -- one op -------------------------------------------------------------------------------------
 class OpBuilder:
     def __init__(self, decl: A.OpDecl, graphs: dict[str, Graph], decls: dict[str, A.OpDecl]):
@@ -135,20 +256,34 @@ class OpBuilder:
         self.symbols: dict[str, Span] = {}
         self.dim_values: dict[str, Value] = {}
         self.consts: dict[Value, Any] = {}    # values that are literals, for folding negation
+        self.params_by_name = {p.name.text for p in decl.params}
+        self.builtins = _builtins()
+        self.checked_calls: set = set()
+        self.divisions: dict[str, tuple] = {}
 
     # -- entry ---------------------------------------------------------------------------------
     def build(self) -> Graph:
-        params = self.params()
-        outputs = None
-        for stmt in self.decl.body:
-            if outputs is not None:
-                raise SpecError("statement after return", stmt.span,
-                                "return must be the last statement of an op")
-            if isinstance(stmt, A.Assign):
-                self.assign(stmt)
-            else:
-                outputs = [self.value(e) for e in stmt.values]
-                ret = stmt
+        at = self.decl.name.span
+        try:
+            params = self.params()
+            outputs = None
+            for stmt in self.decl.body:
+                at = stmt.span
+                if outputs is not None:
+                    raise SpecError("statement after return", stmt.span,
+                                    "return must be the last statement of an op")
+                if isinstance(stmt, A.Assign):
+                    self.assign(stmt)
+                else:
+                    if len(stmt.values) == 1 and isinstance(stmt.values[0], A.TupleLit):
+                        inner = ", ".join(snippet(x.span) for x in stmt.values[0].items)
+                        raise SpecError("several results are returned without parentheses",
+                                        stmt.values[0].span, f"return {inner}")
+                    outputs = [self.value(e) for e in stmt.values]
+                    ret = stmt
+        except RecursionError:
+            raise SpecError("this statement nests expressions too deeply to check", at,
+                            "split it into several statements") from None
         if outputs is None:
             raise SpecError(f"op '{self.decl.name.text}' has no return statement", self.decl.body_span,
                             "end the body with: return EXPR")
@@ -162,6 +297,7 @@ class OpBuilder:
         out = []
         for p in self.decl.params:
             name = p.name.text
+            check_not_keyword(p.name, "a parameter")
             if name in self.env:
                 raise SpecError(f"parameter '{name}' is declared twice", p.name.span)
             dtype = parse_dtype(p.type.dtype)
@@ -175,6 +311,7 @@ class OpBuilder:
                     else:
                         if d.value in SPEC_DTYPES:
                             raise SpecError(f"'{d.value}' is a dtype, not a size", d.span)
+                        check_not_keyword(A.Ident(d.value, d.span), "a size")
                         self.symbols.setdefault(d.value, d.span)
                         dims.append(Sym.of(d.value))
                 ty: Type = TensorType(dtype, tuple(dims))
@@ -207,22 +344,34 @@ class OpBuilder:
         if isinstance(v, float) and not dtype.is_float:
             raise SpecError(f"default {v} for an integer parameter of dtype {dtype}", e.span,
                             "declare it as f32, or give an integer")
+        if not fits(v, dtype):
+            raise SpecError(f"default {v} does not fit in {dtype}", e.span, int_range_text(dtype))
         return float(v) if dtype.is_float else int(v)
 
     # -- statements ----------------------------------------------------------------------------
     def assign(self, stmt: A.Assign) -> None:
+        seen: set[str] = set()
         for t in stmt.targets:
+            if t.text in seen:
+                raise SpecError(f"'{t.text}' appears twice on the left of '='", t.span,
+                                "give each value its own name")
+            seen.add(t.text)
+            check_not_keyword(t, "a value")
+            if t.text in self.params_by_name:
+                raise SpecError(f"cannot assign to the parameter '{t.text}' of op '{self.decl.name.text}'",
+                                t.span, f"values are immutable; give the new value another name, "
+                                f"e.g. {t.text}2")
             if t.text in self.env:
                 first = self.env[t.text][1]
                 raise SpecError(f"'{t.text}' is already defined (line {first.line})", t.span,
                                 "values are immutable; give the new value another name")
             if t.text in self.symbols:
-                raise SpecError(f"'{t.text}' is a size symbol of this op", t.span,
-                                "give the value another name")
+                first = self.symbols[t.text]
+                raise SpecError(f"cannot assign to '{t.text}', a size symbol of op '{self.decl.name.text}' "
+                                f"(line {first.line})", t.span,
+                                "sizes are bound by the parameters' shapes; give the value another name")
             if t.text in SPEC_DTYPES or t.text in ("None", "T"):
                 raise SpecError(f"'{t.text}' cannot be assigned", t.span)
-        if len({t.text for t in stmt.targets}) != len(stmt.targets):
-            raise SpecError("a name appears twice on the left of '='", stmt.span)
         values = self.values(stmt.value, len(stmt.targets))
         for t, v in zip(stmt.targets, values):
             if v.name is None:
@@ -243,8 +392,15 @@ class OpBuilder:
     def check_results(self, outputs: list[Value], ret: A.Return) -> list[Type]:
         declared = self.decl.results
         if len(outputs) != len(declared):
-            raise SpecError(f"op '{self.decl.name.text}' returns {len(outputs)} value(s) but declares "
-                            f"{len(declared)}", ret.span)
+            n, m = len(declared), len(outputs)
+            msg = (f"op '{self.decl.name.text}' declares {n} result{'s' * (n != 1)} but returns "
+                   f"{m} value{'s' * (m != 1)}")
+            decl_text = ", ".join(snippet(d.span) for d in declared)
+            if m > n:
+                raise SpecError(msg, ret.values[n].span,
+                                f"return {n} value{'s' * (n != 1)}, or declare more results: "
+                                f"-> ({decl_text}, ...)")
+            raise SpecError(msg, ret.span, f"the op declares -> {'(' * (n > 1)}{decl_text}{')' * (n > 1)}")
         types = []
         for i, (v, d, e) in enumerate(zip(outputs, declared, ret.values)):
             dtype = parse_dtype(d.dtype)
@@ -265,7 +421,7 @@ class OpBuilder:
                                 "ops return tensors")
             if v.type.dtype != want.dtype:
                 raise SpecError(f"{which} is {v.type}, but the op declares {want}", e.span,
-                                f"cast it: cast({snippet(e.span)}, {want.dtype})")
+                                f"cast it: {cast_text(e, want.dtype)}")
             if tuple(v.type.shape) != want.shape:
                 raise SpecError(f"{which} has shape {format_shape(v.type.shape)}, but the op declares "
                                 f"{format_shape(want.shape)}", e.span)
@@ -312,6 +468,8 @@ class OpBuilder:
         raise SpecError(f"unsupported expression {type(e).__name__}", e.span)
 
     def const(self, value, dtype: DType, span: Span) -> Value:
+        if not fits(value, dtype):
+            raise SpecError(f"the integer {value} does not fit in {dtype}", span, int_range_text(dtype))
         v = self.emit("const", [], {"value": value, "dtype": dtype}, span, [])[0]
         self.consts[v] = value
         return v
@@ -329,7 +487,7 @@ class OpBuilder:
                             f"to convert a value write cast(x, {e.id})")
         if e.id == "None":
             raise SpecError("None is only allowed inside [ ] (a new axis)", e.span)
-        if e.id in registry.spec_builtins() or e.id in self.decls:
+        if e.id in self.builtins or e.id in self.decls:
             raise SpecError(f"'{e.id}' is a function; call it", e.span, f"{e.id}(...)")
         hint = did_you_mean(e.id, self.known_names())
         if hint is None and e.id in ("pi", "e"):
@@ -362,7 +520,7 @@ class OpBuilder:
     # -- calls ---------------------------------------------------------------------------------
     def call(self, e: A.Call) -> list[Value]:
         fname = e.func.text
-        builtins = registry.spec_builtins()
+        builtins = self.builtins
         if fname in self.decls:
             return self.call_op(e)
         if fname in builtins:
@@ -404,7 +562,7 @@ class OpBuilder:
             spec = next((a for a in sig if a.name == k), None)
             if spec is None:
                 raise SpecError(f"'{fname}' has no argument '{k}'", kw.name.span,
-                                did_you_mean(k, names) or described)
+                                did_you_mean(k, names) or self.compare_hint(kw) or described)
             if spec.is_operand:
                 raise SpecError(f"pass the operand '{k}' of '{fname}' by position", kw.name.span, described)
             if k in attrs:
@@ -420,6 +578,12 @@ class OpBuilder:
             if not a.is_operand and a.required and a.name not in attrs:
                 raise SpecError(f"'{fname}' needs the argument '{a.name}'", e.span, described)
         return operands, attrs
+
+    def compare_hint(self, kw: A.Keyword) -> str | None:
+        """``where(x = 0, ...)``: a keyword named like a value is a comparison written with '='."""
+        if kw.name.text in self.env or kw.name.text in self.symbols:
+            return f"'=' passes a keyword argument; to compare, write {kw.name.text} == {snippet(kw.value.span)}"
+        return None
 
     def call_builtin(self, e: A.Call, prim) -> list[Value]:
         operand_exprs, attr_exprs = self.bind_args(e, list(prim.args))
@@ -442,7 +606,7 @@ class OpBuilder:
         callee = self.graphs[e.func.text]
         fname = e.func.text
         names = [p.name for p in callee.params]
-        described = f"{fname}({', '.join(names)})"
+        described = signature(callee)
         given: dict[str, A.Expr] = {}
         if len(e.args) > len(names):
             raise SpecError(f"'{fname}' takes {len(names)} argument{'s' * (len(names) != 1)}, got {len(e.args)}",
@@ -452,12 +616,12 @@ class OpBuilder:
         for kw in e.kwargs:
             if kw.name.text not in names:
                 raise SpecError(f"'{fname}' has no argument '{kw.name.text}'", kw.name.span,
-                                did_you_mean(kw.name.text, names) or described)
+                                did_you_mean(kw.name.text, names) or self.compare_hint(kw) or described)
             if kw.name.text in given:
                 raise SpecError(f"'{fname}' gets '{kw.name.text}' twice", kw.name.span, described)
             given[kw.name.text] = kw.value
         mapping: dict[str, Dim] = {}
-        source_of: dict[str, str] = {}
+        source_of: dict[str, tuple[str, A.Expr, Type]] = {}
         inputs: list[Value] = []
         for p in callee.params:
             if p.name not in given:
@@ -474,7 +638,7 @@ class OpBuilder:
                                     x.span)
                 if v.type.dtype != want.dtype:
                     raise SpecError(f"'{fname}' expects {want.dtype} for '{p.name}', got {v.type}", x.span,
-                                    f"cast({snippet(x.span)}, {want.dtype})")
+                                    cast_text(x, want.dtype))
                 if v.type.rank != want.rank:
                     raise SpecError(f"'{fname}' expects '{p.name}' of rank {want.rank} {want}, got {v.type}",
                                     x.span)
@@ -486,12 +650,13 @@ class OpBuilder:
                         continue
                     s = next(iter(dw.symbols))
                     if s in mapping and mapping[s] != dv:
+                        first, fx, ft = source_of[s]
                         raise SpecError(
-                            f"'{fname}' binds its size {s} to {mapping[s]} (from '{source_of[s]}') and to {dv} "
-                            f"(from '{p.name}')", x.span,
-                            f"{source_of[s]} and {p.name} must agree in {s}")
+                            f"'{fname}' binds its size {s} to {mapping[s]} from {first} = {snippet(fx.span)}: {ft} "
+                            f"and to {dv} from {p.name} = {snippet(x.span)}: {v.type}", x.span,
+                            f"{described} needs {first} and {p.name} to agree in {s}")
                     mapping.setdefault(s, dv)
-                    source_of.setdefault(s, p.name)
+                    source_of.setdefault(s, (p.name, x, v.type))
             else:
                 if isinstance(v.type, TensorType):
                     raise SpecError(f"'{fname}' expects a scalar {want} for '{p.name}', got the tensor {v.type}",
@@ -501,11 +666,35 @@ class OpBuilder:
                         raise SpecError(f"'{fname}' expects {want.dtype} for '{p.name}', got {v.type}", x.span)
                     v = self.emit("cast", [v], {"dtype": want.dtype}, x.span, [x])[0]
             inputs.append(v)
+        self.check_substitution(callee, mapping, e)
         out_types = [TensorType(t.dtype, tuple(subst(d, mapping) for d in t.shape)) for t in callee.result_types]
         outs = [Value(t) for t in out_types]
         attrs = Attrs({"callee": fname, "sizes": tuple(sorted(mapping.items()))})
         self.nodes.append(Node("call", tuple(inputs), attrs, tuple(outs), e.span))
         return outs
+
+    def check_substitution(self, callee: Graph, mapping: dict[str, Dim], e: A.Call) -> None:
+        """Inlining substitutes the call's sizes into every size of the callee; a size that
+        divides by a symbol (D / E) must not become a division by 0 or by a sum (E bound to
+        0, or to M + N)."""
+        divisions = self.divisions.get(callee.name)
+        if divisions is None:
+            divisions = self.divisions[callee.name] = _divisions(callee)
+        if not divisions:
+            return
+        key = (callee.name, tuple(sorted(mapping.items())))
+        if key in self.checked_calls:
+            return
+        for d in divisions:
+            try:
+                subst(d, mapping)
+            except (ZeroDivisionError, ValueError):
+                bound = ", ".join(f"{s} = {mapping[s]}" for s in sorted(d.symbols) if s in mapping)
+                raise SpecError(f"calling '{callee.name}' with {bound} makes its size {d} a division by "
+                                f"{'zero' if any(mapping.get(s) == 0 for s in d.symbols) else 'a sum'}",
+                                e.span, f"{signature(callee)} divides by a size; pass a tensor whose size is "
+                                        f"a single non-zero term") from None
+        self.checked_calls.add(key)
 
     # -- static arguments ----------------------------------------------------------------------
     def static(self, x: A.Expr, a: Arg, fname: str):
@@ -545,7 +734,12 @@ class OpBuilder:
             if not isinstance(x, (A.TupleLit, A.ListLit)):
                 raise SpecError(f"'{a.name}' of '{fname}' must be a list of sizes", x.span,
                                 "for example [M, H, -1]")
-            return tuple(self.static_dim(i, allow_hole=True) for i in x.items)
+            dims = tuple(self.static_dim(i, allow_hole=True) for i in x.items)
+            holes = [i for i, d in zip(x.items, dims) if isinstance(d, int) and d == -1]
+            if len(holes) > 1:
+                raise SpecError(f"'{fname}' may infer one size with -1, but {snippet(x.span)} has "
+                                f"{len(holes)}", holes[1].span, "write every size but one")
+            return dims
         raise AssertionError(kind)
 
     def static_number(self, x: A.Expr):
@@ -655,8 +849,8 @@ class OpBuilder:
         consumes = [i for i in items if not isinstance(i, A.EllipsisItem)
                     and not (isinstance(i, A.Name) and i.id == "None")]
         if len(consumes) > len(shape):
-            raise SpecError(f"too many indices ({len(consumes)}) for a tensor of rank {len(shape)}", e.span,
-                            f"the tensor is {v.type}")
+            raise SpecError(f"too many indices ({len(consumes)}) for a tensor of rank {len(shape)}",
+                            consumes[len(shape)].span, f"the tensor is {v.type}")
         if n_ell:
             k = next(j for j, i in enumerate(items) if isinstance(i, A.EllipsisItem))
             fill = [A.SliceItem(items[k].span, None, None, None)] * (len(shape) - len(consumes))
@@ -723,9 +917,25 @@ class OpBuilder:
             types, attrs = prim.run_infer([v.type for v in inputs], attrs)
         except RuleError as err:
             raise self.rule_error(err, span, operand_exprs, sites or {}) from None
+        if prim.kind is registry.Kind.POINTWISE and self.consts:
+            self.check_literals(op, inputs, operand_exprs, span)
         outs = [Value(t) for t in types]
         self.nodes.append(Node(op, tuple(inputs), Attrs(attrs), tuple(outs), span))
         return outs
+
+    def check_literals(self, op: str, inputs: list[Value], operand_exprs: list, span: Span) -> None:
+        """An integer literal adopts the dtype of the tensor it meets (DSL.md); like PyTorch,
+        refuse one that does not fit in it (x_u8 + 300)."""
+        start = 1 if op == "where" else 0
+        tensors = [v.type.dtype for v in inputs[start:] if isinstance(v.type, TensorType)]
+        if not tensors or tensors[0] not in INT_RANGES:
+            return
+        dtype = tensors[0]
+        for i, v in enumerate(inputs[start:], start):
+            if v in self.consts and not fits(self.consts[v], dtype):
+                where = operand_exprs[i].span if i < len(operand_exprs) else span
+                raise SpecError(f"the literal {self.consts[v]} does not fit in {dtype}, the dtype of the "
+                                f"tensor it meets", where, int_range_text(dtype))
 
     def rule_error(self, err: RuleError, span: Span, operand_exprs: list, sites: dict[str, Span]) -> SpecError:
         where = span
@@ -733,12 +943,5 @@ class OpBuilder:
             where = operand_exprs[err.arg].span
         elif isinstance(err.arg, str) and err.arg in sites:
             where = sites[err.arg]
-        hint = err.hint
-        if hint:
-            texts = [snippet(x.span) for x in operand_exprs]
-            try:
-                hint = hint.format(*texts)
-            except (IndexError, KeyError):
-                pass
-        return SpecError(err.message, where, hint)
+        return SpecError(err.message, where, fill_hint(err.hint, operand_exprs))
 

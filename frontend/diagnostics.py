@@ -8,9 +8,29 @@
 from __future__ import annotations
 
 import difflib
+import re
 from typing import Iterable
 
-from ..ir.graph import Span
+from ..ir.graph import Source, Span
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u2028\u2029]")
+
+
+def source_line(source: Source, n: int) -> str:
+    """Line ``n`` (1-based) as the lexer counts lines: only '\\n' ends a line (a '\\r' before it
+    is dropped). Source.line() uses str.splitlines(), which also splits at form feeds, lone
+    carriage returns and Unicode separators and would show the wrong line."""
+    lines = source.text.split("\n")
+    if not 0 < n <= len(lines):
+        return ""
+    line = lines[n - 1]
+    return line[:-1] if line.endswith("\r") else line
+
+
+def display_line(text: str) -> str:
+    """The line as printed above the caret: one character per column (a tab is one space,
+    control characters are spaces), so the caret lines up with the column lark counts."""
+    return _CONTROL.sub(" ", text.replace("\t", " "))
 
 
 class SpecError(ValueError):
@@ -39,7 +59,7 @@ class SpecError(ValueError):
             out = f"error: {self.message}"
         else:
             s = self.span
-            text = s.source.line(s.line).expandtabs(1)
+            text = display_line(source_line(s.source, s.line))
             width = (s.end_col - s.col) if s.end_line == s.line else len(text) - s.col + 1
             width = max(1, min(width, len(text) - s.col + 1))
             caret = " " * (s.col - 1) + "^" + "~" * (width - 1)

@@ -121,8 +121,12 @@ def _sparse(decl, pos, kw, ptype) -> Layout:
 
 def _lowrank(decl, pos, kw, ptype) -> Layout:
     _unknown_kw(decl, kw, ("rank", "tol"))
+    if "rank" in kw and "tol" in kw:
+        second = max(kw["rank"], kw["tol"], key=lambda a: (a.span.line, a.span.col))
+        raise SpecError("@lowrank takes rank=R or tol=T, not both", second.span,
+                        "for example @lowrank(rank=64) or @lowrank(tol=0.05)")
     if pos or len(kw) != 1:
-        raise SpecError("@lowrank takes exactly one of rank=R or tol=T", decl.span,
+        raise SpecError("@lowrank takes exactly one of rank=R or tol=T", pos[0].span if pos else decl.span,
                         "for example @lowrank(rank=64) or @lowrank(tol=0.05)")
     if "rank" in kw:
         r = _positive_int(kw["rank"], "rank")

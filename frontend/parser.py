@@ -1,16 +1,20 @@
 """Parsing: spec text -> AST with spans (frontend/ast.py), syntax errors -> SpecError.
 
 The grammar is LALR(1) (fast enough for large generated specs); a lark Transformer turns the
-parse tree into the AST, with each node's span taken from lark's position metadata. A post-lexer drops newlines inside
+parse tree into the AST, with each node's span taken from lark's position metadata. The
+transformer is lark's non-recursive one, so a deeply nested or very long expression (a chain
+of thousands of '+') cannot overflow Python's stack. A post-lexer drops newlines inside
 parentheses and brackets, so calls and shapes may span lines while statements end at a newline.
 """
 from __future__ import annotations
 
+import gc
+import re
 import threading
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark import Lark, Token, Transformer_NonRecursive, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 
 from ..ir.graph import Source, Span
 from . import ast as A
@@ -40,8 +44,11 @@ class BracketNewlines:
 COMPARE = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
 
 
+MAX_INT_DIGITS = 100   # far beyond any size or literal; int() of 4,300+ digits raises in Python
+
+
 @v_args(meta=True)
-class ToAst(Transformer):
+class ToAst(Transformer_NonRecursive):
     """Builds the AST. ``source`` is set for each parse (under the parser's lock)."""
 
     source: Source
@@ -50,7 +57,17 @@ class ToAst(Transformer):
         return Span(self.source, meta.line, meta.column, meta.end_line, meta.end_column)
 
     def _tok(self, tok: Token) -> A.Ident:
-        return A.Ident(str(tok), Span(self.source, tok.line, tok.column, tok.end_line, tok.end_column))
+        return A.Ident(str(tok), self._tok_span(tok))
+
+    def _tok_span(self, tok: Token) -> Span:
+        return Span(self.source, tok.line, tok.column, tok.end_line, tok.end_column)
+
+    def _int(self, tok: Token) -> int:
+        text = str(tok)
+        if len(text) > MAX_INT_DIGITS:
+            raise SpecError(f"the integer literal has {len(text)} digits", self._tok_span(tok),
+                            f"integers in a spec have at most {MAX_INT_DIGITS} digits")
+        return int(text)
 
     # -- declarations --------------------------------------------------------------------------
     def start(self, meta, children):
@@ -76,10 +93,10 @@ class ToAst(Transformer):
 
     def dim(self, meta, children):
         (tok,) = children
-        return A.DimDecl(int(tok) if tok.type == "INT" else str(tok), self._span(meta))
+        return A.DimDecl(self._int(tok) if tok.type == "INT" else str(tok), self._span(meta))
 
     def neg_dim(self, meta, children):
-        return A.DimDecl(-int(children[0]), self._span(meta))
+        return A.DimDecl(-self._int(children[0]), self._span(meta))
 
     def layout(self, meta, children):
         kind, *args = children
@@ -93,13 +110,13 @@ class ToAst(Transformer):
         return str(children[0])
 
     def lint(self, meta, children):
-        return int(children[0])
+        return self._int(children[0])
 
     def lfloat(self, meta, children):
         return float(children[0])
 
     def lratio(self, meta, children):
-        return (int(children[0]), int(children[1]))
+        return (self._int(children[0]), self._int(children[1]))
 
     def result(self, meta, children):
         return (children[0],), False
@@ -170,7 +187,7 @@ class ToAst(Transformer):
         return A.Name(self._span(meta), str(children[0]))
 
     def int_lit(self, meta, children):
-        return A.Num(self._span(meta), int(children[0]))
+        return A.Num(self._span(meta), self._int(children[0]))
 
     def float_lit(self, meta, children):
         return A.Num(self._span(meta), float(children[0]))
@@ -235,11 +252,17 @@ EXPRESSION = {"a name", "an integer", "a number", "a string", "'true'", "'false'
 STATEMENT_END = {"a newline", "';'"}
 
 
-def _expected(expected, parser: Lark) -> str:
-    """LALR lookahead sets are long; say them the way a person would."""
+def _expected(expected, parser: Lark, inside: str | None = None) -> str:
+    """LALR lookahead sets are long; say them the way a person would. ``inside`` is the
+    innermost open bracket at the error ('(', '[', '{' or None): LALR merges states, so its
+    lookahead offers closers and separators that cannot occur there; they are left out."""
     names = {_describe(t, parser) for t in expected if t not in ("WS", "COMMENT")}
     if "a newline" in names and "';'" not in names:
         names.discard("a newline")  # the post-lexer accepts newlines everywhere; not a real option
+    drop = {"(": {"']'", "'}'", "a newline", "';'"}, "[": {"')'", "'}'", "a newline", "';'"},
+            "{": {"')'", "']'", "':'"}, None: {"')'", "']'", "':'", "'}'"}}[inside]
+    if names - drop:
+        names -= drop
     parts = []
     if len(names & OPERATORS) >= 4:
         names -= OPERATORS
@@ -256,54 +279,132 @@ def _expected(expected, parser: Lark) -> str:
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " or " + parts[-1]
 
 
+_BRACKETS = re.compile(r'#[^\n]*|"[^"\n]*"|[()\[\]{}]')
+_CLOSER = {")": "(", "]": "[", "}": "{"}
+_OPENER = {"(": ")", "[": "]", "{": "}"}
+
+
+def _open_brackets(text: str, end: int) -> list[tuple[str, int]]:
+    """The brackets open at offset ``end`` (innermost last), as (bracket, offset)."""
+    stack: list[tuple[str, int]] = []
+    for m in _BRACKETS.finditer(text, 0, end):
+        c = m.group()
+        if c in _OPENER:
+            stack.append((c, m.start()))
+        elif c in _CLOSER:
+            if stack and stack[-1][0] == _CLOSER[c]:
+                stack.pop()
+    return stack
+
+
+def _line_col(text: str, offset: int) -> tuple[int, int]:
+    line = text.count("\n", 0, offset) + 1
+    return line, offset - (text.rfind("\n", 0, offset) + 1) + 1
+
+
+def _end_span(source: Source) -> Span:
+    """Just after the last character that is not whitespace: where a missing '}' belongs."""
+    text = source.text.rstrip()
+    line, col = _line_col(text, len(text))
+    return Span(source, line, col, line, col + 1)
+
+
+def _show_char(ch: str) -> str:
+    if ch == "\t":
+        return "\\t"
+    return ch if ch.isprintable() else f"U+{ord(ch):04X}"
+
+
+_OP_LINE = re.compile(r"[ \t]*(op)[ \t]+[A-Za-z_][A-Za-z0-9_]*[ \t]*\(")
+EXPRESSION_START = {"NAME", "INT", "FLOAT", "STRING", "TRUE", "FALSE", "INF", "RETURN"}
+
+
 def _syntax_error(e: UnexpectedInput, source: Source, parser: Lark) -> SpecError:
     line, col = max(1, e.line), max(1, e.column)
+    text = source.text
     if isinstance(e, UnexpectedCharacters):
-        ch = source.text[e.pos_in_stream] if e.pos_in_stream < len(source.text) else "?"
+        ch = text[e.pos_in_stream] if e.pos_in_stream < len(text) else "?"
         hint = None
-        if ch == "\t":
-            ch = "\\t"
         if ch in "&|~!%^":
             hint = "the language has no bitwise or logical operators; use where() and comparisons"
-        if ch == "'":
+        elif ch == "'":
             hint = 'strings use double quotes: "tanh"'
+        elif ch == '"':
+            hint = 'a string ends on the line it starts: "tanh"'
+        elif ch == "$" or ch == "?" or ch == "`":
+            hint = "names are letters, digits and '_'"
         span = Span(source, line, col, line, col + 1)
-        return SpecError(f"unexpected character '{ch}'", span, hint)
+        return SpecError(f"unexpected character '{_show_char(ch)}'", span, hint)
     if isinstance(e, UnexpectedToken):
         tok = e.token
         if tok.type == "$END":
-            lines = source.text.splitlines() or [""]
-            line = len(lines)
-            col = len(lines[-1]) + 1
-            span = Span(source, line, max(1, col - 1), line, col)
-            return SpecError(f"unexpected end of file; expected {_expected(e.expected, parser)}", span,
-                             hint="is a '}' or ')' missing?" if "'}'" in _expected(e.expected, parser)
-                             or "')'" in _expected(e.expected, parser) else None)
-        text = "a newline" if tok.type == "_NL" else f"'{tok}'"
+            stack = _open_brackets(text, len(text))
+            span = _end_span(source)
+            if stack:
+                b, at = stack[-1]
+                l, c = _line_col(text, at)
+                what = " of the op's body" if b == "{" else ""
+                return SpecError(f"unexpected end of file: the '{b}'{what} at line {l}, column {c} is never closed",
+                                 span, f"add '{_OPENER[b]}' to close it")
+            return SpecError(f"unexpected end of file; expected {_expected(e.expected, parser)}", span)
+        pos = tok.start_pos if tok.start_pos is not None else len(text)
+        stack = _open_brackets(text, pos)
+        inside = stack[-1][0] if stack else None
+        shown = "end of line" if tok.type == "_NL" else f"'{tok}'"
         width = 1 if tok.type == "_NL" else max(1, len(str(tok)))
         span = Span(source, tok.line, tok.column, tok.line, tok.column + width)
-        exp = _expected(e.expected, parser)
+        exp = _expected(e.expected, parser, inside)
         hint = None
-        if str(tok) == "=":
+        body = next((at for b, at in reversed(stack) if b == "{"), None)
+        m = _OP_LINE.match(text, text.rfind("\n", 0, pos) + 1)
+        if body is not None and m and m.end() > pos:
+            # 'op' inside a body is an ordinary name to the lexer: the body before it is not closed
+            l, c = _line_col(text, body)
+            op_line, op_col = _line_col(text, m.start(1))
+            return SpecError(f"'op' inside the body of an op: the '{{' at line {l}, column {c} is never closed",
+                             Span(source, op_line, op_col, op_line, op_col + 2), "add '}' before this op")
+        unclosed = [(b, at) for b, at in stack if b in "([" and _line_col(text, at)[0] < tok.line]
+        if str(tok) == "=" and inside != "[":
             hint = "'=' assigns a name at the start of a statement; compare with '=='"
+        elif tok.type == "_NL" and "'{'" in exp:
+            hint = "an op's body starts with '{' on the line of its result type"
+        elif exp == "'op'":
+            hint = "each definition starts with 'op': op NAME(x: f16[M]) -> f16[M] { ... }"
         elif "'->'" in exp:
             hint = "an op declares its result type: op NAME(...) -> f16[M, N] { ... }"
-        elif tok.type in ("NAME", "INT", "FLOAT") and "the end of the statement" in exp:
+        elif unclosed:
+            b, at = unclosed[-1]
+            l, c = _line_col(text, at)
+            hint = f"the '{b}' at line {l}, column {c} is not closed"
+        elif tok.type in EXPRESSION_START and "the end of the statement" in exp:
             hint = "statements end at a newline or ';'"
-        return SpecError(f"unexpected {text}; expected {exp}", span, hint)
+        elif tok.type in EXPRESSION_START and inside in ("(", "[") and "','" in exp:
+            hint = "is a ',' missing?"
+        return SpecError(f"unexpected {shown}; expected {exp}", span, hint)
     if isinstance(e, UnexpectedEOF):
-        lines = source.text.splitlines() or [""]
-        span = Span(source, len(lines), max(1, len(lines[-1])), len(lines), len(lines[-1]) + 1)
-        return SpecError("unexpected end of file", span)
+        return SpecError("unexpected end of file", _end_span(source))
     return SpecError(str(e), Span(source, line, col, line, col + 1))
 
 
 def parse(source: Source) -> A.ModuleDecl:
     parser = _get_parser()
-    with _lock:
-        _transformer.source = source
-        try:
-            tree = parser.parse(source.text)
-        except UnexpectedInput as e:
-            raise _syntax_error(e, source, parser) from None
-        return _transformer.transform(tree)
+    # Parsing allocates many small objects and frees none; Python's cyclic collector would walk
+    # them again and again (a third of the time for a 1,000-statement spec), for nothing.
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with _lock:
+            _transformer.source = source
+            try:
+                tree = parser.parse(source.text)
+            except UnexpectedInput as e:
+                raise _syntax_error(e, source, parser) from None
+            try:
+                return _transformer.transform(tree)
+            except VisitError as e:
+                if isinstance(e.orig_exc, SpecError):
+                    raise e.orig_exc from None
+                raise
+    finally:
+        if gc_was_enabled:
+            gc.enable()

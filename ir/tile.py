@@ -134,7 +134,7 @@ def _moe_block(slots, experts):
     return moe_block(slots, experts)
 
 
-TUNABLE_RULES = {"moe_block": _moe_block}
+TUNABLE_RULES = {"moe_block": _moe_block, "split_k": lambda *a: _split_k(*a), "split_kv": lambda *a: _split_kv(*a)}
 
 
 @dataclass(frozen=True)
@@ -175,15 +175,74 @@ class Buffer:
     zeroed: bool = False  # starts as zeros (a kernel adds into it)
 
 
+def _split_k(m, n, k, batch):
+    """K splits for a matmul whose output tiles are too few to fill the GPU (decode shapes):
+    double while there are fewer than ~96 tile-programs and each split keeps >= 256 of K."""
+    tiles = -(-m // 64) * -(-n // 64) * batch
+    s = 1
+    if k >= 1024:
+        while s < SPLIT_MAX and tiles * s < 96 and k // (2 * s) >= 256:
+            s *= 2
+    return s
+
+
+def _split_kv(s, t, batch):
+    """Key splits for attention with few query blocks (decode): the same doubling rule."""
+    programs = -(-s // 16) * batch
+    n = 1
+    if t >= 512:
+        while n < SPLIT_MAX and programs * n < 96 and t // (2 * n) >= 128:
+            n *= 2
+    return n
+
+
+SPLIT_MAX = 16
+
+GUARD_RULES = {
+    "at_most": (lambda extent, limit: extent <= limit, "{0} <= {1}"),
+    "split_k": (lambda m, n, k, b: _split_k(m, n, k, b) > 1, "split_k({0}, {1}, {2}, {3}) > 1"),
+    "split_kv": (lambda s, t, b: _split_kv(s, t, b) > 1, "split_kv({0}, {1}, {2}) > 1"),
+}
+
+
+@dataclass(frozen=True)
+class Guard:
+    """When a launch applies: a named rule of the call's sizes (GUARD_RULES)."""
+    rule: str
+    args: tuple
+
+    def holds(self, bindings) -> bool:
+        from .dims import evaluate
+        return bool(GUARD_RULES[self.rule][0](*(evaluate(a, bindings) for a in self.args)))
+
+    def __str__(self) -> str:
+        from .dims import format_dim
+        return GUARD_RULES[self.rule][1].format(*(format_dim(a) for a in self.args))
+
+
 @dataclass(frozen=True)
 class Launch:
-    """One kernel launch. ``guard`` = (extent, limit): use this launch only when the extent is
-    at most the limit under the call's bindings (else the next alternative of the step)."""
+    """One alternative of a plan step: ``kernel``, then the kernels in ``then`` (which read
+    what it wrote to scratch buffers), used when ``guard`` holds (else the step's next one)."""
     kernel: TileKernel
     group: str = ""
     reads: tuple[str, ...] = ()
     writes: tuple[str, ...] = ()
-    guard: tuple | None = None
+    guard: Guard | None = None
+    then: tuple[TileKernel, ...] = ()
+
+    @property
+    def kernels(self) -> tuple[TileKernel, ...]:
+        return (self.kernel,) + self.then
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """What a lowering template returns: kernels run in order when the guard holds, and the
+    scratch buffers they share."""
+    kernels: tuple[TileKernel, ...]
+    guard: Guard | None = None
+    scratch: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -198,7 +257,7 @@ class Plan:
 
     @property
     def kernels(self) -> tuple[TileKernel, ...]:
-        return tuple(lnch.kernel for step in self.steps for lnch in step)
+        return tuple(k for step in self.steps for lnch in step for k in lnch.kernels)
 
 
 def walk(stmts: Sequence) -> list:

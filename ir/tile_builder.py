@@ -292,8 +292,9 @@ class TileBuilder:
         return TExpr("trans", (a,), a.dtype, tuple(reversed(a.shape)))
 
     def cdiv(self, a, b) -> TExpr:
+        """(a + b - 1) // b, written out: the interpreter cannot nest tl.cdiv calls."""
         a, b = self.lift(a), self.lift(b)
-        return TExpr("cdiv", (a, b), promote(a, b), ())
+        return self.floordiv(self.sub(self.add(a, b), 1), b)
 
     # -- statements ----------------------------------------------------------------------------
     def fresh(self, hint: str) -> str:

@@ -77,17 +77,19 @@ def print_plan(plan: Plan) -> str:
         for j, lnch in enumerate(step):
             guard = ""
             if lnch.guard is not None:
-                guard = f" when {format_dim(lnch.guard[0])} <= {lnch.guard[1]}"
+                guard = f" when {lnch.guard}"
             elif len(step) > 1:
                 guard = " otherwise"
-            lines.append(f"  step {i}{'' if len(step) == 1 else chr(97 + j)}: launch {lnch.kernel.name}{guard}"
+            names = " then ".join(k.name for k in lnch.kernels)
+            lines.append(f"  step {i}{'' if len(step) == 1 else chr(97 + j)}: launch {names}{guard}"
                          f"  reads {', '.join(lnch.reads) or '-'}  writes {', '.join(lnch.writes)}")
     lines.append(f"  returns {', '.join(plan.outputs)}")
     out = ["\n".join(lines)]
     seen = set()
     for step in plan.steps:
         for lnch in step:
-            if lnch.kernel.name not in seen:
-                seen.add(lnch.kernel.name)
-                out.append(print_kernel(lnch.kernel))
+            for k in lnch.kernels:
+                if k.name not in seen:
+                    seen.add(k.name)
+                    out.append(print_kernel(k))
     return "\n\n".join(out)

@@ -7,6 +7,10 @@ a gated MLP): one A tile per K step feeds all their accumulators. Pointwise prol
 evaluated on the operand tiles, epilogues on the output tile, where each matmul's value is its
 accumulator rounded to the matmul's dtype (as the unfused op would store it).
 
+Split-K: when the output has too few tiles to fill the GPU and K is long (decode shapes), a
+second alternative splits K across a third grid axis; each split writes f32 partial sums to a
+scratch buffer and a small kernel adds them and runs the epilogue (deterministic: no atomics).
+
 Operands are evaluated through lower_eval, so transposes, permutes, slices and broadcast batch
 axes of the operands are strides and index arithmetic, never copies. f32 operands use exact
 ("ieee") products unless torch allows TF32 (torch.get_float32_matmul_precision() != "highest"),
@@ -17,11 +21,11 @@ from __future__ import annotations
 import torch
 
 from ..ir.graph import Value
-from ..ir.tile import GridDim, Tunable
+from ..ir.tile import SPLIT_MAX, Alternative, Buffer, GridDim, Guard, Tunable
 from ..ir.tile_builder import TileBuilder
 from ..ir.types import DType, accumulator
 from .fusion import FusedGraph, Group
-from .lower_eval import Ctx, Evaluator
+from .lower_eval import Ctx, Evaluator, ptr_add
 from .lower_row import kernel_name, prod, store
 
 DOT_MIN = 16   # tl.dot needs every block dimension >= 16
@@ -37,7 +41,7 @@ GEMM_PRESETS = [
 
 
 def gemm_presets():
-    return tuple((( ("BLOCK_M", bm), ("BLOCK_N", bn), ("BLOCK_K", bk), ("GROUP_M", gm)), w, st)
+    return tuple(((("BLOCK_M", bm), ("BLOCK_N", bn), ("BLOCK_K", bk), ("GROUP_M", gm)), w, st)
                  for bm, bn, bk, gm, w, st in GEMM_PRESETS)
 
 
@@ -61,93 +65,212 @@ def is_plain_load(ev: Evaluator, v: Value) -> bool:
     return ev.is_base(v) or ev.producer[v].op in ("transpose", "permute", "expand") and is_plain_load(ev, ev.producer[v].inputs[0])
 
 
+class Gemm:
+    """The shape of a matmul group and the pieces its kernels share."""
+
+    def __init__(self, fg: FusedGraph, group: Group):
+        self.fg, self.group = fg, group
+        self.mms = [n for n in group.nodes if n.op == "matmul"]
+        self.a, bv = self.mms[0].inputs
+        self.out = self.mms[0].out
+        self.a_vec, self.b_vec = self.a.type.rank == 1, bv.type.rank == 1
+        self.M = 1 if self.a_vec else self.a.type.shape[-2]
+        self.K = self.a.type.shape[-1]
+        self.N = 1 if self.b_vec else bv.type.shape[-1]
+        out = self.out.type
+        self.batch = tuple(out.shape[: out.rank - (0 if self.a_vec else 1) - (0 if self.b_vec else 1)])
+        self.acc_dt = accumulator(self.a.type.dtype)
+        self.partials = f"{group.name}_partials"
+
+    def partial_buffer(self) -> Buffer:
+        return Buffer(self.partials, DType.f32, (len(self.mms), SPLIT_MAX) + self.batch + (self.M, self.N), "scratch")
+
+    def split_rule(self):
+        return ("split_k", self.M, self.N, self.K, prod(self.batch))
+
+    # -- shared pieces -------------------------------------------------------------------------
+    def tile_ids(self, b: TileBuilder):
+        """pid -> (pid_m, pid_n), grouped along M; batch indices from the second grid axis."""
+        BM, BN, GM = (TExprOf(b, n) for n in ("BLOCK_M", "BLOCK_N", "GROUP_M"))
+        sM, sN = b.size(self.M), b.size(self.N)
+        b.comment("program id -> output tile, grouped along M so neighbours share B tiles in L2")
+        pid = b.let(b.program_id(0), "pid")
+        num_m = b.let(b.cdiv(sM, BM), "num_pid_m")
+        num_n = b.let(b.cdiv(sN, BN), "num_pid_n")
+        in_group = b.let(b.mul(GM, num_n), "num_pid_in_group")
+        first_m = b.let(b.mul(b.floordiv(pid, in_group), GM), "first_pid_m")
+        size_m = b.let(b.minimum(b.sub(num_m, first_m), GM), "group_size_m")
+        pid_m = b.let(b.add(first_m, b.mod(b.mod(pid, in_group), size_m)), "pid_m")
+        pid_n = b.let(b.floordiv(b.mod(pid, in_group), size_m), "pid_n")
+        batch_idx = self.batch_indices(b)
+        rm = b.let(b.add(b.mul(pid_m, BM), b.arange("BLOCK_M")), "rm")
+        rn = b.let(b.add(b.mul(pid_n, BN), b.arange("BLOCK_N")), "rn")
+        rows = b.let(b.expand_dims(rm, 1), "rows")
+        cols = b.let(b.expand_dims(rn, 0), "cols")
+        return batch_idx, rows, cols
+
+    def batch_indices(self, b: TileBuilder) -> list:
+        batch_idx: list = []
+        if self.batch:
+            b.comment("second grid axis -> batch index")
+            pid_b = b.let(b.program_id(1), "pid_b")
+            inner = 1
+            for k in reversed(range(len(self.batch))):
+                d = self.batch[k]
+                if d == 1:
+                    batch_idx.insert(0, None)
+                    continue
+                q = b.floordiv(pid_b, b.size(inner)) if inner != 1 else pid_b
+                batch_idx.insert(0, b.let(b.mod(q, b.size(d)) if k else q, f"b{k}"))
+                inner = inner * d
+        return batch_idx
+
+    def k_loop(self, b: TileBuilder, ev: Evaluator, batch_idx, rows, cols, accs, start, stop) -> None:
+        sM, sN, sK = b.size(self.M), b.size(self.N), b.size(self.K)
+        rk = b.let(b.arange("BLOCK_K"), "rk")
+        precision = f32_precision() if self.a.type.dtype == DType.f32 else None
+        b.comment("K loop: accumulate A[rows, k] @ B[k, cols]")
+        with b.loop("k0", start, stop, TExprOf(b, "BLOCK_K")) as k0:
+            ks = b.let(b.add(k0, rk), "ks")
+            ka, kb = b.expand_dims(ks, 0), b.expand_dims(ks, 1)
+            in_k = b.lt(ka, sK) if stop is sK else b.and_(b.lt(ka, sK), b.lt(ka, stop))
+            in_kb = b.lt(kb, sK) if stop is sK else b.and_(b.lt(kb, sK), b.lt(kb, stop))
+            mask_a = b.let(b.and_(b.lt(rows, sM), in_k) if not self.a_vec else in_k, "mask_a")
+            mask_b = b.let(b.and_(in_kb, b.lt(cols, sN)) if not self.b_vec else in_kb, "mask_b")
+            a_ctx = operand_ctx(self.a, batch_idx, len(self.batch), (ka,) if self.a_vec else (rows, ka))
+            at = ev(self.a, Ctx(a_ctx.idx, mask_a))
+            if not is_plain_load(ev, self.a):
+                at = b.where(mask_a, at, 0)
+            at = b.let(b.broadcast_to(b.cast(at, self.a.type.dtype), ("BLOCK_M", "BLOCK_K")), "a")
+            for mm, acc in zip(self.mms, accs):
+                w = mm.inputs[1]
+                b_ctx = operand_ctx(w, batch_idx, len(self.batch), (kb,) if self.b_vec else (kb, cols))
+                bt = ev(w, Ctx(b_ctx.idx, mask_b))
+                if not is_plain_load(ev, w):
+                    bt = b.where(mask_b, bt, 0)
+                bt = b.broadcast_to(b.cast(bt, w.type.dtype), ("BLOCK_K", "BLOCK_N"))
+                b.assign(acc, b.dot(at, bt, acc, precision))
+
+    def epilogue(self, b: TileBuilder, ev: Evaluator, batch_idx, rows, cols, accs) -> None:
+        sM, sN = b.size(self.M), b.size(self.N)
+        group = self.group
+        b.comment("epilogue: on the output tile" if len(group.nodes) > len(self.mms) else "epilogue: store the tile")
+        out_idx = list(batch_idx) + ([] if self.a_vec else [rows]) + ([] if self.b_vec else [cols])
+        out_mask = b.let(b.and_(b.lt(rows, sM), b.lt(cols, sN)), "out_mask")
+        out_ctx = Ctx(tuple(out_idx), out_mask)
+        for mm, acc in zip(self.mms, accs):
+            tile = acc if len(group.nodes) == 1 else b.let(b.cast(acc, mm.out.type.dtype), mm.out.name or "mm")
+            ev.bind(mm.out, out_ctx, tile)
+        for v in group.outputs:
+            store(ev, self.fg.buffer(group, v), v, out_ctx)
+
+    def accumulators(self, b: TileBuilder) -> list:
+        zero = 0 if self.acc_dt.is_int else 0.0
+        return [b.declare(b.full(("BLOCK_M", "BLOCK_N"), zero, self.acc_dt), "acc" if len(self.mms) == 1 else f"acc_{k}")
+                for k in range(len(self.mms))]
+
+    def tunables(self, b: TileBuilder) -> None:
+        b.tunable(Tunable("BLOCK_M", (16, 32, 64, 128), cpu=32))
+        b.tunable(Tunable("BLOCK_N", (16, 32, 64, 128, 256), cpu=32))
+        b.tunable(Tunable("BLOCK_K", (16, 32, 64, 128), cpu=32))
+        b.tunable(Tunable("GROUP_M", (1, 8), cpu=1))
+
+    def grid(self) -> list:
+        grid = [GridDim(((self.M, "BLOCK_M"), (self.N, "BLOCK_N")))]
+        if self.batch:
+            grid.append(GridDim.of(prod(self.batch)))
+        return grid
+
+    def doc(self, what: str) -> str:
+        extra = len(self.group.nodes) - len(self.mms)
+        return (f"{self.group.name} ({what}): [{self.M}, {self.K}] @ [{self.K}, {self.N}] tiles, batch {list(self.batch)}"
+                + (f", {len(self.mms)} matmuls sharing A" if len(self.mms) > 1 else "")
+                + (f", {extra} fused pointwise op(s)" if extra else ""))
+
+
+def TExprOf(b: TileBuilder, name: str):
+    from ..ir.tile import TExpr
+    return TExpr("arg", (name,), DType.i32, ())
+
+
 def lower_matmul(fg: FusedGraph, group: Group) -> list:
-    mms = [n for n in group.nodes if n.op == "matmul"]
-    node = mms[0]
-    a, bv = node.inputs
-    out = node.out
-    b = TileBuilder(kernel_name(fg, group))
-    a_vec, b_vec = a.type.rank == 1, bv.type.rank == 1
-    M = 1 if a_vec else a.type.shape[-2]
-    K = a.type.shape[-1]
-    N = 1 if b_vec else bv.type.shape[-1]
-    batch = tuple(out.type.shape[: out.type.rank - (0 if a_vec else 1) - (0 if b_vec else 1)])
-    BM = b.tunable(Tunable("BLOCK_M", (16, 32, 64, 128), cpu=32))
-    BN = b.tunable(Tunable("BLOCK_N", (16, 32, 64, 128, 256), cpu=32))
-    BK = b.tunable(Tunable("BLOCK_K", (16, 32, 64, 128), cpu=32))
-    GM = b.tunable(Tunable("GROUP_M", (1, 8), cpu=1))
-    sM, sN, sK = b.size(M), b.size(N), b.size(K)
-
-    b.comment("program id -> output tile, grouped along M so neighbours share B tiles in L2")
-    pid = b.let(b.program_id(0), "pid")
-    num_m = b.let(b.cdiv(sM, BM), "num_pid_m")
-    num_n = b.let(b.cdiv(sN, BN), "num_pid_n")
-    in_group = b.let(b.mul(GM, num_n), "num_pid_in_group")
-    first_m = b.let(b.mul(b.floordiv(pid, in_group), GM), "first_pid_m")
-    size_m = b.let(b.minimum(b.sub(num_m, first_m), GM), "group_size_m")
-    pid_m = b.let(b.add(first_m, b.mod(b.mod(pid, in_group), size_m)), "pid_m")
-    pid_n = b.let(b.floordiv(b.mod(pid, in_group), size_m), "pid_n")
-    batch_idx: list = []
-    if batch:
-        b.comment("second grid axis -> batch index")
-        pid_b = b.let(b.program_id(1), "pid_b")
-        inner = 1
-        for k in reversed(range(len(batch))):
-            d = batch[k]
-            if d == 1:
-                batch_idx.insert(0, None)
-                continue
-            q = b.floordiv(pid_b, b.size(inner)) if inner != 1 else pid_b
-            batch_idx.insert(0, b.let(b.mod(q, b.size(d)) if k else q, f"b{k}"))
-            inner = inner * d
-    rm = b.let(b.add(b.mul(pid_m, BM), b.arange("BLOCK_M")), "rm")
-    rn = b.let(b.add(b.mul(pid_n, BN), b.arange("BLOCK_N")), "rn")
-    rk = b.let(b.arange("BLOCK_K"), "rk")
-    rows = b.let(b.expand_dims(rm, 1), "rows")
-    cols = b.let(b.expand_dims(rn, 0), "cols")
-
-    ev = Evaluator(b, fg, group)
-    acc_dt = accumulator(a.type.dtype)
-    accs = [b.declare(b.full(("BLOCK_M", "BLOCK_N"), 0 if acc_dt.is_int else 0.0, acc_dt),
-                      "acc" if len(mms) == 1 else f"acc_{k}") for k in range(len(mms))]
-    precision = f32_precision() if a.type.dtype == DType.f32 else None
-    b.comment("K loop: accumulate A[rows, k] @ B[k, cols]")
-    with b.loop("k0", 0, sK, BK) as k0:
-        ks = b.let(b.add(k0, rk), "ks")
-        ka = b.expand_dims(ks, 0)
-        kb = b.expand_dims(ks, 1)
-        mask_a = b.let(b.and_(b.lt(rows, sM), b.lt(ka, sK)) if not a_vec else b.lt(ka, sK), "mask_a")
-        mask_b = b.let(b.and_(b.lt(kb, sK), b.lt(cols, sN)) if not b_vec else b.lt(kb, sK), "mask_b")
-        a_ctx = operand_ctx(a, batch_idx, len(batch), (ka,) if a_vec else (rows, ka))
-        at = ev(a, Ctx(a_ctx.idx, mask_a))
-        if not is_plain_load(ev, a):
-            at = b.where(mask_a, at, 0)
-        at = b.let(b.broadcast_to(b.cast(at, a.type.dtype), ("BLOCK_M", "BLOCK_K")), "a")
-        for mm, acc in zip(mms, accs):
-            w = mm.inputs[1]
-            b_ctx = operand_ctx(w, batch_idx, len(batch), (kb,) if b_vec else (kb, cols))
-            bt = ev(w, Ctx(b_ctx.idx, mask_b))
-            if not is_plain_load(ev, w):
-                bt = b.where(mask_b, bt, 0)
-            bt = b.broadcast_to(b.cast(bt, w.type.dtype), ("BLOCK_K", "BLOCK_N"))
-            b.assign(acc, b.dot(at, bt, acc, precision))
-    b.comment("epilogue: on the output tile" if len(group.nodes) > len(mms) else "epilogue: store the tile")
-    out_idx = list(batch_idx) + ([] if a_vec else [rows]) + ([] if b_vec else [cols])
-    out_mask = b.let(b.and_(b.lt(rows, sM), b.lt(cols, sN)), "out_mask")
-    out_ctx = Ctx(tuple(out_idx), out_mask)
-    for mm, acc in zip(mms, accs):
-        tile = acc if len(group.nodes) == 1 else b.let(b.cast(acc, mm.out.type.dtype), mm.out.name or "mm")
-        ev.bind(mm.out, out_ctx, tile)
-    for v in group.outputs:
-        store(ev, fg.buffer(group, v), v, out_ctx)
-    grid = [GridDim(((M, "BLOCK_M"), (N, "BLOCK_N")))]
-    if batch:
-        grid.append(GridDim.of(prod(batch)))
-    extra = len(group.nodes) - len(mms)
-    kernel = b.kernel(grid, doc=f"{group.name} (matmul): [{M}, {K}] @ [{K}, {N}] tiles, batch {list(batch)}"
-                                + (f", {len(mms)} matmuls sharing A" if len(mms) > 1 else "")
-                                + (f", {extra} fused pointwise op(s)" if extra else ""),
-                      warps=(4, 8), stages=(2, 3, 4), presets=gemm_presets())
-    return [(kernel, None, 0)]
+    gm = Gemm(fg, group)
+    alternatives = []
+    if not gm.acc_dt.is_int:
+        name, *args = gm.split_rule()
+        alternatives.append(Alternative((split_partial(gm), split_reduce(gm)), Guard(name, tuple(args)),
+                                        (gm.partial_buffer(),)))
+    alternatives.append(Alternative((full_gemm(gm),)))
+    return alternatives
 
 
+def full_gemm(gm: Gemm):
+    b = TileBuilder(kernel_name(gm.fg, gm.group))
+    gm.tunables(b)
+    batch_idx, rows, cols = gm.tile_ids(b)
+    ev = Evaluator(b, gm.fg, gm.group)
+    accs = gm.accumulators(b)
+    gm.k_loop(b, ev, batch_idx, rows, cols, accs, 0, b.size(gm.K))
+    gm.epilogue(b, ev, batch_idx, rows, cols, accs)
+    return b.kernel(gm.grid(), doc=gm.doc("matmul"), warps=(4, 8), stages=(2, 3, 4), presets=gemm_presets())
+
+
+def split_partial(gm: Gemm):
+    b = TileBuilder(kernel_name(gm.fg, gm.group, "_splitk"))
+    gm.tunables(b)
+    split = b.tunable(Tunable("SPLIT_K", rule=gm.split_rule()))
+    batch_idx, rows, cols = gm.tile_ids(b)
+    b.comment("third grid axis -> this program's share of K")
+    s = b.let(b.program_id(2), "split")
+    BK = TExprOf(b, "BLOCK_K")
+    chunk = b.let(b.mul(b.cdiv(b.cdiv(b.size(gm.K), split), BK), BK), "k_chunk")
+    start = b.let(b.mul(s, chunk), "k_start")
+    stop = b.let(b.minimum(b.add(start, chunk), b.size(gm.K)), "k_stop")
+    ev = Evaluator(b, gm.fg, gm.group)
+    accs = gm.accumulators(b)
+    gm.k_loop(b, ev, batch_idx, rows, cols, accs, start, stop)
+    b.comment("partial sums to scratch; the reduce kernel adds the first SPLIT_K of them")
+    out_mask = b.let(b.and_(b.and_(b.lt(rows, b.size(gm.M)), b.lt(cols, b.size(gm.N))), b.lt(s, split)), "out_mask")
+    for i, acc in enumerate(accs):
+        idx = [b.const(i), s] + list(batch_idx) + [rows, cols]
+        _store_scratch(b, gm.partials, idx, acc, out_mask)
+    # SPLIT_MAX programs on the third axis: those past SPLIT_K find an empty K range
+    grid = [GridDim(((gm.M, "BLOCK_M"), (gm.N, "BLOCK_N"))), GridDim.of(prod(gm.batch)), GridDim.of(SPLIT_MAX)]
+    return b.kernel(grid, doc=gm.doc("split-K partial GEMM"), warps=(4, 8), stages=(2, 3, 4), presets=gemm_presets())
+
+
+def _store_scratch(b: TileBuilder, name: str, idx, value, mask) -> None:
+    off = None
+    for axis, i in enumerate(idx):
+        if i is None:
+            continue
+        term = b.mul(i, b.stride(name, axis))
+        off = term if off is None else b.add(off, term)
+    b.store(ptr_add(b.ptr(name, DType.f32), off), value, mask)
+
+
+def split_reduce(gm: Gemm):
+    b = TileBuilder(kernel_name(gm.fg, gm.group, "_splitk_reduce"))
+    gm.tunables(b)
+    split = b.tunable(Tunable("SPLIT_K", rule=gm.split_rule()))
+    batch_idx, rows, cols = gm.tile_ids(b)
+    ev = Evaluator(b, gm.fg, gm.group)
+    out_mask = b.let(b.and_(b.lt(rows, b.size(gm.M)), b.lt(cols, b.size(gm.N))), "in_mask")
+    accs = [b.declare(b.full(("BLOCK_M", "BLOCK_N"), 0.0, DType.f32), f"acc_{i}" if len(gm.mms) > 1 else "acc")
+            for i in range(len(gm.mms))]
+    b.comment("add the splits' partial sums")
+    with b.loop("s", 0, split, 1) as s:
+        for i, acc in enumerate(accs):
+            idx = [b.const(i), s] + list(batch_idx) + [rows, cols]
+            off = None
+            for axis, x in enumerate(idx):
+                if x is None:
+                    continue
+                term = b.mul(x, b.stride(gm.partials, axis))
+                off = term if off is None else b.add(off, term)
+            b.assign(acc, b.add(acc, b.load(ptr_add(b.ptr(gm.partials, DType.f32), off), out_mask)))
+    gm.epilogue(b, ev, batch_idx, rows, cols, accs)
+    grid = [GridDim(((gm.M, "BLOCK_M"), (gm.N, "BLOCK_N")))] + ([GridDim.of(prod(gm.batch))] if gm.batch else [])
+    return b.kernel(grid, doc=gm.doc("split-K reduce + epilogue"), warps=(4, 8), stages=(1,),
+                    presets=tuple(((("BLOCK_M", bm), ("BLOCK_N", bn), ("BLOCK_K", 16), ("GROUP_M", 8)), w, 1)
+                                  for bm, bn, w in ((64, 64, 4), (32, 128, 4), (128, 64, 8), (16, 256, 4))))

@@ -8,7 +8,7 @@ returns its kernels with the guards that choose between them at call time.
 from __future__ import annotations
 
 from ..ir.graph import Value
-from ..ir.tile import Buffer, Launch, Plan
+from ..ir.tile import Alternative, Buffer, Guard, Launch, Plan
 from ..ir.types import TensorType
 from .fusion import FusedGraph
 from .lower_expert import lower_expert
@@ -64,11 +64,23 @@ def build_plan(fg: FusedGraph) -> Plan:
         if lower is None:
             raise NotImplementedError(f"no lowering for {grp.kind} groups")
         alternatives = []
-        for kernel, guard_extent, guard_max in lower(fg, grp):
+        for alt in lower(fg, grp):
+            alt = as_alternative(alt)
+            for buf in alt.scratch:
+                buffers[buf.name] = buf
             writes = tuple(fg.buffer(grp, v) for v in grp.outputs)
-            reads = tuple(sorted({p.buffer for p in kernel.params if p.kind == "ptr"} - set(writes)))
-            guard = (guard_extent, guard_max) if guard_extent is not None else None
-            alternatives.append(Launch(kernel, grp.name, reads, writes, guard))
+            scratch = {buf.name for buf in alt.scratch}
+            reads = tuple(sorted({p.buffer for k in alt.kernels for p in k.params if p.kind == "ptr"}
+                                 - set(writes) - scratch))
+            alternatives.append(Launch(alt.kernels[0], grp.name, reads, writes, alt.guard, alt.kernels[1:]))
         steps.append(tuple(alternatives))
     return Plan(g.name, buffers, tuple(p.name for p in g.params), tuple(fg.host), scalars, tuple(steps),
                 fg.results)
+
+
+def as_alternative(x) -> Alternative:
+    """Templates return Alternatives, or (kernel, extent, limit) for 'when extent <= limit'."""
+    if isinstance(x, Alternative):
+        return x
+    kernel, extent, limit = x
+    return Alternative((kernel,), Guard("at_most", (extent, limit)) if extent is not None else None)

@@ -40,7 +40,8 @@ class PlanRunner:
     def load_all(self) -> None:
         for step in self.plan.steps:
             for lnch in step:
-                self.kernel(lnch)
+                for k in lnch.kernels:
+                    self.kernel(Launch(k))
 
     def config(self, launch: Launch, bindings: Mapping[str, int], args) -> Config:
         if interpreting():
@@ -64,17 +65,22 @@ class PlanRunner:
         scalars = self.host_scalars(values, bindings)
         for step in plan.steps:
             launch = choose(step, bindings)
-            args = kernel_args(launch, buffers, scalars, bindings)
-            cfg = self.config(launch, bindings, args)
-            grid = self.grid(launch, bindings, cfg)
-            if 0 in grid:
-                continue
-            fn, _ = self.kernel(launch)
-            if self.wrap is not None:
-                fn = self.wrap(fn)
-            with quiet_padding():
-                fn[grid](*args, **cfg.as_dict(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            for kernel in launch.kernels:
+                self.launch(kernel, launch, buffers, scalars, bindings)
         return [buffers[name] for name in plan.outputs]
+
+    def launch(self, kernel, launch: Launch, buffers, scalars, bindings) -> None:
+        one = launch if kernel is launch.kernel else Launch(kernel, launch.group)
+        args = kernel_args(one, buffers, scalars, bindings)
+        cfg = self.config(one, bindings, args)
+        grid = self.grid(one, bindings, cfg)
+        if 0 in grid:
+            return
+        fn, _ = self.kernel(one)
+        if self.wrap is not None:
+            fn = self.wrap(fn)
+        with quiet_padding():
+            fn[grid](*args, **cfg.as_dict(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     @staticmethod
     def grid(launch: Launch, bindings, cfg: Config) -> tuple[int, ...]:
@@ -159,14 +165,12 @@ def _host_scalars(runner: PlanRunner, key) -> dict[str, Any]:
 
 def choose(step, bindings) -> Launch:
     for launch in step:
-        if launch.guard is None:
+        if launch.guard is None or launch.guard.holds(bindings):
             return launch
-        extent, limit = launch.guard
-        if evaluate(extent, bindings) <= limit:
-            return launch
-    extent, limit = step[-1].guard
-    raise CallError(f"{step[-1].kernel.name}: size {evaluate(extent, bindings)} is over the supported "
-                    f"{limit} for this kernel ({step[-1].kernel.doc})")
+    g = step[-1].guard
+    sizes = ", ".join(f"{k}={v}" for k, v in bindings.items())
+    raise CallError(f"{step[-1].kernel.name}: no kernel for these sizes ({sizes}): it needs {g} "
+                    f"({step[-1].kernel.doc})")
 
 
 def kernel_args(launch: Launch, buffers, scalars, bindings) -> list:
