@@ -360,7 +360,8 @@ def _name_values(g: Graph, groups) -> dict:
     for n in g.nodes:
         if node_class(n) == "host" and n.op != "const":
             for v in n.outputs:
-                name(v, f"s_{v.name}" if v.name else "s")
+                hint = v.name or (f"{n.op}_{n.attrs['size']}" if n.op == "dim" else n.op)
+                name(v, hint)
     for grp in groups:
         for v in grp.outputs:
             name(v, v.name or f"{grp.name}_out")

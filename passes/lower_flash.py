@@ -6,109 +6,221 @@ registers; key/value blocks stream through with an online softmax (running max m
 l, rescaled accumulator), so the S x T scores never reach memory. Causal masks stop the key
 loop at the diagonal (fully masked tiles are never loaded); other masks are evaluated per tile.
 Any head dim works: BLOCK_E is its next power of two, masked. Rows whose keys are all masked
-give NaN, as softmax of all -inf does in torch.
+give NaN, as softmax of all -inf does in torch. Scores are kept in log2 units (exp2).
+
+Decode (few query blocks, long keys): a second alternative splits the keys across a third
+grid axis ("flash-decoding"); each split writes its (m, l, unnormalised output) to scratch and
+a combine kernel merges the splits with the same rescaling, so a single query row still keeps
+the whole GPU reading the KV cache.
 """
 from __future__ import annotations
 
-from ..ir.tile import GridDim, Tunable
+from ..ir.tile import SPLIT_MAX, Alternative, Buffer, GridDim, Guard, TExpr, Tunable
 from ..ir.tile_builder import TileBuilder
 from ..ir.types import DType
 from .fusion import FusedGraph, Group
-from .lower_eval import Ctx, Evaluator
+from .lower_eval import Ctx, Evaluator, ptr_add
 from .lower_matmul import operand_ctx
 from .lower_row import kernel_name, prod, store
 
 LOG2E = 1.4426950408889634
+PRESETS = ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3),
+           (16, 64, 4, 3), (16, 128, 4, 2))
 
 
-def lower_flash(fg: FusedGraph, group: Group) -> list:
-    (node,) = group.nodes
-    q, k, v = node.inputs[:3]
-    rest = list(node.inputs[3:])
-    scale = rest.pop(0) if node.attrs["scale"] else None
-    mask = rest.pop(0) if node.attrs["mask"] == "tensor" else None
-    causal = node.attrs["mask"] == "causal"
-    out = node.out
-    S, E = q.type.shape[-2:]
-    T = k.type.shape[-2]
-    Ev = v.type.shape[-1]
-    batch = tuple(out.type.shape[:-2])
-    b = TileBuilder(kernel_name(fg, group))
-    BM = b.tunable(Tunable("BLOCK_M", (16, 32, 64, 128), cpu=16))
-    BN = b.tunable(Tunable("BLOCK_N", (16, 32, 64, 128), cpu=16))
-    b.tunable(Tunable("BLOCK_E", covers=E, lo=16, hi=512))
-    b.tunable(Tunable("BLOCK_EV", covers=Ev, lo=16, hi=512))
-    sS, sT, sE, sEv = b.size(S), b.size(T), b.size(E), b.size(Ev)
-    ev = Evaluator(b, fg, group)
+class Flash:
+    def __init__(self, fg: FusedGraph, group: Group):
+        self.fg, self.group = fg, group
+        (self.node,) = group.nodes
+        n = self.node
+        self.q, self.k, self.v = n.inputs[:3]
+        rest = list(n.inputs[3:])
+        self.scale = rest.pop(0) if n.attrs["scale"] else None
+        self.mask = rest.pop(0) if n.attrs["mask"] == "tensor" else None
+        self.causal = n.attrs["mask"] == "causal"
+        self.out = n.out
+        self.S, self.E = self.q.type.shape[-2:]
+        self.T = self.k.type.shape[-2]
+        self.Ev = self.v.type.shape[-1]
+        self.batch = tuple(self.out.type.shape[:-2])
+        self.nb = prod(self.batch)
+        self.m_buf, self.l_buf, self.o_buf = (f"{group.name}_{x}" for x in ("m", "l", "o"))
 
-    b.comment("program -> a block of query rows of one batch entry")
-    pid_m = b.let(b.program_id(0), "pid_m")
-    batch_idx = []
-    if batch:
-        pid_b = b.let(b.program_id(1), "pid_b")
+    def scratch(self):
+        return (Buffer(self.m_buf, DType.f32, (SPLIT_MAX, self.nb, self.S), "scratch"),
+                Buffer(self.l_buf, DType.f32, (SPLIT_MAX, self.nb, self.S), "scratch"),
+                Buffer(self.o_buf, DType.f32, (SPLIT_MAX, self.nb, self.S, self.Ev), "scratch"))
+
+    def split_rule(self):
+        return ("split_kv", self.S, self.T, self.nb)
+
+    # -- shared pieces -------------------------------------------------------------------------
+    def begin(self, suffix: str):
+        b = TileBuilder(kernel_name(self.fg, self.group, suffix))
+        BM = b.tunable(Tunable("BLOCK_M", (16, 32, 64, 128), cpu=16))
+        b.tunable(Tunable("BLOCK_N", (16, 32, 64, 128), cpu=16))
+        b.tunable(Tunable("BLOCK_E", covers=self.E, lo=16, hi=512))
+        b.tunable(Tunable("BLOCK_EV", covers=self.Ev, lo=16, hi=512))
+        b.comment("program -> a block of query rows of one batch entry")
+        pid_m = b.let(b.program_id(0), "pid_m")
+        pid_b = b.let(b.program_id(1), "pid_b") if self.batch else b.const(0)
+        batch_idx = []
         inner = 1
-        for a in reversed(range(len(batch))):
-            d = batch[a]
+        for a in reversed(range(len(self.batch))):
+            d = self.batch[a]
             if d == 1:
                 batch_idx.insert(0, None)
                 continue
             qd = b.floordiv(pid_b, b.size(inner)) if inner != 1 else pid_b
             batch_idx.insert(0, b.let(b.mod(qd, b.size(d)) if a else qd, f"b{a}"))
             inner = inner * d
-    rows = b.let(b.expand_dims(b.add(b.mul(pid_m, BM), b.arange("BLOCK_M")), 1), "rows")
-    row_ok = b.let(b.lt(rows, sS), "row_mask")
-    e_cols = b.let(b.expand_dims(b.arange("BLOCK_E"), 0), "e")
-    e_rows = b.let(b.expand_dims(b.arange("BLOCK_E"), 1), "e_t")
-    ev_cols = b.let(b.expand_dims(b.arange("BLOCK_EV"), 0), "ev")
-    b.comment("the query tile stays in registers")
-    q_ctx = operand_ctx(q, batch_idx, len(batch), (rows, e_cols))
-    qt = b.let(b.cast(ev(q, Ctx(q_ctx.idx, b.and_(row_ok, b.lt(e_cols, sE)))), q.type.dtype), "q")
-    qk_scale = b.mul(ev(scale, Ctx((), None)) if scale is not None else 1.0, LOG2E)
-    qk_scale = b.let(b.cast(qk_scale, DType.f32), "qk_scale")
-    m_i = b.declare(b.full(("BLOCK_M", 1), float("-inf"), DType.f32), "m_i")
-    l_i = b.declare(b.full(("BLOCK_M", 1), 0.0, DType.f32), "l_i")
-    acc = b.declare(b.full(("BLOCK_M", "BLOCK_EV"), 0.0, DType.f32), "acc")
-    if causal:
-        b.comment("causal: keys past the diagonal of this row block are never loaded")
-        shift = T - S
-        last = b.add(b.mul(b.add(pid_m, 1), BM), b.size(shift)) if shift != 0 else b.mul(b.add(pid_m, 1), BM)
-        hi = b.let(b.maximum(b.minimum(last, sT), 0), "hi")
-    else:
-        hi = sT
-    with b.loop("start_n", 0, hi, BN) as start:
-        cols = b.let(b.expand_dims(b.add(start, b.arange("BLOCK_N")), 0), "cols")
-        cols_t = b.let(b.expand_dims(b.add(start, b.arange("BLOCK_N")), 1), "cols_t")
-        col_ok = b.lt(cols, sT)
-        k_ctx = operand_ctx(k, batch_idx, len(batch), (cols, e_rows))
-        kt = ev(k, Ctx(k_ctx.idx, b.and_(b.lt(e_rows, sE), col_ok)))
-        qk = b.let(b.mul(b.dot(qt, b.cast(kt, k.type.dtype), b.full(("BLOCK_M", "BLOCK_N"), 0.0, DType.f32)),
-                         qk_scale), "qk")
-        keep = b.and_(row_ok, col_ok)
-        if causal:
-            keep = b.and_(keep, b.binop("le", cols, b.add(rows, b.size(T - S)) if T - S != 0 else rows))
-        if mask is not None:
-            m_ctx = operand_ctx(mask, batch_idx, len(batch), (rows, cols))
-            keep = b.and_(keep, b.binop("ne", ev(mask, Ctx(m_ctx.idx, b.and_(row_ok, col_ok))), 0))
-        qk = b.let(b.where(keep, qk, float("-inf")), "qk_masked")
-        b.comment("online softmax: new running max, rescale what came before")
-        m_new = b.let(b.maximum(m_i, b.reduce(qk, 1, "max")), "m_new")
-        m_safe = b.let(b.where(b.binop("eq", m_new, float("-inf")), 0.0, m_new), "m_safe")
-        p = b.let(b.unary("exp2", b.sub(qk, m_safe)), "p")
-        alpha = b.let(b.unary("exp2", b.sub(m_i, m_safe)), "alpha")
-        b.assign(l_i, b.add(b.mul(l_i, alpha), b.reduce(p, 1, "sum")))
-        v_ctx = operand_ctx(v, batch_idx, len(batch), (cols_t, ev_cols))
-        vt = ev(v, Ctx(v_ctx.idx, b.and_(b.lt(cols_t, sT), b.lt(ev_cols, sEv))))
-        b.assign(acc, b.dot(b.cast(p, v.type.dtype), b.cast(vt, v.type.dtype), b.mul(acc, alpha)))
-        b.assign(m_i, m_new)
+        rows = b.let(b.expand_dims(b.add(b.mul(pid_m, BM), b.arange("BLOCK_M")), 1), "rows")
+        row_ok = b.let(b.lt(rows, b.size(self.S)), "row_mask")
+        ev_cols = b.let(b.expand_dims(b.arange("BLOCK_EV"), 0), "ev")
+        return b, pid_m, pid_b, batch_idx, rows, row_ok, ev_cols
+
+    def key_loop(self, b: TileBuilder, ev: Evaluator, pid_m, batch_idx, rows, row_ok, ev_cols, start, stop_of):
+        """The online softmax over key blocks [start, stop); returns (m_i, l_i, acc)."""
+        q, k, v = self.q, self.k, self.v
+        sT, sE, sEv = b.size(self.T), b.size(self.E), b.size(self.Ev)
+        BM = TExpr("arg", ("BLOCK_M",), DType.i32, ())
+        BN = TExpr("arg", ("BLOCK_N",), DType.i32, ())
+        e_cols = b.let(b.expand_dims(b.arange("BLOCK_E"), 0), "e")
+        e_rows = b.let(b.expand_dims(b.arange("BLOCK_E"), 1), "e_t")
+        b.comment("the query tile stays in registers")
+        q_ctx = operand_ctx(q, batch_idx, len(self.batch), (rows, e_cols))
+        qt = b.let(b.cast(ev(q, Ctx(q_ctx.idx, b.and_(row_ok, b.lt(e_cols, sE)))), q.type.dtype), "q")
+        qk_scale = b.mul(ev(self.scale, Ctx((), None)) if self.scale is not None else 1.0, LOG2E)
+        qk_scale = b.let(b.cast(qk_scale, DType.f32), "qk_scale")
+        m_i = b.declare(b.full(("BLOCK_M", 1), float("-inf"), DType.f32), "m_i")
+        l_i = b.declare(b.full(("BLOCK_M", 1), 0.0, DType.f32), "l_i")
+        acc = b.declare(b.full(("BLOCK_M", "BLOCK_EV"), 0.0, DType.f32), "acc")
+        if self.causal:
+            b.comment("causal: keys past the diagonal of this row block are never loaded")
+            shift = self.T - self.S
+            last = b.mul(b.add(pid_m, 1), BM)
+            last = b.add(last, b.size(shift)) if shift != 0 else last
+            hi = b.let(b.maximum(b.minimum(last, sT), 0), "hi")
+        else:
+            hi = sT
+        stop = stop_of(hi)
+        with b.loop("start_n", start, stop, BN) as s0:
+            cols = b.let(b.expand_dims(b.add(s0, b.arange("BLOCK_N")), 0), "cols")
+            cols_t = b.let(b.expand_dims(b.add(s0, b.arange("BLOCK_N")), 1), "cols_t")
+            col_ok = b.lt(cols, sT)
+            k_ctx = operand_ctx(k, batch_idx, len(self.batch), (cols, e_rows))
+            kt = ev(k, Ctx(k_ctx.idx, b.and_(b.lt(e_rows, sE), col_ok)))
+            qk = b.let(b.mul(b.dot(qt, b.cast(kt, k.type.dtype), b.full(("BLOCK_M", "BLOCK_N"), 0.0, DType.f32)),
+                             qk_scale), "qk")
+            keep = b.and_(row_ok, col_ok)
+            if self.causal:
+                shift = self.T - self.S
+                keep = b.and_(keep, b.binop("le", cols, b.add(rows, b.size(shift)) if shift != 0 else rows))
+            if self.mask is not None:
+                m_ctx = operand_ctx(self.mask, batch_idx, len(self.batch), (rows, cols))
+                keep = b.and_(keep, b.binop("ne", ev(self.mask, Ctx(m_ctx.idx, b.and_(row_ok, col_ok))), 0))
+            qk = b.let(b.where(keep, qk, float("-inf")), "qk_masked")
+            b.comment("online softmax: new running max, rescale what came before")
+            m_new = b.let(b.maximum(m_i, b.reduce(qk, 1, "max")), "m_new")
+            m_safe = b.let(b.where(b.binop("eq", m_new, float("-inf")), 0.0, m_new), "m_safe")
+            p = b.let(b.unary("exp2", b.sub(qk, m_safe)), "p")
+            alpha = b.let(b.unary("exp2", b.sub(m_i, m_safe)), "alpha")
+            b.assign(l_i, b.add(b.mul(l_i, alpha), b.reduce(p, 1, "sum")))
+            v_ctx = operand_ctx(v, batch_idx, len(self.batch), (cols_t, ev_cols))
+            vt = ev(v, Ctx(v_ctx.idx, b.and_(b.lt(cols_t, sT), b.lt(ev_cols, sEv))))
+            b.assign(acc, b.dot(b.cast(p, v.type.dtype), b.cast(vt, v.type.dtype), b.mul(acc, alpha)))
+            b.assign(m_i, m_new)
+        return m_i, l_i, acc
+
+    def store_out(self, b: TileBuilder, ev: Evaluator, batch_idx, rows, row_ok, ev_cols, o) -> None:
+        out_ctx = Ctx(tuple(batch_idx) + (rows, ev_cols), b.and_(row_ok, b.lt(ev_cols, b.size(self.Ev))))
+        ev.bind(self.out, out_ctx, o)
+        store(ev, self.fg.buffer(self.group, self.out), self.out, out_ctx)
+
+    def grid(self, split: bool = False):
+        g = [GridDim.of(self.S, "BLOCK_M")]
+        if self.batch or split:
+            g.append(GridDim.of(self.nb))
+        if split:
+            g.append(GridDim.of(SPLIT_MAX))
+        return g
+
+    def doc(self, what: str) -> str:
+        return (f"{self.group.name} ({what})" + (", causal" if self.causal else "")
+                + (", masked" if self.mask is not None else ""))
+
+
+def _presets():
+    return tuple(((("BLOCK_M", bm), ("BLOCK_N", bn)), w, st) for bm, bn, w, st in PRESETS)
+
+
+def full_kernel(fl: Flash):
+    b, pid_m, pid_b, batch_idx, rows, row_ok, ev_cols = fl.begin("")
+    ev = Evaluator(b, fl.fg, fl.group)
+    m_i, l_i, acc = fl.key_loop(b, ev, pid_m, batch_idx, rows, row_ok, ev_cols, 0, lambda hi: hi)
     b.comment("epilogue: normalise and store")
-    out_ctx = Ctx(tuple(batch_idx) + (rows, ev_cols), b.and_(row_ok, b.lt(ev_cols, sEv)))
-    ev.bind(out, out_ctx, b.let(b.truediv(acc, l_i), "o"))
-    store(ev, fg.buffer(group, out), out, out_ctx)
-    grid = [GridDim.of(S, "BLOCK_M")] + ([GridDim.of(prod(batch))] if batch else [])
-    presets = tuple(((("BLOCK_M", bm), ("BLOCK_N", bn)), w, st)
-                    for bm, bn, w, st in ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4),
-                                          (128, 32, 4, 3), (16, 64, 4, 3), (16, 128, 4, 2)))
-    kernel = b.kernel(grid, doc=f"{group.name} (flash attention): online softmax over key blocks"
-                                + (", causal" if causal else "") + (", masked" if mask is not None else ""),
-                      warps=(4, 8), stages=(2, 3, 4), presets=presets)
-    return [(kernel, None, 0)]
+    fl.store_out(b, ev, batch_idx, rows, row_ok, ev_cols, b.let(b.truediv(acc, l_i), "o"))
+    return b.kernel(fl.grid(), doc=fl.doc("flash attention: online softmax over key blocks"),
+                    warps=(4, 8), stages=(2, 3, 4), presets=_presets())
+
+
+def _scratch_ptr(b: TileBuilder, name: str, idx) -> TExpr:
+    off = None
+    for axis, i in enumerate(idx):
+        if i is None:
+            continue
+        term = b.mul(i, b.stride(name, axis))
+        off = term if off is None else b.add(off, term)
+    return ptr_add(b.ptr(name, DType.f32), off)
+
+
+def split_kernel(fl: Flash):
+    b, pid_m, pid_b, batch_idx, rows, row_ok, ev_cols = fl.begin("_splitkv")
+    split = b.tunable(Tunable("SPLIT_KV", rule=fl.split_rule()))
+    BN = TExpr("arg", ("BLOCK_N",), DType.i32, ())
+    b.comment("third grid axis -> this program's share of the keys")
+    s = b.let(b.program_id(2), "split")
+    chunk = b.let(b.mul(b.cdiv(b.cdiv(b.size(fl.T), split), BN), BN), "kv_chunk")
+    start = b.let(b.mul(s, chunk), "kv_start")
+    ev = Evaluator(b, fl.fg, fl.group)
+    m_i, l_i, acc = fl.key_loop(b, ev, pid_m, batch_idx, rows, row_ok, ev_cols, start,
+                                lambda hi: b.let(b.minimum(b.add(start, chunk), hi), "kv_stop"))
+    b.comment("this split's running max, sum and unnormalised output, for the combine kernel")
+    live = b.let(b.and_(row_ok, b.lt(s, split)), "live")
+    b.store(_scratch_ptr(b, fl.m_buf, (s, pid_b, rows)), m_i, live)
+    b.store(_scratch_ptr(b, fl.l_buf, (s, pid_b, rows)), l_i, live)
+    b.store(_scratch_ptr(b, fl.o_buf, (s, pid_b, rows, ev_cols)), acc, b.and_(live, b.lt(ev_cols, b.size(fl.Ev))))
+    return b.kernel(fl.grid(split=True), doc=fl.doc("flash-decoding: one split of the keys"),
+                    warps=(4, 8), stages=(2, 3), presets=_presets())
+
+
+def combine_kernel(fl: Flash):
+    b, pid_m, pid_b, batch_idx, rows, row_ok, ev_cols = fl.begin("_combine")
+    split = b.tunable(Tunable("SPLIT_KV", rule=fl.split_rule()))
+    ev = Evaluator(b, fl.fg, fl.group)
+    ev_ok = b.let(b.and_(row_ok, b.lt(ev_cols, b.size(fl.Ev))), "ev_mask")
+    m_run = b.declare(b.full(("BLOCK_M", 1), float("-inf"), DType.f32), "m_run")
+    l_run = b.declare(b.full(("BLOCK_M", 1), 0.0, DType.f32), "l_run")
+    o_run = b.declare(b.full(("BLOCK_M", "BLOCK_EV"), 0.0, DType.f32), "o_run")
+    b.comment("merge the splits: rescale each to the common max")
+    with b.loop("s", 0, split, 1) as s:
+        m_s = b.let(b.load(_scratch_ptr(b, fl.m_buf, (s, pid_b, rows)), row_ok, float("-inf")), "m_s")
+        l_s = b.let(b.load(_scratch_ptr(b, fl.l_buf, (s, pid_b, rows)), row_ok), "l_s")
+        o_s = b.let(b.load(_scratch_ptr(b, fl.o_buf, (s, pid_b, rows, ev_cols)), ev_ok), "o_s")
+        m_new = b.let(b.maximum(m_run, m_s), "m_new")
+        m_safe = b.let(b.where(b.binop("eq", m_new, float("-inf")), 0.0, m_new), "m_safe")
+        alpha = b.let(b.unary("exp2", b.sub(m_run, m_safe)), "alpha")
+        beta = b.let(b.unary("exp2", b.sub(m_s, m_safe)), "beta")
+        b.assign(l_run, b.add(b.mul(l_run, alpha), b.mul(l_s, beta)))
+        b.assign(o_run, b.add(b.mul(o_run, alpha), b.mul(o_s, beta)))
+        b.assign(m_run, m_new)
+    fl.store_out(b, ev, batch_idx, rows, row_ok, ev_cols, b.let(b.truediv(o_run, l_run), "o"))
+    return b.kernel(fl.grid(), doc=fl.doc("flash-decoding: combine the splits"), warps=(4,), stages=(1,),
+                    presets=tuple(((("BLOCK_M", bm), ("BLOCK_N", 16)), 4, 1) for bm in (16, 32, 64)))
+
+
+def lower_flash(fg: FusedGraph, group: Group) -> list:
+    fl = Flash(fg, group)
+    name, *args = fl.split_rule()
+    return [Alternative((split_kernel(fl), combine_kernel(fl)), Guard(name, tuple(args)), fl.scratch()),
+            Alternative((full_kernel(fl),))]
