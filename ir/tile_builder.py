@@ -184,6 +184,20 @@ class TileBuilder:
             return a
         return self.binop("and", a, b)
 
+    def shr(self, a, bits) -> TExpr:
+        """a >> bits for unsigned bytes and integers (the shift takes a's dtype)."""
+        a = self.lift(a)
+        bits = self.cast(self.lift(bits), a.dtype)
+        return TExpr("shr", (a, bits), a.dtype, broadcast(a.shape, bits.shape))
+
+    def bitand(self, a, mask: int) -> TExpr:
+        a = self.lift(a)
+        return TExpr("and", (a, self.const(mask, a.dtype)), a.dtype, a.shape)
+
+    def bitcast(self, a, dtype: DType) -> TExpr:
+        a = self.lift(a)
+        return TExpr("bitcast", (a, dtype), dtype, a.shape)
+
     def unary(self, op: str, a) -> TExpr:
         a = self.lift(a)
         if op in ("neg", "abs") and not a.dtype.is_float:

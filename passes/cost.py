@@ -20,16 +20,16 @@ def nbytes(v: Value) -> Dim:
     return n
 
 
-def base_inputs(node: Node, producer: dict, stop: set) -> set[Value]:
+def base_inputs(node: Node, producer: dict, stop: set, recompute: frozenset = frozenset()) -> set[Value]:
     """The stored values a node's operands are read from (through glue)."""
     out: set[Value] = set()
     stack = [v for v in node.inputs if isinstance(v.type, TensorType)]
     while stack:
         v = stack.pop()
         p = producer.get(v)
-        if p is None or p in stop or node_class(p) == "compute":
+        if p is None or p in stop or node_class(p, recompute) == "compute":
             out.add(v)
-        elif node_class(p) == "glue":
+        elif node_class(p, recompute) == "glue":
             stack.extend(x for x in p.inputs if isinstance(x.type, TensorType))
     return out
 
@@ -54,9 +54,9 @@ def fused_bytes(fg: FusedGraph) -> Dim:
         inside = set(grp.nodes)
         reads: set[Value] = set()
         for n in grp.nodes:
-            reads |= {v for v in base_inputs(n, producer, set()) if producer.get(v) not in inside}
+            reads |= {v for v in base_inputs(n, producer, set(), fg.recompute) if producer.get(v) not in inside}
         if grp.kind == "copy":
-            reads |= base_inputs(Node("copy", grp.outputs, {}, ()), producer, set())
+            reads |= base_inputs(Node("copy", grp.outputs, {}, ()), producer, set(), fg.recompute)
         for v in reads:
             total = total + nbytes(v)
         for v in grp.outputs:

@@ -29,14 +29,17 @@ from ..ir.registry import Kind
 from ..ir.types import TensorType
 from .context import PassContext
 
-GLUE_OPS = {"reshape", "permute", "transpose", "slice", "expand", "concat", "gather_rows", "causal"}
+GLUE_OPS = {"reshape", "permute", "transpose", "slice", "expand", "concat", "gather_rows", "causal",
+            "unpack_int4", "unpack_24", "fp8_bits"}
 # glue that keeps canonical indices canonical (so reductions upstream stay evaluable)
 CANONICAL_GLUE = {"expand"}
 ROW_REDUCTIONS = {"sum", "mean", "max", "min", "softmax", "log_softmax"}
 OWN_GROUP = {"matmul": "matmul", "topk": "topk", "cumsum": "scan", "expert_matmul": "expert",
              "flash_attention": "flash", "expert_gemm": "moe", "moe_align": "moe_align",
-             "moe_router": "router"}
-JOINS_CONSUMERS = {"matmul", "expert_gemm"}   # contractions that take their consumers as epilogues
+             "moe_router": "router", "matmul_i32": "matmul", "bsr_matmul": "bsr", "lowrank_matmul": "lowrank"}
+# contractions that take their consumers as epilogues
+JOINS_CONSUMERS = {"matmul", "matmul_i32", "expert_gemm", "bsr_matmul", "lowrank_matmul"}
+MATMULS = {"matmul", "matmul_i32"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,6 +62,7 @@ class FusedGraph:
     host: tuple[Node, ...]         # scalar nodes for the host
     names: dict                    # Value -> buffer name, for every stored value and parameter
     results: tuple[str, ...] = ()  # the buffer returned in each result slot
+    recompute: frozenset = frozenset()   # compute nodes treated as glue (recomputed where used)
 
     def buffer(self, group: Group, v: Value) -> str:
         """Where a group stores v: its own buffer, or a copy group's result buffer."""
@@ -74,12 +78,21 @@ def is_unit_reshape(n: Node) -> bool:
     return a == b
 
 
-def node_class(n: Node) -> str:
+def node_class(n: Node, recompute: frozenset = frozenset()) -> str:
     if all(not isinstance(v.type, TensorType) for v in n.outputs):
         return "host"
-    if n.op in GLUE_OPS:
+    if n.op in GLUE_OPS or n in recompute:
         return "glue"
     return "compute"
+
+
+def recomputed_casts(g: Graph) -> frozenset:
+    """Casts of parameters used by several nodes: cheaper to redo in every kernel that needs
+    them (one read of the parameter) than to store a widened copy and read it back."""
+    users = g.users()
+    params = {p.value for p in g.params}
+    return frozenset(n for n in g.nodes if n.op == "cast" and n.inputs[0] in params
+                     and isinstance(n.out.type, TensorType) and len(users.get(n.out, [])) > 1)
 
 
 def is_row_node(n: Node) -> bool:
@@ -110,13 +123,17 @@ class Partitioner:
         self.producer: dict[Value, Node] = g.producers()
         self.users: dict[Value, list[Node]] = g.users()
         self.outputs = set(g.outputs)
-        self.compute = [n for n in g.nodes if node_class(n) == "compute"]
+        self.recompute = recomputed_casts(g)
+        self.compute = [n for n in g.nodes if self.cls(n) == "compute"]
         self.group_of: dict[Node, int] = {}
         self.members: list[list[Node]] = []
         self.kind: list[str] = []
         self.dom: list[tuple | None] = []        # per group: (domain, axes) or None
         self.prologue: set[Node] = set()         # nodes computing a matmul operand in their group
         self.dag = self._compute_dag()
+
+    def cls(self, n: Node) -> str:
+        return node_class(n, self.recompute)
 
     # compute node -> compute nodes it feeds, through any chain of glue
     def _compute_dag(self) -> nx.DiGraph:
@@ -134,7 +151,7 @@ class Partitioner:
         while stack:
             v, path = stack.pop()
             for u in self.users.get(v, []):
-                cls = node_class(u)
+                cls = self.cls(u)
                 if cls == "glue":
                     stack.extend((w, path + (u,)) for w in u.outputs)
                 elif cls == "compute":
@@ -147,7 +164,7 @@ class Partitioner:
         while stack:
             v = stack.pop()
             for u in self.users.get(v, []):
-                if node_class(u) == "glue":
+                if self.cls(u) == "glue":
                     if any(w in self.outputs for w in u.outputs):
                         return True
                     stack.extend(u.outputs)
@@ -166,7 +183,7 @@ class Partitioner:
         return self.members
 
     def root_domain(self, n: Node):
-        if n.op == "matmul":
+        if n.op in JOINS_CONSUMERS and n.op != "expert_gemm":
             return (tuple(n.out.type.shape), ())
         if n.op in OWN_GROUP:
             return None
@@ -176,36 +193,59 @@ class Partitioner:
 
     # -- joining -------------------------------------------------------------------------------
     def try_join(self, n: Node) -> int | None:
+        """The consumer group n joins, or None. With consumers in several groups, n may join
+        one of them if its result can be stored there for the others to read."""
         if n.op in OWN_GROUP and n.op not in JOINS_CONSUMERS:
             return None
         if n.op not in JOINS_CONSUMERS and not is_row_node(n):
             return None
         cons = self.consumers(n)
-        if not cons:
+        if not cons or self.glue_outputs(n):
             return None
         gids = {self.group_of.get(c) for c, _ in cons}
-        if len(gids) != 1 or None in gids:
+        if None in gids:
             return None
-        gid = gids.pop()
-        if self.glue_outputs(n) or self.dom[gid] is None:
-            return None
+        for gid in sorted(gids):
+            here = [(c, p) for c, p in cons if self.group_of[c] == gid]
+            if self.fits(n, gid, here, stored=len(gids) > 1 or n.out in self.outputs):
+                if n.op in JOINS_CONSUMERS:
+                    self.kind[gid] = OWN_GROUP[n.op]
+                elif n.op in ROW_REDUCTIONS and not self.dom[gid][1]:
+                    self.dom[gid] = reduction_domain(n)
+                return gid
+        return None
+
+    def fits(self, n: Node, gid: int, cons, stored: bool) -> bool:
+        if self.dom[gid] is None:
+            return False
         paths = [p for _, p in cons]
         plain = all(all(u.op in CANONICAL_GLUE or is_unit_reshape(u) for u in p) for p in paths)
-        if n.op == "matmul":
+        if stored and not self.storable(n, gid, plain):
+            return False
+        if n.op in MATMULS:
             ok = self.ctx.fuse_contractions and self.join_matmul(n, gid, plain)
+        elif n.op in ("bsr_matmul", "lowrank_matmul"):
+            ok = self.ctx.fuse_contractions and self.join_matmul(n, gid, plain) and \
+                not any(m.op in JOINS_CONSUMERS for m in self.members[gid])
         elif n.op == "expert_gemm":
-            ok = self.ctx.fuse_contractions and self.join_expert(n, gid, plain)
-        elif self.kind[gid] in ("matmul", "moe"):
+            ok = self.ctx.fuse_contractions and not stored and self.join_expert(n, gid, plain)
+        elif self.kind[gid] in ("matmul", "moe", "bsr", "lowrank"):
             ok = self.ctx.fuse_contractions and self.join_around_matmul(n, gid, cons, plain)
         else:
             ok = self.join_row(n, gid, paths, plain)
-        if not ok or self.creates_cycle(n, gid) or len(self.members[gid]) >= self.ctx.max_group_nodes:
-            return None
-        if n.op in JOINS_CONSUMERS:
-            self.kind[gid] = OWN_GROUP[n.op]
-        elif n.op in ROW_REDUCTIONS and not self.dom[gid][1]:
-            self.dom[gid] = reduction_domain(n)
-        return gid
+        return ok and not self.creates_cycle(n, gid) and len(self.members[gid]) < self.ctx.max_group_nodes
+
+    def storable(self, n: Node, gid: int, plain: bool) -> bool:
+        """Can the group write n's result at its canonical indices?"""
+        if not plain:
+            return False
+        domain, axes = self.dom[gid]
+        if n.op in ROW_REDUCTIONS and not axes:
+            domain, axes = reduction_domain(n)
+        shape = tuple(n.out.type.shape)
+        if not axes and domain:
+            axes = (len(domain) - 1,)    # a pointwise group can write per-row values too
+        return shape == tuple(domain) or shape in reduced_shapes(domain, axes)
 
     def join_row(self, n: Node, gid: int, paths, plain: bool) -> bool:
         domain, axes = self.dom[gid]
@@ -235,9 +275,11 @@ class Partitioner:
         domain, axes = self.dom[gid]
         if axes or not plain or tuple(n.out.type.shape) != tuple(domain):
             return False
-        mms = [m for m in self.members[gid] if m.op == "matmul"]
+        mms = [m for m in self.members[gid] if m.op in MATMULS]
         if not mms:
             return True
+        if any(m.op != n.op for m in mms):
+            return False
         if len(mms) >= MAX_SHARED_A:
             return False
         return all(m.inputs[0] is n.inputs[0] and m.inputs[1].type.shape == n.inputs[1].type.shape
@@ -282,7 +324,7 @@ class Partitioner:
             if n.out in self.outputs and (not plain or tuple(n.out.type.shape) != tuple(domain)):
                 return False
             return True
-        if n.out in self.outputs or not prologue_is_cheap(n):
+        if n.out in self.outputs or not prologue_is_cheap(n, self.producer, self.recompute):
             return False
         self.prologue.add(n)
         return True
@@ -295,7 +337,7 @@ class Partitioner:
             if x is v:
                 return True
             for u in self.users.get(x, []):
-                if node_class(u) == "glue":
+                if self.cls(u) == "glue":
                     stack.extend(u.outputs)
         return False
 
@@ -310,10 +352,9 @@ class Partitioner:
         return tuple(root.out.type.shape) in ok
 
     def creates_cycle(self, n: Node, gid: int) -> bool:
-        """Joining n to the group closes a cycle if some ancestor of n outside the group is
-        itself fed by the group (group -> x -> n, with n now inside the group)."""
-        members = set(self.members[gid])
-        ancestors = nx.ancestors(self.dag, n)
+        """With n in the group, would some path leave the group and come back into it?
+        (Walk the nodes outside the group reachable from it; none may feed the group.)"""
+        members = set(self.members[gid]) | {n}
         seen: set[Node] = set()
         stack = [y for m in members for y in self.dag.successors(m) if y not in members]
         while stack:
@@ -321,22 +362,40 @@ class Partitioner:
             if x in seen:
                 continue
             seen.add(x)
-            if x in ancestors:
-                return True
-            stack.extend(y for y in self.dag.successors(x) if y not in members)
+            for y in self.dag.successors(x):
+                if y in members:
+                    return True
+                stack.append(y)
         return False
-
 
 MAX_SHARED_A = 3
 
 
-def prologue_is_cheap(n: Node) -> bool:
-    """Operand prologues are recomputed per tile, so they must not read more bytes than the
-    operand they produce: inputs of the operand's full size count, broadcast ones do not."""
+def prologue_is_cheap(n: Node, producer: dict, recompute: frozenset = frozenset()) -> bool:
+    """Operand prologues are recomputed for every tile that loads them, so the whole pointwise
+    chain behind an operand may read no more bytes than the operand itself: the tensors it
+    reads at the operand's full size count (their dtype's bytes), broadcast or packed smaller
+    ones do not (a dequantising cast of int8 passes, silu(a) * b of two activations does not)."""
     out = n.out.type
-    full = [v for v in n.inputs if isinstance(v.type, TensorType) and len(v.type.shape) == len(out.shape)
-            and sorted(map(str, v.type.shape)) == sorted(map(str, out.shape))]
-    return sum(v.type.dtype.itemsize for v in full) <= out.dtype.itemsize
+    want = sorted(map(str, out.shape))
+    total = 0
+    seen: set = set()
+    stack = [v for v in n.inputs if isinstance(v.type, TensorType)]
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        p = producer.get(v)
+        if p is not None and node_class(p, recompute) == "glue":
+            stack.extend(x for x in p.inputs if isinstance(x.type, TensorType))
+            continue
+        if p is not None and node_class(p, recompute) == "compute" and is_row_node(p) and p.op not in ROW_REDUCTIONS:
+            stack.extend(x for x in p.inputs if isinstance(x.type, TensorType))
+            continue
+        if sorted(map(str, v.type.shape)) == want:
+            total += v.type.dtype.itemsize
+    return total <= out.dtype.itemsize
 
 
 def _name_values(g: Graph, groups) -> dict:
@@ -372,8 +431,16 @@ def fuse(g: Graph, ctx: PassContext | None = None) -> FusedGraph:
     part = Partitioner(g, ctx)
     members = part.run()
     order = {n: i for i, n in enumerate(g.nodes)}
-    # execution order: groups by the position of their last node in the graph (topological)
-    gids = sorted(range(len(members)), key=lambda i: max(order[n] for n in members[i]))
+    # execution order: a topological order of the groups (a group may store values that
+    # groups ending earlier in the graph read), ties broken by the graph's own order
+    gdag = nx.DiGraph()
+    gdag.add_nodes_from(range(len(members)))
+    for a, b in part.dag.edges:
+        ga, gb = part.group_of[a], part.group_of[b]
+        if ga != gb:
+            gdag.add_edge(ga, gb)
+    last = {i: max(order[n] for n in members[i]) for i in range(len(members))}
+    gids = list(nx.lexicographical_topological_sort(gdag, key=lambda i: last[i]))
     graph_out = set(g.outputs)
     groups = []
     for k, gid in enumerate(gids):
@@ -388,7 +455,7 @@ def fuse(g: Graph, ctx: PassContext | None = None) -> FusedGraph:
         kind = part.kind[gid]
         dom = part.dom[gid]
         domain, axes = dom if dom is not None else ((), ())
-        label = "_".join(dict.fromkeys(n.op for n in nodes if n.op == "matmul")) if kind == "matmul" else root.op
+        label = "_".join(dict.fromkeys(n.op for n in nodes if n.op in MATMULS)) if kind == "matmul" else root.op
         extra = {}
         if kind == "moe" and axes:
             # the sum over the k choices becomes a scatter-add into a zeroed output
@@ -409,7 +476,7 @@ def fuse(g: Graph, ctx: PassContext | None = None) -> FusedGraph:
         groups.append(Group(f"k{len(groups)}_copy", "copy", (), (v,), tuple(v.type.shape), (), {"buffer": buf}))
         results.append(buf)
     host = tuple(n for n in g.nodes if node_class(n) == "host")
-    return FusedGraph(g, tuple(groups), host, names, tuple(results))
+    return FusedGraph(g, tuple(groups), host, names, tuple(results), part.recompute)
 
 
 def _unique(base: str, taken: set[str]) -> str:
@@ -424,7 +491,7 @@ def _used_outside(part: Partitioner, v: Value, inside: set) -> bool:
     while stack:
         x = stack.pop()
         for u in part.users.get(x, []):
-            cls = node_class(u)
+            cls = part.cls(u)
             if cls == "glue":
                 stack.extend(u.outputs)
             elif cls == "compute" and u not in inside:

@@ -86,7 +86,7 @@ class Evaluator:
             return True           # a parameter
         if n in self.inside:
             return False
-        return node_class(n) == "compute"
+        return node_class(n, self.fg.recompute) == "compute"
 
     def _eval(self, v: Value, ctx: Ctx) -> TExpr:
         if isinstance(v.type, ScalarType):
@@ -97,7 +97,7 @@ class Evaluator:
         prim = registry.get(n.op)
         if n.op in GLUE:
             return GLUE[n.op](self, n, v, ctx)
-        if prim.kind is Kind.POINTWISE:
+        if prim.kind is Kind.POINTWISE:   # in the group, or recomputed here (fg.recompute)
             return self.pointwise(n, ctx)
         raise LoweringError(f"{self.group.name}: {n.op} is not evaluable at a context here")
 
@@ -252,5 +252,38 @@ def _causal(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
     return b.let(b.binop("le", j, rhs), "causal")
 
 
-GLUE = {"permute": _permute, "transpose": _transpose, "expand": _expand, "slice": _slice,
+def _unpack_int4(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
+    """u8 nibble k of row n: byte k // 2, low half for even k."""
+    b = ev.b
+    i_n, i_k = ctx.idx
+    byte = ev(n.inputs[0], ctx.with_idx((i_n, b.floordiv(i_k, 2) if i_k is not None else None)))
+    shift = b.mul(b.mod(i_k, 2), 4) if i_k is not None else 0
+    return b.let(b.bitand(b.shr(byte, shift), 0xF), "nibble")
+
+
+def _unpack_24(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
+    """2:4: group g = k // 4 keeps values 2g and 2g+1 at the positions in its meta nibble."""
+    b = ev.b
+    vals, meta = n.inputs
+    i_n, i_k = ctx.idx
+    k = i_k if i_k is not None else b.const(0)
+    grp = b.let(b.floordiv(k, 4), "group")
+    pos = b.mod(k, 4)
+    v0 = ev(vals, ctx.with_idx((i_n, b.mul(grp, 2))))
+    v1 = ev(vals, ctx.with_idx((i_n, b.add(b.mul(grp, 2), 1))))
+    byte = ev(meta, ctx.with_idx((i_n, b.floordiv(grp, 2))))
+    nib = b.let(b.bitand(b.shr(byte, b.mul(b.mod(grp, 2), 4)), 0xF), "meta")
+    i0, i1 = b.bitand(nib, 3), b.bitand(b.shr(nib, 2), 3)
+    pos = b.cast(pos, i0.dtype)
+    dense = b.where(b.binop("eq", pos, i0), v0, b.where(b.binop("eq", pos, i1), v1, 0.0))
+    return b.let(b.cast(dense, v.type.dtype), "w24")
+
+
+def _fp8_bits(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
+    bits = ev(n.inputs[0], ctx)
+    return ev.b.let(ev.b.cast(ev.b.bitcast(bits, DType.f8e4m3), DType.f32), "fp8")
+
+
+GLUE = {"unpack_int4": _unpack_int4, "unpack_24": _unpack_24, "fp8_bits": _fp8_bits,
+        "permute": _permute, "transpose": _transpose, "expand": _expand, "slice": _slice,
         "reshape": _reshape, "concat": _concat, "gather_rows": _gather_rows, "causal": _causal}

@@ -70,7 +70,7 @@ class Gemm:
 
     def __init__(self, fg: FusedGraph, group: Group):
         self.fg, self.group = fg, group
-        self.mms = [n for n in group.nodes if n.op == "matmul"]
+        self.mms = [n for n in group.nodes if n.op in ("matmul", "matmul_i32")]
         self.a, bv = self.mms[0].inputs
         self.out = self.mms[0].out
         self.a_vec, self.b_vec = self.a.type.rank == 1, bv.type.rank == 1

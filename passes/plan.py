@@ -13,6 +13,7 @@ from ..ir.types import TensorType
 from .fusion import FusedGraph
 from .lower_expert import lower_expert
 from .lower_flash import lower_flash
+from .lower_lowrank import lower_bsr, lower_lowrank
 from .lower_moe import lower_align, lower_moe_gemm, lower_router
 from .lower_matmul import lower_matmul
 from .lower_row import lower_row
@@ -30,6 +31,8 @@ LOWERINGS = {
     "moe": lower_moe_gemm,
     "moe_align": lower_align,
     "router": lower_router,
+    "bsr": lower_bsr,
+    "lowrank": lower_lowrank,
 }
 
 

@@ -48,6 +48,7 @@ def bind_sizes(g: Graph, values: Mapping[str, Any], *, check_dtype: bool = True,
     and devices, and that every symbol gets one value."""
     bindings: dict[str, int] = {}
     origin: dict[str, str] = {}
+    derived = []   # sizes like K/2 in a packed weight's shape, checked once the symbols are bound
     for p in g.params:
         x = values[p.name]
         want = p.value.type
@@ -71,6 +72,9 @@ def bind_sizes(g: Graph, values: Mapping[str, Any], *, check_dtype: bool = True,
                     raise CallError(f"{g.name}(): '{p.name}' expects {want}, got shape {list(x.shape)}: "
                                     f"axis {axis} must be {d}")
                 continue
+            if not d.is_symbol():
+                derived.append((p, axis, d, int(n), list(x.shape)))
+                continue
             (s,) = d.symbols
             if s in bindings and bindings[s] != n:
                 raise CallError(
@@ -79,6 +83,18 @@ def bind_sizes(g: Graph, values: Mapping[str, Any], *, check_dtype: bool = True,
                     f"(bindings so far: {_fmt(bindings)})")
             bindings.setdefault(s, int(n))
             origin.setdefault(s, p.name)
+    for p, axis, d, n, shape in derived:
+        missing = d.symbols - set(bindings)
+        if missing:
+            raise CallError(f"{g.name}(): the size {d} of '{p.name}' needs {', '.join(sorted(missing))}, "
+                            f"which no parameter binds")
+        try:
+            want_n = evaluate(d, bindings)
+        except ValueError as e:
+            raise CallError(f"{g.name}(): '{p.name}' has shape {shape}: {e} (bindings {_fmt(bindings)})") from None
+        if want_n != n:
+            raise CallError(f"{g.name}(): '{p.name}' expects {p.value.type}, got shape {shape}: axis {axis} "
+                            f"must be {d} = {want_n} (bindings {_fmt(bindings)})")
     check_derived_sizes(g, tuple(sorted(bindings.items())))
     return bindings
 

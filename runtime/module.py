@@ -13,7 +13,6 @@ from typing import Any
 import torch
 
 from ..frontend import get_op, load_program
-from ..frontend.diagnostics import SpecError
 from ..ir.graph import Graph
 from ..ir.printer import print_graph
 from ..ir.tile_printer import print_plan
@@ -34,6 +33,9 @@ class CompiledOp:
         self.namespace = namespace
         self.name = graph.name
         self.graph = graph
+        self.cache, self.mode = cache, mode
+        self._variants: dict = {}
+        self._warned = False
         self.fused = fused
         self.plan = build_plan(fused)
         wrap = torch.library.wrap_triton if mode == "triton_op" else None
@@ -54,6 +56,13 @@ class CompiledOp:
 
     def run(self, *args):
         values, bindings, device = self._bind(args)
+        if not self._warned and any(p.layout is not None for p in self.graph.params):
+            import warnings
+            self._warned = True
+            names = ", ".join(f"'{p.name}' {p.layout}" for p in self.graph.params if p.layout is not None)
+            warnings.warn(f"{self.name}: {names} passed dense, so it runs dense; bind the weights once to use "
+                          f"the layout: layer = mod.{self.name}.bind({', '.join(p.name + '=...' for p in self.graph.params if p.layout is not None)})",
+                          stacklevel=3)
         want = kernel_device()
         if device.type != want.type:
             raise CallError(f"{self.name}(): the inputs are on {device}, but the kernels run on {want.type} here "
@@ -68,6 +77,31 @@ class CompiledOp:
         outs = [torch.empty(s, dtype=to_torch(t.dtype), device=device)
                 for s, t in zip(output_shapes(self.graph, bindings), self.graph.result_types)]
         return tuple(outs) if self.graph.tuple_result else outs[0]
+
+    # -- packed weights ------------------------------------------------------------------------
+    def bind(self, calibration=None, **weights):
+        """Pack the given weights once (their layouts, or @auto's choice) and return a
+        torch.nn.Module holding them, called with the remaining inputs."""
+        from .bound import bind
+        return bind(self, calibration, **weights)
+
+    def packed_variant(self, chosen: dict, sizes: dict | None = None, shapes: dict | None = None) -> "CompiledOp":
+        """This op compiled for the given packed layouts, specialised to the bound weights'
+        sizes and the packed tensors' shapes (compiled once per distinct choice)."""
+        if not chosen and not sizes:
+            return self
+        sizes, shapes = sizes or {}, shapes or {}
+        key = (tuple(sorted((k, str(v)) for k, v in chosen.items())), tuple(sorted(sizes.items())),
+               tuple(sorted((k, tuple(v)) for k, v in shapes.items())))
+        if key not in self._variants:
+            from ..passes.layouts import apply_layouts
+            from ..passes.specialize import specialize
+            g = apply_layouts(specialize(self.graph, sizes), chosen, shapes)
+            if not chosen:
+                g = g.replace(name=f"{g.name}__bound")
+            g = canonical_graph_of(g.replace(name=f"{g.name}_{_digest(key)}"))
+            self._variants[key] = CompiledOp(self.namespace, g, fuse(kernel_graph(g)), self.cache, self.mode)
+        return self._variants[key]
 
     # -- looking inside ------------------------------------------------------------------------
     @property
@@ -148,14 +182,18 @@ def compile_module(path_or_source, namespace: str | None = None, *, dtype: str |
             old = main_float_dtype(g)
             if old is not None:
                 g = retype(g, old, SPEC_DTYPES[dtype])
-        check_supported(g)
         compiled[name] = CompiledOp(program.namespace, g, fuse(kernel_graph(g)), cache, mode)
     return CompiledModule(program.namespace, compiled, program.source.name)
 
 
-def check_supported(g: Graph) -> None:
-    """Limits of the compiler, reported at compile time against the spec's text."""
-    for p in g.params:
-        if p.layout is not None:
-            raise SpecError(f"layout {p.layout} of '{p.name}' is not implemented by the compiler yet", p.layout.span,
-                            "remove the annotation to compile the dense weight")
+def _digest(key) -> str:
+    import hashlib
+    return hashlib.sha256(repr(key).encode()).hexdigest()[:8]
+
+
+def canonical_graph_of(g: Graph) -> Graph:
+    """Canonicalise a rewritten graph (layouts leave casts and reshapes to fold)."""
+    from ..passes.canonicalize import canonicalize
+    from ..passes.context import PassContext
+    from ..passes.pipeline import run_passes
+    return run_passes(g, [canonicalize], PassContext())

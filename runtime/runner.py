@@ -129,6 +129,15 @@ def demo(files=None, *, reference_only=False, console: Console | None = None) ->
             t0 = time.perf_counter()
             if op is None:
                 outs = run_graph(g, inputs, bindings)
+            elif any(p.layout is not None for p in g.params):
+                # layout weights are packed once (bind), then the reference runs on the weights
+                # the kernels actually compute with (unpacked)
+                layer = op.bind(**{p.name: inputs[p.name] for p in g.params if p.layout is not None})
+                kernels = f"{layer._packed.kernel_count} ({', '.join(str(v) for v in layer.layouts.values())})"
+                t0 = time.perf_counter()
+                res = layer(*[inputs[n] for n in layer.free])
+                outs = list(res) if isinstance(res, tuple) else [res]
+                ref = run_graph(g, {**inputs, **layer.unpacked()}, bindings, check=True)
             else:
                 res = op(*[inputs[p.name] for p in g.params])
                 outs = list(res) if isinstance(res, tuple) else [res]

@@ -1,0 +1,194 @@
+"""Pass: turn weight-layout annotations into packed-weight parameters and the nodes that read
+them (DESIGN.md, pass 2).
+
+Pipeline position: after canonicalisation, before the pattern rewrites and fusion; it runs
+when weights are bound (``mod.op.bind(...)``), for the layout chosen for each weight.
+
+Each rule replaces a dense weight ``w: [N, K]`` by its packed tensors (runtime/packing.py) and
+either rebuilds the dense value from them (dequantising prologues, which fusion puts into the
+GEMM's B loads: the GEMM reads the packed bytes) or replaces the contraction that uses it:
+
+    @quant(int8)          w' = cast(cast(q, f32) * scale[:, None], dt)
+    @quant(int4, group=G) w' = cast((unpack_int4(packed) - zero') * scale', dt)   (', the group's)
+    @quant(fp8)           w' = cast(fp8_bits(bits) * scale[:, None], dt)
+    @sparse(2:4)          w' = unpack_24(values, meta)
+    @quant(int8, act=int8) x @ w.T -> (matmul_i32(q8(x), q.T) * sx) * scale      (x per row)
+    @sparse(block=B)      x @ w.T -> bsr_matmul(x, blocks, col_idx, row_ptr)
+    @lowrank(...)         x @ w.T -> lowrank_matmul(x, v, u)
+
+The last three need the weight used as ``x @ w.T``; any other use is a SpecError there.
+"""
+from __future__ import annotations
+
+from ..frontend.diagnostics import SpecError
+from ..ir.dims import Sym, div
+from ..ir.graph import Graph, Layout, Node, Param, Value
+from ..ir.types import DType, TensorType
+from .canonicalize import dead_code
+from .context import PassContext
+from .graph_edit import Emitter
+
+CONTRACTION_LAYOUTS = ("w8a8", "block", "lowrank")
+
+
+def layout_tag(layout: Layout) -> str:
+    """A short identifier for op names: int4g128, int8, w8a8, fp8, s24, bsr32, lr16, lrtol."""
+    kw = dict(layout.kwargs)
+    if layout.kind == "quant":
+        q = layout.args[0]
+        if kw.get("act"):
+            return "w8a8"
+        return f"int4g{kw['group']}" if q == "int4" else q
+    if layout.kind == "sparse":
+        return f"bsr{kw['block']}" if "block" in kw else "s24"
+    if layout.kind == "lowrank":
+        return f"lr{kw['rank']}" if "rank" in kw else "lrtol"
+    return "dense"
+
+
+def rule_of(layout: Layout) -> str:
+    kw = dict(layout.kwargs)
+    if layout.kind == "quant" and kw.get("act"):
+        return "w8a8"
+    if layout.kind == "sparse" and "block" in kw:
+        return "block"
+    if layout.kind == "lowrank":
+        return "lowrank"
+    return "prologue"
+
+
+def packed_params(p: Param, layout: Layout) -> list[tuple[str, TensorType]]:
+    """(name, type) of the packed tensors that replace the weight parameter p."""
+    t = p.value.type
+    N, K = t.shape
+    dt = t.dtype
+    name = p.name
+    kw = dict(layout.kwargs)
+    if layout.kind == "quant" and layout.args[0] == "int8":
+        return [(f"{name}_q", TensorType(DType.i8, (N, K))), (f"{name}_scale", TensorType(DType.f32, (N,)))]
+    if layout.kind == "quant" and layout.args[0] == "int4":
+        g = kw["group"]
+        return [(f"{name}_packed", TensorType(DType.u8, (N, div(K, 2)))),
+                (f"{name}_scale", TensorType(dt, (N, div(K, g)))),
+                (f"{name}_zero", TensorType(DType.u8, (N, div(K, g))))]
+    if layout.kind == "quant" and layout.args[0] == "fp8":
+        return [(f"{name}_bits", TensorType(DType.u8, (N, K))), (f"{name}_scale", TensorType(DType.f32, (N,)))]
+    if layout.kind == "sparse" and "block" not in kw:
+        return [(f"{name}_values", TensorType(dt, (N, div(K, 2)))),
+                (f"{name}_meta", TensorType(DType.u8, (N, Sym.of(f"{name}_meta_cols"))))]
+    if layout.kind == "sparse":
+        b = kw["block"]
+        nnz = Sym.of(f"{name}_blocks")
+        return [(f"{name}_blocks", TensorType(dt, (nnz, b, b))), (f"{name}_col_idx", TensorType(DType.i32, (nnz,))),
+                (f"{name}_row_ptr", TensorType(DType.i32, (Sym.of(f"{name}_row_blocks_plus_1"),)))]
+    if layout.kind == "lowrank":
+        r = Sym.of(f"{name}_rank")
+        return [(f"{name}_u", TensorType(dt, (N, r))), (f"{name}_v", TensorType(dt, (r, K)))]
+    raise ValueError(layout)
+
+
+def dequantised(e: Emitter, p: Param, layout: Layout, packed: dict[str, Value]) -> Value:
+    """The dense weight rebuilt from packed tensors, for the prologue rules."""
+    t = p.value.type
+    N, K = t.shape
+    dt = t.dtype
+    name = p.name
+    kw = dict(layout.kwargs)
+    if layout.kind == "sparse":
+        return e("unpack_24", [packed[f"{name}_values"], packed[f"{name}_meta"]])
+    q = layout.args[0]
+    if q in ("int8", "fp8"):
+        src = packed[f"{name}_q"] if q == "int8" else packed[f"{name}_bits"]
+        vals = e("cast", [src], {"dtype": DType.f32}) if q == "int8" else e("fp8_bits", [src])
+        scale = e("reshape", [packed[f"{name}_scale"]], {"shape": (N, 1)})
+        return e("cast", [e("mul", [vals, scale])], {"dtype": dt})
+    g = kw["group"]
+    q4 = e("cast", [e("unpack_int4", [packed[f"{name}_packed"]])], {"dtype": DType.f32})
+
+    def per_group(v: Value) -> Value:   # [N, K/G] -> [N, K]: each group's value repeated G times
+        v = e("reshape", [v], {"shape": (N, div(K, g), 1)})
+        v = e("expand", [v], {"shape": (N, div(K, g), g)})
+        return e("cast", [e("reshape", [v], {"shape": (N, K)})], {"dtype": DType.f32})
+    zero = per_group(packed[f"{name}_zero"])
+    scale = per_group(packed[f"{name}_scale"])
+    return e("cast", [e("mul", [e("sub", [q4, zero]), scale])], {"dtype": dt})
+
+
+def apply_layouts(g: Graph, chosen: dict[str, Layout], shapes: dict | None = None,
+                  ctx: PassContext | None = None) -> Graph:
+    """``chosen``: weight parameter name -> the concrete layout it is packed with;
+    ``shapes``: packed tensor name -> its actual shape (data-dependent sizes become integers)."""
+    shapes = shapes or {}
+    if not chosen:
+        return g
+    producer, users = g.producers(), g.users()
+    params: list[Param] = []
+    prologue = Emitter(g.span)
+    remap: dict[Value, Value] = {}
+    replace_mm: dict[Node, tuple[str, Param, Layout, dict]] = {}
+    for p in g.params:
+        if p.name not in chosen:
+            params.append(p)
+            continue
+        layout = chosen[p.name]
+        packed = {}
+        for name, t in packed_params(p, layout):
+            if name in shapes:
+                t = TensorType(t.dtype, tuple(int(d) for d in shapes[name]))
+            v = Value(t, name)
+            packed[name] = v
+            params.append(Param(name, v, span=p.span))
+        rule = rule_of(layout)
+        if rule == "prologue":
+            remap[p.value] = dequantised(prologue, p, layout, packed)
+            continue
+        for u in users.get(p.value, []):
+            mm = _as_matmul_operand(u, p.value, users)
+            if mm is None:
+                span = u.span or p.span
+                raise SpecError(f"'{p.name}' with {layout} can only be used as x @ {p.name}.T", span,
+                                "this layout changes the contraction itself; use the weight in a matmul")
+            replace_mm[mm] = (rule, p, layout, packed)
+    nodes: list[Node] = list(prologue.nodes)
+    for n in g.nodes:
+        ins = tuple(remap.get(v, v) for v in n.inputs)
+        if n in replace_mm:
+            rule, p, layout, packed = replace_mm[n]
+            e = Emitter(n.span)
+            x = ins[0]
+            if rule == "block":
+                e("bsr_matmul", [x, packed[f"{p.name}_blocks"], packed[f"{p.name}_col_idx"],
+                                 packed[f"{p.name}_row_ptr"]], {"n": p.value.type.shape[0]}, out=n.out)
+            elif rule == "lowrank":
+                e("lowrank_matmul", [x, packed[f"{p.name}_v"], packed[f"{p.name}_u"]], out=n.out)
+            else:
+                _w8a8(e, x, p, packed, n.out)
+            nodes.extend(e.nodes)
+            continue
+        nodes.append(n if ins == n.inputs else Node(n.op, ins, n.attrs, n.outputs, n.span))
+    tag = "_".join(f"{name}_{layout_tag(lay)}" for name, lay in chosen.items())
+    out = g.replace(name=f"{g.name}__{tag}", params=tuple(params), nodes=tuple(dead_code(nodes, g.outputs)))
+    return out
+
+
+def _as_matmul_operand(u: Node, w: Value, users) -> Node | None:
+    """The matmul node if u is transpose(w) feeding only matmuls as their B operand."""
+    if u.op != "transpose" or (u.attrs["a"], u.attrs["b"]) != (0, 1):
+        return None
+    mms = users.get(u.out, [])
+    if len(mms) != 1 or mms[0].op != "matmul" or mms[0].inputs[1] is not u.out or mms[0].inputs[0].type.rank < 1:
+        return None
+    return mms[0]
+
+
+def _w8a8(e: Emitter, x: Value, p: Param, packed: dict[str, Value], out: Value) -> None:
+    """Activations quantized per row at run time: sx = max|x| / 127, xq = round(x / sx)."""
+    xf = e("cast", [x], {"dtype": DType.f32})
+    sx = e("div", [e("max", [e("abs", [xf])], {"axis": x.type.rank - 1, "keepdim": True}), e.const(127.0, DType.f32)])
+    sx = e("maximum", [sx, e.const(1e-30, DType.f32)], name="act_scale")
+    xq = e("cast", [e("round", [e("div", [xf, sx])])], {"dtype": DType.i8}, name="act_q")
+    wt = e("transpose", [packed[f"{p.name}_q"]], {"a": 0, "b": 1})
+    acc = e("matmul_i32", [xq, wt])
+    y = e("mul", [e("mul", [e("cast", [acc], {"dtype": DType.f32}), sx]), packed[f"{p.name}_scale"]])
+    e("cast", [y], {"dtype": out.type.dtype}, out=out)
+

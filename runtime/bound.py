@@ -1,0 +1,135 @@
+"""``mod.op.bind(**weights)``: pack weights once and return a ``torch.nn.Module``.
+
+The module holds the packed tensors (and any other bound weights) as buffers, so they move
+with ``.to()`` and save and load with ``state_dict``; calling it with the remaining inputs
+runs the op compiled for those packed layouts (its own torch op, ``<op>__<weight>_<layout>``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..ir.graph import Layout
+from ..ir.torch_dtypes import to_torch
+from ..ir.types import TensorType
+from .binding import CallError
+from .device import kernel_device
+from .packing import pack
+
+
+class BoundOp(torch.nn.Module):
+    def __init__(self, op, packed_op, buffers: dict[str, torch.Tensor], layouts: dict[str, Layout | None],
+                 report: dict[str, list] | None = None):
+        super().__init__()
+        self.op_name = op.name
+        self._packed = packed_op
+        self.layouts = layouts
+        self.report = report or {}
+        for name, t in buffers.items():
+            self.register_buffer(name, t)
+        self._bound = tuple(buffers)
+        self.free = [p.name for p in packed_op.graph.params if p.name not in buffers]
+        self._dense_types = {}
+
+    def forward(self, *args, **kwargs):
+        if len(args) > len(self.free):
+            raise CallError(f"{self.op_name}: the bound op takes {len(self.free)} input(s) "
+                            f"({', '.join(self.free)}), got {len(args)}")
+        values: dict[str, Any] = dict(zip(self.free, args))
+        for k, v in kwargs.items():
+            if k not in self.free:
+                raise CallError(f"{self.op_name}: '{k}' is not an input of the bound op; its inputs are "
+                                f"{', '.join(self.free)}" + (f" ('{k}' is bound)" if k in self.layouts else ""))
+            values[k] = v
+        full = []
+        for p in self._packed.graph.params:
+            if p.name in self._bound:
+                full.append(getattr(self, p.name))
+            elif p.name in values:
+                full.append(values[p.name])
+            elif p.has_default:
+                full.append(p.default)
+            else:
+                raise CallError(f"{self.op_name}: missing the input '{p.name}'")
+        return self._packed(*full)
+
+    def unpacked(self) -> dict[str, torch.Tensor]:
+        """The dense weights the kernels compute with (runtime/packing.unpack of the buffers):
+        what a reference run of the spec should be given."""
+        from .packing import unpack
+        out = {}
+        for name, layout in self.layouts.items():
+            if layout is None:
+                out[name] = getattr(self, name)
+                continue
+            parts = {b[len(name) + 1:]: getattr(self, b) for b in self._bound if b.startswith(f"{name}_")}
+            dense = self._dense_types[name]
+            out[name] = unpack(layout, parts, dense[0], dense[1])
+        return out
+
+    def explain(self, file=None) -> str:
+        lines = [f"== bound {self.op_name}: layouts =="]
+        for name, layout in self.layouts.items():
+            lines.append(f"  {name}: {layout if layout is not None else 'dense'}")
+            for row in self.report.get(name, []):
+                lines.append("    " + row)
+        text = "\n".join(lines) + "\n\n" + self._packed.explain(file=open("/dev/null", "w"))
+        print(text, file=file)
+        return text
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v if v is not None else 'dense'}" for k, v in self.layouts.items())
+
+
+def check_weight(op, name: str, w: torch.Tensor) -> None:
+    params = {p.name: p for p in op.graph.params}
+    if name not in params:
+        raise CallError(f"{op.name}.bind(): it has no parameter '{name}'; its parameters are {', '.join(params)}")
+    p = params[name]
+    t = p.value.type
+    if not isinstance(t, TensorType):
+        raise CallError(f"{op.name}.bind(): '{name}' is a scalar; bind tensors")
+    if not isinstance(w, torch.Tensor) or w.dtype != to_torch(t.dtype) or w.dim() != t.rank:
+        got = f"{w.dtype} of shape {list(w.shape)}" if isinstance(w, torch.Tensor) else type(w).__name__
+        raise CallError(f"{op.name}.bind(): '{name}' expects {t}, got {got}")
+
+
+def bind(op, calibration=None, **weights) -> BoundOp:
+    from .autolayout import choose_layout
+    for name, w in weights.items():
+        check_weight(op, name, w)
+    params = {p.name: p for p in op.graph.params}
+    device = kernel_device()
+    chosen: dict[str, Layout] = {}
+    layouts: dict[str, Layout | None] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    report: dict[str, list] = {}
+    for name, w in weights.items():
+        layout = params[name].layout
+        w = w.detach().to(device)
+        if layout is not None and layout.kind == "auto":
+            layout, report[name] = choose_layout(op, name, w, dict(layout.kwargs)["tol"], weights, calibration)
+        layouts[name] = layout
+        if layout is None:
+            buffers[name] = w.contiguous()
+            continue
+        chosen[name] = layout
+        for suffix, t in pack(layout, w, name).items():
+            buffers[f"{name}_{suffix}"] = t.to(device)
+    sizes = {}
+    for name, w in weights.items():
+        for d, n in zip(params[name].value.type.shape, w.shape):
+            if not isinstance(d, int) and d.is_symbol():
+                s = str(d)
+                if s in sizes and sizes[s] != int(n):
+                    raise CallError(f"{op.name}.bind(): '{name}' has {s} = {int(n)}, another bound weight "
+                                    f"has {s} = {sizes[s]}")
+                sizes[s] = int(n)
+            elif isinstance(d, int) and d != n:
+                raise CallError(f"{op.name}.bind(): '{name}' expects {params[name].value.type}, got shape {list(w.shape)}")
+    shapes = {k: tuple(t.shape) for k, t in buffers.items()}
+    packed_op = op.packed_variant(chosen, sizes, shapes)
+    module = BoundOp(op, packed_op, buffers, layouts, report)
+    module._dense_types = {name: (tuple(w.shape), w.dtype) for name, w in weights.items()}
+    return module
