@@ -101,12 +101,13 @@ def run(file, op_name, shape, dtype, seed, reference, bench):
 @main.command()
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="write results JSON here")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="write a roofline plot here")
-@click.option("--only", default=None, help="comma-separated workload names")
+@click.option("--only", default=None, help="workload names (comma-separated) or a group: kernels, fusion, layouts")
+@click.option("--dtypes", default="f16,bf16", show_default=True, help="dtypes to run the workloads in")
 @click.option("--cpu-smoke", is_flag=True, help="tiny shapes on the CPU interpreter: checks the harness, times nothing useful")
-def bench(out, plot, only, cpu_smoke):
+def bench(out, plot, only, dtypes, cpu_smoke):
     """Benchmark the workloads against PyTorch eager, torch.compile and specialist libraries."""
     from .benchmarks.harness import main as bench_main
-    sys.exit(bench_main(out=out, plot=plot, only=only, cpu_smoke=cpu_smoke, console=console))
+    sys.exit(bench_main(out=out, plot=plot, only=only, cpu_smoke=cpu_smoke, dtypes=dtypes, console=console))
 
 
 @main.command()

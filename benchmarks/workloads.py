@@ -52,6 +52,8 @@ class Workload:
     bound: str = "memory"                      # which roofline term should dominate
     note: str = ""
     scalars: dict = field(default_factory=dict)
+    weights: tuple[str, ...] = ()              # bound once with .bind() (packed), not timed
+    group: str = "kernels"                     # which table: kernels, fusion, layouts
 
 
 def _rms_eager(x, w, eps=1e-5):
@@ -101,9 +103,113 @@ WORKLOADS: list[Workload] = [
 ]
 
 
+MOE_SPEC = open(EXAMPLES / "moe.opf").read()
+
+
+def _moe_eager(x, w_router, w1, w3, w2, k=2):
+    """The usual PyTorch MoE layer: route, then a loop over experts with per-expert matmuls."""
+    logits = (x @ w_router.T).float()
+    top, experts = torch.topk(logits, k, dim=-1)
+    gates = torch.softmax(top, dim=-1).to(x.dtype)
+    out = torch.zeros_like(x)
+    for e in range(w1.shape[0]):
+        tok, slot = torch.nonzero(experts == e, as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        h = F.silu(x[tok] @ w1[e].T) * (x[tok] @ w3[e].T)
+        out.index_add_(0, tok, (h @ w2[e].T) * gates[tok, slot, None])
+    return out
+
+
+DECODE_ATTN_SPEC = """
+op decode_attention(q: f16[B, H, S, E], k: f16[B, H, T, E], v: f16[B, H, T, E]) -> f16[B, H, S, E] {
+    return softmax((q @ k.T) * rsqrt(cast(E, f32)), axis=-1) @ v
+}
+"""
+
+
+def _sdpa_plain(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _linear_spec(layout: str) -> str:
+    ann = f" {layout}" if layout else ""
+    return f"op linear(x: f16[M, K], w: f16[N, K]{ann}) -> f16[M, N] {{ return x @ w.T }}"
+
+
+def _dense_linear(x, w):
+    return x @ w.T
+
+
+def _semi_structured(x, w):
+    from torch.sparse import to_sparse_semi_structured
+    cache = _semi_structured.__dict__.setdefault("cache", {})
+    key = (w.data_ptr(), tuple(w.shape))
+    if key not in cache:
+        # prune 2:4 by magnitude as opforge does, then torch's sparse format
+        g = w.reshape(w.shape[0], -1, 4)
+        keep = torch.sort(torch.sort(-g.abs(), dim=2, stable=True).indices[..., :2], dim=2).values
+        mask = torch.zeros_like(g, dtype=torch.bool).scatter_(2, keep, True)
+        cache[key] = to_sparse_semi_structured((g * mask).reshape(w.shape))
+    return x @ cache[key].t()
+
+
+LAYOUTS = {"int4": "@quant(int4, group=128)", "int8": "@quant(int8)", "fp8": "@quant(fp8)", "2:4": "@sparse(2:4)",
+           "dense": ""}
+
+
+def _layout_workloads() -> list[Workload]:
+    out = []
+    shapes = [(m, 4096, 4096) for m in (1, 4, 16)] + [(m, 11008, 4096) for m in (1, 4, 16)] + [(4096, 4096, 4096)]
+    for m, n, k in shapes:
+        for tag, ann in LAYOUTS.items():
+            def nbytes(s, b, tag=tag):
+                wbytes = {"int4": s["N"] * s["K"] // 2 + s["N"] * s["K"] // 128 * 3, "int8": s["N"] * s["K"] + 4 * s["N"],
+                          "fp8": s["N"] * s["K"] + 4 * s["N"], "2:4": s["N"] * s["K"] + s["N"] * s["K"] // 8,
+                          "dense": 2 * s["N"] * s["K"]}[tag]
+                return wbytes + 2 * s["M"] * (s["K"] + s["N"])
+            spec = (f"layout_{tag.replace(':', '')}", _semi_structured) if tag == "2:4" else None
+            out.append(Workload(
+                f"linear_{tag.replace(':', '')}_M{m}_N{n}", _linear_spec(ann), "linear", {"M": m, "N": n, "K": k},
+                {"M": min(m, 3), "N": 40, "K": 256},
+                flops=lambda s: 2 * s["M"] * s["N"] * s["K"], bytes=nbytes, eager=_dense_linear,
+                specialist=("torch semi-structured 2:4", _semi_structured) if tag == "2:4" else
+                ("cuBLAS dense f16 (torch.matmul)", _dense_linear),
+                bound="memory" if m <= 16 else "compute", weights=("w",), group="layouts",
+                note=f"{ann or 'dense'}; eager and torch.compile run the dense f16 weight"))
+    return out
+
+
+WORKLOADS += [
+    Workload("swiglu_mlp_fused", MLP_SPEC, "swiglu_mlp", {"M": 4096, "D": 4096, "F": 11008},
+             {"M": 5, "D": 32, "F": 48},
+             flops=lambda s: 2 * s["M"] * s["D"] * s["F"] * 3,
+             bytes=lambda s, b: (2 * s["M"] * s["D"] + 3 * s["D"] * s["F"]) * b,
+             eager=_mlp_eager, specialist=("cuBLAS (torch.matmul)", _mlp_eager), bound="compute", group="fusion",
+             note="gate and up GEMMs share x in one kernel with silu*mul; 4096 tokens"),
+    Workload("attention_decode", DECODE_ATTN_SPEC, "decode_attention",
+             {"B": 1, "H": 32, "S": 1, "T": 4096, "E": 128}, {"B": 1, "H": 2, "S": 1, "T": 600, "E": 16},
+             flops=lambda s: 4 * s["B"] * s["H"] * s["S"] * s["T"] * s["E"],
+             bytes=lambda s, b: s["B"] * s["H"] * (2 * s["S"] + 2 * s["T"]) * s["E"] * b,
+             eager=lambda q, k, v: torch.softmax((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5, -1) @ v,
+             specialist=("SDPA", _sdpa_plain), bound="memory", group="fusion",
+             note="one query token, 4096 cached keys (split-KV)"),
+    Workload("moe_ffn", MOE_SPEC, "moe_ffn", {"T": 4096, "D": 4096, "F": 14336, "E": 8},
+             {"T": 37, "D": 64, "F": 96, "E": 8},
+             flops=lambda s: 2 * s["T"] * 2 * s["D"] * s["F"] * 3 + 2 * s["T"] * s["D"] * s["E"],
+             bytes=lambda s, b: (2 * s["T"] * s["D"] + 3 * s["E"] * s["D"] * s["F"] + s["E"] * s["D"]) * b,
+             eager=_moe_eager, specialist=("per-expert torch.matmul loop", _moe_eager), bound="compute",
+             group="fusion", note="Mixtral shapes: 8 experts, top-2, 4096 tokens"),
+]
+WORKLOADS += _layout_workloads()
+
+
 def by_name(names: str | None) -> list[Workload]:
     if not names:
-        return list(WORKLOADS)
+        return [w for w in WORKLOADS if w.group != "layouts"]
+    groups = {w.group for w in WORKLOADS}
+    if names in groups:
+        return [w for w in WORKLOADS if w.group == names]
     want = [n.strip() for n in names.split(",") if n.strip()]
     known = {w.name: w for w in WORKLOADS}
     missing = [n for n in want if n not in known]
