@@ -260,6 +260,21 @@ class Plan:
         return tuple(k for step in self.steps for lnch in step for k in lnch.kernels)
 
 
+def atomic_buffers(k: TileKernel) -> set[str]:
+    """Buffers the kernel adds into with atomics (they must be zeroed before each run)."""
+    names = set()
+    params = {p.name: p for p in k.params}
+    for s in walk(k.body):
+        if isinstance(s, Store) and s.atomic_add:
+            stack = [s.ptr]
+            while stack:
+                e = stack.pop()
+                if e.op == "arg" and e.args[0] in params and params[e.args[0]].kind == "ptr":
+                    names.add(params[e.args[0]].buffer)
+                stack.extend(x for x in e.args if isinstance(x, TExpr))
+    return names
+
+
 def walk(stmts: Sequence) -> list:
     """Every statement, loops flattened, in order."""
     out = []

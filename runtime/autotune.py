@@ -125,7 +125,9 @@ class Autotuner:
         self.reports: list[TuneReport] = []
         self._memo: dict = {}
 
-    def choose(self, launch: Launch, fn, entry: Path, bindings, args, grid_of) -> Config:
+    def choose(self, launch: Launch, fn, entry: Path, bindings, args, grid_of, reset=None) -> Config:
+        """``reset`` (optional) runs before every timed launch: kernels that add into their
+        outputs with atomics must start from zeros each time."""
         k = launch.kernel
         key = bucket(bindings)
         memo_key = (str(entry), key)
@@ -138,7 +140,7 @@ class Autotuner:
             return cfg
         if _tracing(args):
             return heuristic_config(k, bindings)
-        cfg, report = self.tune(k, bindings, lambda c: _launcher(fn, grid_of(launch, bindings, c), args, c))
+        cfg, report = self.tune(k, bindings, lambda c: _launcher(fn, grid_of(launch, bindings, c), args, c, reset))
         self.reports.append(report)
         if cfg is None:
             cfg = heuristic_config(k, bindings)
@@ -181,8 +183,10 @@ class Autotuner:
         return report.best, report
 
 
-def _launcher(fn, grid, args, cfg: Config):
+def _launcher(fn, grid, args, cfg: Config, reset=None):
     def run():
+        if reset is not None:
+            reset()
         fn[grid](*args, **cfg.as_dict(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return run
 

@@ -10,7 +10,7 @@ import torch
 
 from ..ir import registry
 from ..ir.dims import evaluate
-from ..ir.tile import Launch, Plan
+from ..ir.tile import Launch, Plan, atomic_buffers
 from ..ir.torch_dtypes import RefCtx, to_torch
 from ..passes.fusion import FusedGraph
 from .binding import CallError
@@ -43,12 +43,19 @@ class PlanRunner:
                 for k in lnch.kernels:
                     self.kernel(Launch(k))
 
-    def config(self, launch: Launch, bindings: Mapping[str, int], args) -> Config:
+    def config(self, launch: Launch, bindings: Mapping[str, int], args, buffers=None) -> Config:
         if interpreting():
             return interpreter_config(launch.kernel, bindings)
         if self.tuner is not None:
             fn, entry = self.kernel(launch)
-            return self.tuner.choose(launch, fn, entry, bindings, args, self.grid)
+            zeroed = [buffers[b] for b in atomic_buffers(launch.kernel)] if buffers else []
+
+            def reset():
+                for t in zeroed:
+                    t.zero_()
+            cfg = self.tuner.choose(launch, fn, entry, bindings, args, self.grid, reset if zeroed else None)
+            reset()   # timing runs added into the atomically written buffers
+            return cfg
         return heuristic_config(launch.kernel, bindings)
 
     # -- one call ------------------------------------------------------------------------------
@@ -72,7 +79,7 @@ class PlanRunner:
     def launch(self, kernel, launch: Launch, buffers, scalars, bindings) -> None:
         one = launch if kernel is launch.kernel else Launch(kernel, launch.group)
         args = kernel_args(one, buffers, scalars, bindings)
-        cfg = self.config(one, bindings, args)
+        cfg = self.config(one, bindings, args, buffers)
         grid = self.grid(one, bindings, cfg)
         if 0 in grid:
             return
