@@ -104,6 +104,8 @@ def expr(e: TExpr) -> tuple[int, str]:
         return PRIMARY, f"{ARGREDUCE[kind]}({text(x)}, axis={axis}, keep_dims=True)"
     if op == "cumsum":
         return PRIMARY, f"tl.cumsum({text(a[0])}, axis={a[1]})"
+    if op == "reshape":
+        return PRIMARY, f"tl.reshape({text(a[0])}, {shape_text(a[1])})"
     if op == "trans":
         return PRIMARY, f"tl.trans({text(a[0])})"
     raise KeyError(f"no Triton text for tile op {op!r}")

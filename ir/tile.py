@@ -40,7 +40,7 @@ OPS: dict[str, str] = {
     "maximum": "math", "minimum": "math", "where": "math", "cast": "math", "cdiv": "math",
     "bitcast": "math",
     "load": "mem", "expand_dims": "tile", "broadcast_to": "tile", "full": "tile", "dot": "tile",
-    "reduce": "tile", "argreduce": "tile", "cumsum": "tile", "trans": "tile",
+    "reduce": "tile", "argreduce": "tile", "cumsum": "tile", "trans": "tile", "reshape": "tile",
 }
 
 

@@ -298,8 +298,17 @@ class TileBuilder:
             x = self.cast(x, I32)
         return TExpr("cumsum", (x, axis), x.dtype, x.shape)
 
+    DOT_DTYPES = (DType.f16, DType.bf16, DType.f32, DType.i8, DType.f8e4m3)
+
     def dot(self, a: TExpr, b: TExpr, acc: TExpr, precision: str | None = None) -> TExpr:
-        """acc + a @ b. ``precision`` ("ieee" or "tf32") applies to f32 operands only."""
+        """acc + a @ b. ``precision`` ("ieee" or "tf32") applies to f32 operands only. Operands
+        tl.dot does not take (i32, i64, u8) multiply and sum over a [M, K, N] tile instead."""
+        if a.dtype not in self.DOT_DTYPES or b.dtype not in self.DOT_DTYPES:
+            a3 = self.cast(self.expand_dims(a, 2), acc.dtype)
+            b3 = self.cast(self.expand_dims(b, 0), acc.dtype)
+            prod = TExpr("mul", (a3, b3), acc.dtype, broadcast(a3.shape, b3.shape))
+            summed = TExpr("reduce", (prod, 1, "sum"), acc.dtype, (prod.shape[0], 1, prod.shape[2]))
+            return self.add(acc, TExpr("reshape", (summed, tuple(acc.shape)), acc.dtype, tuple(acc.shape)))
         return TExpr("dot", (a, b, acc, precision), acc.dtype, acc.shape)
 
     def trans(self, a: TExpr) -> TExpr:
@@ -346,14 +355,28 @@ class TileBuilder:
         return v
 
     def store(self, ptr: TExpr, value: TExpr, mask: TExpr | None) -> None:
-        mask = self.block_mask(ptr, mask)
+        ptr, value, mask = self._store_shapes(ptr, value, mask)
         elem = ptr.dtype.elem
         if value.dtype != elem:
             value = self.cast(value, elem)
         self.blocks[-1].append(Store(ptr, value, mask))
 
+    def _store_shapes(self, ptr: TExpr, value: TExpr, mask: TExpr | None):
+        """A store's pointer, value and mask at one tile shape (tl.store wants the pointer at
+        least as wide as the value and the mask; masked-off duplicates write nothing)."""
+        shape = broadcast(ptr.shape, value.shape)
+        if mask is not None:
+            shape = broadcast(shape, mask.shape)
+        if shape != tuple(ptr.shape):
+            ptr = TExpr("broadcast_to", (ptr, shape), ptr.dtype, shape)
+        if shape != tuple(value.shape) and value.shape != ():
+            value = self.broadcast_to(value, shape)
+        if mask is not None and mask.shape == () and shape != ():
+            mask = self.and_(self.full(shape, True, BOOL), mask)
+        return ptr, value, mask
+
     def atomic_add(self, ptr: TExpr, value: TExpr, mask: TExpr | None) -> None:
-        mask = self.block_mask(ptr, mask)
+        ptr, value, mask = self._store_shapes(ptr, value, mask)
         elem = ptr.dtype.elem
         if value.dtype != elem:
             value = self.cast(value, elem)

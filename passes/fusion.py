@@ -442,6 +442,22 @@ def fuse(g: Graph, ctx: PassContext | None = None) -> FusedGraph:
     last = {i: max(order[n] for n in members[i]) for i in range(len(members))}
     gids = list(nx.lexicographical_topological_sort(gdag, key=lambda i: last[i]))
     graph_out = set(g.outputs)
+    # results reached only through glue (a view of a computed value) are copied from a stored
+    # value: the compute values behind them must be stored
+    needed_by_copies: set = set()
+    owned_out = {v for ms in members for n in ms for v in n.outputs}
+    for v in g.outputs:
+        if v not in owned_out:
+            stack = [v]
+            while stack:
+                x = stack.pop()
+                p = part.producer.get(x)
+                if p is None:
+                    continue
+                if part.cls(p) == "glue":
+                    stack.extend(p.inputs)
+                elif part.cls(p) == "compute":
+                    needed_by_copies.add(x)
     groups = []
     for k, gid in enumerate(gids):
         nodes = tuple(sorted(members[gid], key=order.get))
@@ -449,7 +465,7 @@ def fuse(g: Graph, ctx: PassContext | None = None) -> FusedGraph:
         stored = []
         for n in nodes:
             for v in n.outputs:
-                if v in graph_out or _used_outside(part, v, inside):
+                if v in graph_out or v in needed_by_copies or _used_outside(part, v, inside):
                     stored.append(v)
         root = nodes[-1]
         kind = part.kind[gid]

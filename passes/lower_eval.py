@@ -63,11 +63,11 @@ class Evaluator:
         """The template already has v at this context (a mask does not change a value): a tile,
         or a function of the context for values computed from bound ones (softmax)."""
         self._keep.append(ctx)
-        self.bound[(v, ctx.key()[0])] = tile
+        self.bound[(v, index_key(v, ctx))] = tile
 
     def __call__(self, v: Value, ctx: Ctx) -> TExpr:
         self._keep.append(ctx)
-        hit = self.bound.get((v, ctx.key()[0]))
+        hit = self.bound.get((v, index_key(v, ctx)))
         if hit is not None:
             return hit(ctx) if callable(hit) else hit
         if v in self.special:
@@ -136,6 +136,12 @@ class Evaluator:
     # -- helpers for templates -----------------------------------------------------------------
     def size(self, d: Dim) -> TExpr:
         return self.b.size(d)
+
+
+def index_key(v: Value, ctx: Ctx) -> tuple:
+    """The indices that matter for v: an axis of size 1 is index 0 whatever the context says."""
+    shape = v.type.shape
+    return tuple(None if i is None or (k < len(shape) and shape[k] == 1) else id(i) for k, i in enumerate(ctx.idx))
 
 
 def ptr_add(ptr: TExpr, offset: TExpr) -> TExpr:

@@ -96,10 +96,12 @@ def lower_router(fg: FusedGraph, group: Group) -> list:
         outs = [b.mul(e, inv) for e in exps]
     else:
         outs = [t for t, _ in best]
-    vname, iname = fg.buffer(group, vals_out), fg.buffer(group, idx_out)
-    for j in range(k):
-        _store_at(b, vname, vals_out.type.dtype, (rows, b.const(j)), outs[j], row_ok)
-        _store_at(b, iname, DType.i32, (rows, b.const(j)), b.cast(best[j][1], DType.i32), row_ok)
+    for j in range(k):   # a result nobody uses is not stored
+        if vals_out in group.outputs:
+            _store_at(b, fg.buffer(group, vals_out), vals_out.type.dtype, (rows, b.const(j)), outs[j], row_ok)
+        if idx_out in group.outputs:
+            _store_at(b, fg.buffer(group, idx_out), DType.i32, (rows, b.const(j)), b.cast(best[j][1], DType.i32),
+                      row_ok)
     kernel = b.kernel([GridDim.of(T, "BLOCK_M")], doc=f"{group.name} (router): logits, top-{k}"
                       + (", softmax of the chosen" if softmax else ""), warps=(4, 8), stages=(2, 3))
     return [(kernel, E, 1024)]

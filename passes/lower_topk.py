@@ -37,7 +37,7 @@ def lower_topk(fg: FusedGraph, group: Group) -> list:
         vals = b.let(b.cast(tile, DType.i64), "vals")
         lowest = -(1 << 62)
     taken = b.declare(b.binop("ne", b.full(("BLOCK_M", "BLOCK_N"), 0, DType.i32), 0), "taken")
-    names = {v: fg.buffer(group, v) for v in (values, indices)}
+    names = {v: fg.buffer(group, v) for v in (values, indices) if v in group.outputs}
     with b.loop("j", 0, k, 1) as j:
         b.comment("the largest value not taken yet, and its lowest index")
         avail = b.let(b.and_(ctx.mask, b.unary("not", taken)), "avail")
@@ -45,6 +45,8 @@ def lower_topk(fg: FusedGraph, group: Group) -> list:
         hit = b.and_(avail, b.binop("eq", vals, best))
         idx = b.let(b.reduce(b.where(hit, cols, BIG_INDEX), 1, "min"), "best_idx")
         for v, tile_v in ((values, best), (indices, b.cast(idx, DType.i32))):
+            if v not in names:
+                continue      # a result nobody uses
             name = names[v]
             off = None
             for a in range(len(domain)):

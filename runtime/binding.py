@@ -118,6 +118,10 @@ def check_derived_sizes(g: Graph, items: tuple[tuple[str, int], ...]) -> None:
                 if a != c:
                     raise ValueError(f"reshape of {format_shape(n.inputs[0].type.shape)} ({a} elements) into "
                                      f"{format_shape(n.out.type.shape)} ({c} elements)")
+            if n.op == "topk":
+                size = evaluate(n.inputs[0].type.shape[n.attrs["axis"]], b)
+                if n.attrs["k"] > size:
+                    raise ValueError(f"topk with k={n.attrs['k']} over an axis of size {size}")
             if n.op == "slice":
                 for k, (s0, s1, d) in enumerate(zip(n.attrs["starts"], n.attrs["stops"], n.inputs[0].type.shape)):
                     s0, s1, d = evaluate(s0, b), evaluate(s1, b), evaluate(d, b)

@@ -45,7 +45,10 @@ class CompiledOp:
 
     # -- calling -------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
-        return self.torch_op(*args, **kwargs)
+        """Through the torch dispatcher (what torch.compile sees); the argument count and names
+        are checked first so a mistake is an opforge.CallError, not a schema error."""
+        values = bind_args(self.graph, args, kwargs)
+        return self.torch_op(*[values[p.name] for p in self.graph.params])
 
     def _bind(self, args):
         values = bind_args(self.graph, args, {})

@@ -101,7 +101,7 @@ def _pack_int8(w, act=None):
 def _pack_int4(w, group):
     n, k = w.shape
     g = w.float().reshape(n, k // group, group)
-    lo, hi = g.amin(dim=2), g.amax(dim=2)
+    lo, hi = g.amin(dim=2).clamp(max=0.0), g.amax(dim=2).clamp(min=0.0)   # the range holds 0: zero in [0, 15]
     scale = (hi - lo) / 15.0
     scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(w.dtype).float()  # as stored
     zero = torch.round(-lo / scale).clamp(0, 15)
