@@ -267,6 +267,9 @@ class TileBuilder:
 
     def load(self, ptr: TExpr, mask: TExpr | None, other=0) -> TExpr:
         mask = self.block_mask(ptr, mask)
+        if mask is not None and ptr.shape == () and mask.shape != ():
+            # a tensor of size-1 axes read under a tile's mask: the pointer takes the tile shape
+            ptr = TExpr("broadcast_to", (ptr, tuple(mask.shape)), ptr.dtype, tuple(mask.shape))
         elem = ptr.dtype.elem
         if elem.is_bool:
             other = False

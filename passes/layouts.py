@@ -142,12 +142,7 @@ def apply_layouts(g: Graph, chosen: dict[str, Layout], shapes: dict | None = Non
         if rule == "prologue":
             remap[p.value] = dequantised(prologue, p, layout, packed)
             continue
-        for u in users.get(p.value, []):
-            mm = _as_matmul_operand(u, p.value, users)
-            if mm is None:
-                span = u.span or p.span
-                raise SpecError(f"'{p.name}' with {layout} can only be used as x @ {p.name}.T", span,
-                                "this layout changes the contraction itself; use the weight in a matmul")
+        for mm in contraction_uses(g, p, layout, users):
             replace_mm[mm] = (rule, p, layout, packed)
     nodes: list[Node] = list(prologue.nodes)
     for n in g.nodes:
@@ -171,14 +166,34 @@ def apply_layouts(g: Graph, chosen: dict[str, Layout], shapes: dict | None = Non
     return out
 
 
-def _as_matmul_operand(u: Node, w: Value, users) -> Node | None:
-    """The matmul node if u is transpose(w) feeding only matmuls as their B operand."""
-    if u.op != "transpose" or (u.attrs["a"], u.attrs["b"]) != (0, 1):
-        return None
-    mms = users.get(u.out, [])
-    if len(mms) != 1 or mms[0].op != "matmul" or mms[0].inputs[1] is not u.out or mms[0].inputs[0].type.rank < 1:
-        return None
-    return mms[0]
+def _is_wt(u: Node) -> bool:
+    """w.T: a transpose of the two axes, or the permutation [1, 0]."""
+    return (u.op == "transpose" and (u.attrs["a"], u.attrs["b"]) == (0, 1)) or \
+        (u.op == "permute" and tuple(u.attrs["perm"]) == (1, 0))
+
+
+def contraction_uses(g: Graph, p: Param, layout: Layout, users=None) -> list[Node]:
+    """The matmuls reading p as ``x @ p.T``; any other use of p is a SpecError there (block
+    sparsity, low rank and act=int8 replace the contraction itself)."""
+    users = users if users is not None else g.users()
+    out = []
+    for u in users.get(p.value, []):
+        mms = users.get(u.out, []) if _is_wt(u) else []
+        if not mms or any(m.op != "matmul" or m.inputs[1] is not u.out or m.inputs[0].type.rank < 1 for m in mms):
+            raise SpecError(f"'{p.name}' with {layout} can only be used as x @ {p.name}.T", u.span or p.span,
+                            "this layout changes the contraction itself; use the weight only in matmuls")
+        out.extend(mms)
+    return out
+
+
+def check_layout_uses(g: Graph, ctx: PassContext | None = None) -> Graph:
+    """Validation pass (after canonicalisation): layouts that replace the contraction are used
+    only as x @ w.T. Makes `opforge check` and compile report misuse, not only bind."""
+    users = g.users()
+    for p in g.params:
+        if p.layout is not None and p.layout.kind != "auto" and rule_of(p.layout) != "prologue":
+            contraction_uses(g, p, p.layout, users)
+    return g
 
 
 def _w8a8(e: Emitter, x: Value, p: Param, packed: dict[str, Value], out: Value) -> None:

@@ -251,11 +251,13 @@ def _gather_rows(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
 
 
 def _causal(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
+    """j <= i + T - S, written j + S <= i + T so that no size argument is negative (S > T)."""
     b = ev.b
     i, j = (x if x is not None else b.const(0) for x in ctx.idx)
-    shift = n.attrs["T"] - n.attrs["S"]
-    rhs = b.add(i, ev.size(shift)) if shift != 0 else i
-    return b.let(b.binop("le", j, rhs), "causal")
+    S, T = n.attrs["S"], n.attrs["T"]
+    if S == T:
+        return b.let(b.binop("le", j, i), "causal")
+    return b.let(b.binop("le", b.add(j, ev.size(S)), b.add(i, ev.size(T))), "causal")
 
 
 def _unpack_int4(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:

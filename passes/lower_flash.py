@@ -97,9 +97,9 @@ class Flash:
         acc = b.declare(b.full(("BLOCK_M", "BLOCK_EV"), 0.0, DType.f32), "acc")
         if self.causal:
             b.comment("causal: keys past the diagonal of this row block are never loaded")
-            shift = self.T - self.S
             last = b.mul(b.add(pid_m, 1), BM)
-            last = b.add(last, b.size(shift)) if shift != 0 else last
+            if self.T != self.S:    # + T - S, as two sizes (T - S may be negative)
+                last = b.sub(b.add(last, sT), b.size(self.S))
             hi = b.let(b.maximum(b.minimum(last, sT), 0), "hi")
         else:
             hi = sT
@@ -114,8 +114,10 @@ class Flash:
                              qk_scale), "qk")
             keep = b.and_(row_ok, col_ok)
             if self.causal:
-                shift = self.T - self.S
-                keep = b.and_(keep, b.binop("le", cols, b.add(rows, b.size(shift)) if shift != 0 else rows))
+                if self.T == self.S:
+                    keep = b.and_(keep, b.binop("le", cols, rows))
+                else:   # j + S <= i + T: no negative size
+                    keep = b.and_(keep, b.binop("le", b.add(cols, b.size(self.S)), b.add(rows, sT)))
             if self.mask is not None:
                 m_ctx = operand_ctx(self.mask, batch_idx, len(self.batch), (rows, cols))
                 keep = b.and_(keep, b.binop("ne", ev(self.mask, Ctx(m_ctx.idx, b.and_(row_ok, col_ok))), 0))

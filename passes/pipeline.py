@@ -11,9 +11,10 @@ from .canonicalize import canonicalize
 from .context import PassContext
 from .flash_attention import rewrite_flash_attention
 from .inline import inline
+from .layouts import check_layout_uses
 from .moe_dispatch import rewrite_expert_dispatch, rewrite_router
 
-GRAPH_PASSES = [inline, canonicalize]
+GRAPH_PASSES = [inline, canonicalize, check_layout_uses]
 # pattern rewrites that choose specialised kernels; after them the graph goes to fusion
 REWRITE_PASSES = [rewrite_flash_attention, rewrite_router, rewrite_expert_dispatch]
 

@@ -52,9 +52,19 @@ def calibration_inputs(op, weights: dict, calibration) -> tuple[dict, dict]:
     """(values by parameter name, size bindings)."""
     g = op.graph
     if calibration is not None:
-        values = dict(calibration)
-        values.update(weights)
         from .binding import bind_sizes
+        given = dict(calibration)
+        given.update(weights)
+        bindings: dict[str, int] = {}
+        for p in g.params:   # sizes from what was given; others get CALIBRATION_SIZE
+            if p.name in given and isinstance(p.value.type, TensorType):
+                for d, s in zip(p.value.type.shape, given[p.name].shape):
+                    if not isinstance(d, int) and d.is_symbol():
+                        bindings.setdefault(str(d), int(s))
+        for s in g.symbols:
+            bindings.setdefault(s, CALIBRATION_SIZE)
+        values = random_inputs(g, bindings, seed=0, device=str(next(iter(weights.values())).device))
+        values.update(given)
         return values, bind_sizes(g, {p.name: values.get(p.name, p.default) for p in g.params})
     bindings: dict[str, int] = {}
     for p in g.params:

@@ -32,6 +32,16 @@ class BoundOp(torch.nn.Module):
         self.free = [p.name for p in packed_op.graph.params if p.name not in buffers]
         self._dense_types = {}
 
+    def _apply(self, fn, recurse=True):
+        """Device moves apply; dtype changes do not: the spec fixes every tensor's dtype, so an
+        f32 scale stays f32 (and exact) under .half()."""
+        for name, b in list(self._buffers.items()):
+            if b is None:
+                continue
+            t = fn(b)
+            self._buffers[name] = t if t.dtype == b.dtype else b.to(device=t.device)
+        return self
+
     def forward(self, *args, **kwargs):
         if len(args) > len(self.free):
             raise CallError(f"{self.op_name}: the bound op takes {len(self.free)} input(s) "
@@ -90,7 +100,8 @@ def check_weight(op, name: str, w: torch.Tensor) -> None:
     t = p.value.type
     if not isinstance(t, TensorType):
         raise CallError(f"{op.name}.bind(): '{name}' is a scalar; bind tensors")
-    if not isinstance(w, torch.Tensor) or w.dtype != to_torch(t.dtype) or w.dim() != t.rank:
+    if not isinstance(w, torch.Tensor) or w.dtype != to_torch(t.dtype) or w.dim() != t.rank \
+            or any(isinstance(d, int) and d != n for d, n in zip(t.shape, w.shape)):
         got = f"{w.dtype} of shape {list(w.shape)}" if isinstance(w, torch.Tensor) else type(w).__name__
         raise CallError(f"{op.name}.bind(): '{name}' expects {t}, got {got}")
 
@@ -129,7 +140,7 @@ def bind(op, calibration=None, **weights) -> BoundOp:
             elif isinstance(d, int) and d != n:
                 raise CallError(f"{op.name}.bind(): '{name}' expects {params[name].value.type}, got shape {list(w.shape)}")
     shapes = {k: tuple(t.shape) for k, t in buffers.items()}
-    packed_op = op.packed_variant(chosen, sizes, shapes)
+    packed_op = op.packed_variant(chosen, sizes, shapes, bound=tuple(weights))
     module = BoundOp(op, packed_op, buffers, layouts, report)
     module._dense_types = {name: (tuple(w.shape), w.dtype) for name, w in weights.items()}
     return module

@@ -88,18 +88,23 @@ class CompiledOp:
         from .bound import bind
         return bind(self, calibration, **weights)
 
-    def packed_variant(self, chosen: dict, sizes: dict | None = None, shapes: dict | None = None) -> "CompiledOp":
+    def packed_variant(self, chosen: dict, sizes: dict | None = None, shapes: dict | None = None,
+                       bound: tuple = ()) -> "CompiledOp":
         """This op compiled for the given packed layouts, specialised to the bound weights'
         sizes and the packed tensors' shapes (compiled once per distinct choice)."""
         if not chosen and not sizes:
             return self
         sizes, shapes = sizes or {}, shapes or {}
         key = (tuple(sorted((k, str(v)) for k, v in chosen.items())), tuple(sorted(sizes.items())),
-               tuple(sorted((k, tuple(v)) for k, v in shapes.items())))
+               tuple(sorted((k, tuple(v)) for k, v in shapes.items())), tuple(sorted(bound)))
         if key not in self._variants:
             from ..passes.layouts import apply_layouts
             from ..passes.specialize import specialize
             g = apply_layouts(specialize(self.graph, sizes), chosen, shapes)
+            # bound weights are packed (or kept dense by @auto): no annotation remains to warn about
+            from ..ir.graph import Param
+            g = g.replace(params=tuple(Param(p.name, p.value, p.default, p.has_default,
+                                             None if p.name in bound else p.layout, p.span) for p in g.params))
             if not chosen:
                 g = g.replace(name=f"{g.name}__bound")
             g = canonical_graph_of(g.replace(name=f"{g.name}_{_digest(key)}"))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ir.graph import Layout
+from ..ir.graph import Attrs, Layout
 from .binding import CallError
 
 LOWRANK_MAX = 256
@@ -171,4 +171,17 @@ def _pack_lowrank(w, name, rank=None, tol=None):
         raise CallError(f"'{name}' [{n}, {k}] with @lowrank(tol={tol}): meeting the tolerance needs rank {r}, "
                         f"above {LOWRANK_MAX}, the most the fused kernel keeps on chip; loosen tol or keep it dense")
     u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-    return {"u": (u[:, :r] * s[:r]).to(w.dtype).contiguous(), "v": vh[:r].to(w.dtype).contiguous()}
+    norm = float(w.double().norm()) or 1.0
+    while True:
+        packed = {"u": (u[:, :r] * s[:r]).to(w.dtype).contiguous(), "v": vh[:r].to(w.dtype).contiguous()}
+        if tol is None:
+            return packed
+        # check what unpacking gives (factors and product in the weight's dtype), not the SVD
+        err = float((unpack(Layout("lowrank", (), Attrs({"tol": tol})), packed, (n, k), w.dtype).double()
+                     - w.double()).norm()) / norm
+        if err <= tol:
+            return packed
+        if r >= min(n, k) or r >= LOWRANK_MAX:
+            raise CallError(f"'{name}' [{n}, {k}] with @lowrank(tol={tol}): the stored factors miss the "
+                            f"tolerance even at rank {r} (error {err:.2e}; {w.dtype} rounding); loosen tol")
+        r += 1

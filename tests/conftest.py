@@ -39,3 +39,13 @@ def compile_op():
         return canonical_graph(program, name or list(program.graphs)[-1])
 
     return build
+
+
+# ---- kernel tests (issue 3) -------------------------------------------------------------------
+# Before anything compiles: OPFORGE_POISON=1 (outputs start as NaN/sentinels, so an element no
+# kernel writes fails) and OPFORGE_CACHE_DIR = a fresh per-session directory, shared with the
+# xdist workers and removed at exit. See tests/kernel_helpers.py.
+from .kernel_helpers import setup_test_environment  # noqa: E402
+
+setup_test_environment()
+# ---- end of kernel tests block ------------------------------------------------------------------
