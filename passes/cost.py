@@ -44,6 +44,11 @@ def unfused_bytes(g: Graph) -> Dim:
             total = total + nbytes(v)
         for v in n.outputs:
             total = total + nbytes(v)
+    computed = {v for n in g.nodes if node_class(n) == "compute" for v in n.outputs}
+    for v in set(g.outputs):
+        if v not in computed:
+            # a result that is a parameter or a view of values is copied: read and written
+            total = total + 2 * nbytes(v)
     return total
 
 

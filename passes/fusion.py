@@ -205,6 +205,13 @@ class Partitioner:
         gids = {self.group_of.get(c) for c, _ in cons}
         if None in gids:
             return None
+        if len(gids) > 1:
+            # joining one of several consumers' groups (and storing the result for the others)
+            # pays only into a row group, and never when the node could be the epilogue of the
+            # contraction that produces it (a residual add after a projection)
+            if any(self.producer_is_contraction(n)):
+                return None
+            gids = {g for g in gids if self.kind[g] == "row"}
         for gid in sorted(gids):
             here = [(c, p) for c, p in cons if self.group_of[c] == gid]
             if self.fits(n, gid, here, stored=len(gids) > 1 or n.out in self.outputs):
@@ -214,6 +221,19 @@ class Partitioner:
                     self.dom[gid] = reduction_domain(n)
                 return gid
         return None
+
+    def producer_is_contraction(self, n: Node):
+        for v in n.inputs:
+            stack = [v]
+            while stack:
+                x = stack.pop()
+                p = self.producer.get(x)
+                if p is None:
+                    continue
+                if self.cls(p) == "glue":
+                    stack.extend(p.inputs)
+                elif self.cls(p) == "compute":
+                    yield p.op in JOINS_CONSUMERS
 
     def fits(self, n: Node, gid: int, cons, stored: bool) -> bool:
         if self.dom[gid] is None:

@@ -86,19 +86,36 @@ def fits(k: TileKernel, cfg: Config, bindings, limits: Limits, itemsize: int = 2
     return True, ""
 
 
+def smallest(k: TileKernel, name: str) -> int:
+    """The smallest value a tunable takes in the kernel's space."""
+    vals = [dict(p[0]).get(name) for p in k.presets] if k.presets else \
+        [c for t in k.tunables if t.name == name for c in t.candidates]
+    vals = [x for x in vals if x]
+    return min(vals) if vals else 1
+
+
 def useful(k: TileKernel, cfg: Config, bindings) -> bool:
-    """Blocks more than twice the extent they tile only add masked lanes."""
+    """Blocks more than twice the extent they tile only add masked lanes (down to the smallest
+    block the kernel offers, and to tl.dot's 16)."""
+    from ..ir.dims import evaluate
     v = cfg.as_dict()
     for g in k.grid:
         for extent, block in g.parts:
             if block is None:
                 continue
-            from ..ir.dims import evaluate
             e = evaluate(extent, bindings)
-            floor = 16 if block in ("BLOCK_M", "BLOCK_N", "BLOCK_K") and "BLOCK_K" in v else 1
+            floor = max(smallest(k, block), 16 if dot_count(k) and block in ("BLOCK_M", "BLOCK_N", "BLOCK_K") else 1)
             if v[block] > max(2 * next_pow2(e), floor):
                 return False
     return True
+
+
+def _block_volume(cfg: Config) -> int:
+    n = 1
+    for name, v in cfg.values:
+        if name.startswith("BLOCK"):
+            n *= v
+    return n
 
 
 def bucket(bindings) -> str:
@@ -154,13 +171,13 @@ class Autotuner:
 
     def tune(self, k: TileKernel, bindings, make_run: Callable[[Config], Callable]) -> tuple[Config | None, TuneReport]:
         report = TuneReport(k.name, bucket(bindings))
-        candidates = []
-        for cfg in space(k, bindings):
-            ok, _ = fits(k, cfg, bindings, self.limits)
-            if ok and useful(k, cfg, bindings):
-                candidates.append(cfg)
-            else:
-                report.pruned += 1
+        fitting = [c for c in space(k, bindings) if fits(k, c, bindings, self.limits)[0]]
+        candidates = [c for c in fitting if useful(k, c, bindings)]
+        if not candidates and fitting:
+            # every block outgrows the problem (one query row, N <= 16): the smallest still run
+            smallest = min(_block_volume(c) for c in fitting)
+            candidates = [c for c in fitting if _block_volume(c) == smallest]
+        report.pruned = len(space(k, bindings)) - len(candidates)
         if not candidates:
             return None, report
         timings = []
