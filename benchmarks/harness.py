@@ -49,17 +49,20 @@ def ceilings(smoke: bool, bench) -> dict:
     """The measured copy bandwidth (bytes read + written per second) and matmul rate."""
     if smoke:
         return {"copy_gbps": None, "matmul_tflops": None}
-    n = 1 << 28  # 512 MiB of f16 each way
-    src = torch.randn(n, device="cuda", dtype=torch.float16)
-    dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src))
-    copy = 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
-    del src, dst
+    copy = _copy_gbps(bench)
     m = 8192
     a = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
     bm = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
     ms = bench(lambda: a @ bm)
     return {"copy_gbps": round(copy, 1), "matmul_tflops": round(2 * m**3 / (ms * 1e-3) / 1e12, 1)}
+
+
+def _copy_gbps(bench, n: int = 1 << 28) -> float:
+    """A device-to-device copy of 512 MiB of f16, counting bytes read plus bytes written."""
+    src = torch.randn(n, device="cuda", dtype=torch.float16)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
 
 
 def make_inputs(w: Workload, sizes: dict, dtype: torch.dtype, device: str, graph):

@@ -168,7 +168,6 @@ def _layout_workloads() -> list[Workload]:
                           "fp8": s["N"] * s["K"] + 4 * s["N"], "2:4": s["N"] * s["K"] + s["N"] * s["K"] // 8,
                           "dense": 2 * s["N"] * s["K"]}[tag]
                 return wbytes + 2 * s["M"] * (s["K"] + s["N"])
-            spec = (f"layout_{tag.replace(':', '')}", _semi_structured) if tag == "2:4" else None
             out.append(Workload(
                 f"linear_{tag.replace(':', '')}_M{m}_N{n}", _linear_spec(ann), "linear", {"M": m, "N": n, "K": k},
                 {"M": min(m, 3), "N": 40, "K": 256},

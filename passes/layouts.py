@@ -121,7 +121,7 @@ def apply_layouts(g: Graph, chosen: dict[str, Layout], shapes: dict | None = Non
     shapes = shapes or {}
     if not chosen:
         return g
-    producer, users = g.producers(), g.users()
+    users = g.users()
     params: list[Param] = []
     prologue = Emitter(g.span)
     remap: dict[Value, Value] = {}

@@ -110,17 +110,8 @@ class Evaluator:
     def load(self, v: Value, ctx: Ctx) -> TExpr:
         name = self.fg.names[v]
         self.loads.add(name)
-        b = self.b
-        offset = None
-        for axis, (i, d) in enumerate(zip(ctx.idx, v.type.shape)):
-            if i is None or d == 1:
-                continue
-            term = b.mul(i, b.stride(name, axis))
-            offset = term if offset is None else b.add(offset, term)
-        ptr = b.ptr(name, v.type.dtype)
-        if offset is not None:
-            ptr = ptr_add(ptr, offset)
-        return b.let(b.load(ptr, ctx.mask), f"{name}_tile")
+        ptr = address(self.b, name, v.type.dtype, ctx.idx, v.type.shape)
+        return self.b.let(self.b.load(ptr, ctx.mask), f"{name}_tile")
 
     def pointwise(self, n: Node, ctx: Ctx) -> TExpr:
         out_shape = n.out.type.shape
@@ -136,6 +127,34 @@ class Evaluator:
     # -- helpers for templates -----------------------------------------------------------------
     def size(self, d: Dim) -> TExpr:
         return self.b.size(d)
+
+
+def address(b: TileBuilder, name: str, dtype: DType, idx, shape=None) -> TExpr:
+    """The pointer to element ``idx`` of buffer ``name``: base + sum(index * stride). Axes whose
+    index is None (index 0), or whose size in ``shape`` is 1, add nothing."""
+    off = None
+    for axis, i in enumerate(idx):
+        if i is None or (shape is not None and shape[axis] == 1):
+            continue
+        term = b.mul(i, b.stride(name, axis))
+        off = term if off is None else b.add(off, term)
+    ptr = b.ptr(name, dtype)
+    return ptr_add(ptr, off) if off is not None else ptr
+
+
+def unflatten(b: TileBuilder, lin: TExpr, dims, tag: str) -> list:
+    """Row-major indices of a flattened index over ``dims``; None for size-1 axes."""
+    out: list = []
+    inner = 1
+    for a in reversed(range(len(dims))):
+        d = dims[a]
+        if d == 1:
+            out.insert(0, None)
+            continue
+        q = b.floordiv(lin, b.size(inner)) if inner != 1 else lin
+        out.insert(0, b.let(b.mod(q, b.size(d)) if a else q, f"{tag}{a}"))
+        inner = inner * d
+    return out
 
 
 def index_key(v: Value, ctx: Ctx) -> tuple:

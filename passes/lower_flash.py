@@ -19,7 +19,7 @@ from ..ir.tile import SPLIT_MAX, Alternative, Buffer, GridDim, Guard, TExpr, Tun
 from ..ir.tile_builder import TileBuilder
 from ..ir.types import DType
 from .fusion import FusedGraph, Group
-from .lower_eval import Ctx, Evaluator, ptr_add
+from .lower_eval import Ctx, Evaluator, address, unflatten
 from .lower_matmul import operand_ctx
 from .lower_row import kernel_name, prod, store
 
@@ -64,16 +64,7 @@ class Flash:
         b.comment("program -> a block of query rows of one batch entry")
         pid_m = b.let(b.program_id(0), "pid_m")
         pid_b = b.let(b.program_id(1), "pid_b") if self.batch else b.const(0)
-        batch_idx = []
-        inner = 1
-        for a in reversed(range(len(self.batch))):
-            d = self.batch[a]
-            if d == 1:
-                batch_idx.insert(0, None)
-                continue
-            qd = b.floordiv(pid_b, b.size(inner)) if inner != 1 else pid_b
-            batch_idx.insert(0, b.let(b.mod(qd, b.size(d)) if a else qd, f"b{a}"))
-            inner = inner * d
+        batch_idx = unflatten(b, pid_b, self.batch, "b")
         rows = b.let(b.expand_dims(b.add(b.mul(pid_m, BM), b.arange("BLOCK_M")), 1), "rows")
         row_ok = b.let(b.lt(rows, b.size(self.S)), "row_mask")
         ev_cols = b.let(b.expand_dims(b.arange("BLOCK_EV"), 0), "ev")
@@ -167,13 +158,7 @@ def full_kernel(fl: Flash):
 
 
 def _scratch_ptr(b: TileBuilder, name: str, idx) -> TExpr:
-    off = None
-    for axis, i in enumerate(idx):
-        if i is None:
-            continue
-        term = b.mul(i, b.stride(name, axis))
-        off = term if off is None else b.add(off, term)
-    return ptr_add(b.ptr(name, DType.f32), off)
+    return address(b, name, DType.f32, idx)
 
 
 def split_kernel(fl: Flash):

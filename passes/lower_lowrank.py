@@ -14,7 +14,7 @@ from ..ir.tile import GridDim, Tunable
 from ..ir.tile_builder import TileBuilder
 from ..ir.types import DType, accumulator
 from .fusion import FusedGraph, Group
-from .lower_eval import Ctx, Evaluator
+from .lower_eval import Ctx, Evaluator, unflatten
 from .lower_matmul import f32_precision
 from .lower_row import kernel_name, prod, store
 
@@ -24,14 +24,7 @@ def _rows(b: TileBuilder, lead: tuple, tag: str):
     BM = b.tunable(Tunable("BLOCK_M", (16, 32, 64, 128), cpu=32))
     pid_m = b.let(b.program_id(0), "pid_m")
     rows = b.let(b.expand_dims(b.add(b.mul(pid_m, BM), b.arange("BLOCK_M")), 1), "rows")
-    idx = []
-    inner = 1
-    for a in reversed(range(len(lead))):
-        d = lead[a]
-        q = b.floordiv(rows, b.size(inner)) if inner != 1 else rows
-        idx.insert(0, None if d == 1 else b.let(b.mod(q, b.size(d)) if a else q, f"{tag}{a}"))
-        inner = inner * d
-    return rows, idx
+    return rows, unflatten(b, rows, lead, tag)
 
 
 def _epilogue(b, ev, fg, group, node, lead_idx, rows, cols, n_rows, N, acc):
@@ -53,7 +46,7 @@ def lower_bsr(fg: FusedGraph, group: Group) -> list:
     rows, lead_idx = _rows(b, lead, "r")
     b.comment(f"second grid axis -> one block row of W ({bs} output columns)")
     rb = b.let(b.program_id(1), "block_row")
-    local = b.arange(f"BLOCK_B")
+    local = b.arange("BLOCK_B")
     b.tunable(Tunable("BLOCK_B", covers=bs, lo=bs, hi=bs))
     cols = b.let(b.expand_dims(b.add(b.mul(rb, bs), local), 0), "cols")
     n_local = b.let(b.expand_dims(local, 0), "n_local")

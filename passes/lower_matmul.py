@@ -25,7 +25,7 @@ from ..ir.tile import SPLIT_MAX, Alternative, Buffer, GridDim, Guard, Tunable
 from ..ir.tile_builder import TileBuilder
 from ..ir.types import DType, accumulator
 from .fusion import FusedGraph, Group
-from .lower_eval import Ctx, Evaluator, ptr_add
+from .lower_eval import Ctx, Evaluator, address, unflatten
 from .lower_row import kernel_name, prod, store
 
 DOT_MIN = 16   # tl.dot needs every block dimension >= 16
@@ -110,20 +110,10 @@ class Gemm:
         return batch_idx, rows, cols
 
     def batch_indices(self, b: TileBuilder) -> list:
-        batch_idx: list = []
-        if self.batch:
-            b.comment("second grid axis -> batch index")
-            pid_b = b.let(b.program_id(1), "pid_b")
-            inner = 1
-            for k in reversed(range(len(self.batch))):
-                d = self.batch[k]
-                if d == 1:
-                    batch_idx.insert(0, None)
-                    continue
-                q = b.floordiv(pid_b, b.size(inner)) if inner != 1 else pid_b
-                batch_idx.insert(0, b.let(b.mod(q, b.size(d)) if k else q, f"b{k}"))
-                inner = inner * d
-        return batch_idx
+        if not self.batch:
+            return []
+        b.comment("second grid axis -> batch index")
+        return unflatten(b, b.let(b.program_id(1), "pid_b"), self.batch, "b")
 
     def k_loop(self, b: TileBuilder, ev: Evaluator, batch_idx, rows, cols, accs, start, stop) -> None:
         sM, sN, sK = b.size(self.M), b.size(self.N), b.size(self.K)
@@ -232,21 +222,10 @@ def split_partial(gm: Gemm):
     b.comment("partial sums to scratch; the reduce kernel adds the first SPLIT_K of them")
     out_mask = b.let(b.and_(b.and_(b.lt(rows, b.size(gm.M)), b.lt(cols, b.size(gm.N))), b.lt(s, split)), "out_mask")
     for i, acc in enumerate(accs):
-        idx = [b.const(i), s] + list(batch_idx) + [rows, cols]
-        _store_scratch(b, gm.partials, idx, acc, out_mask)
+        b.store(address(b, gm.partials, DType.f32, [b.const(i), s] + list(batch_idx) + [rows, cols]), acc, out_mask)
     # SPLIT_MAX programs on the third axis: those past SPLIT_K find an empty K range
     grid = [GridDim(((gm.M, "BLOCK_M"), (gm.N, "BLOCK_N"))), GridDim.of(prod(gm.batch)), GridDim.of(SPLIT_MAX)]
     return b.kernel(grid, doc=gm.doc("split-K partial GEMM"), warps=(4, 8), stages=(2, 3, 4), presets=gemm_presets())
-
-
-def _store_scratch(b: TileBuilder, name: str, idx, value, mask) -> None:
-    off = None
-    for axis, i in enumerate(idx):
-        if i is None:
-            continue
-        term = b.mul(i, b.stride(name, axis))
-        off = term if off is None else b.add(off, term)
-    b.store(ptr_add(b.ptr(name, DType.f32), off), value, mask)
 
 
 def split_reduce(gm: Gemm):
@@ -261,14 +240,8 @@ def split_reduce(gm: Gemm):
     b.comment("add the splits' partial sums")
     with b.loop("s", 0, split, 1) as s:
         for i, acc in enumerate(accs):
-            idx = [b.const(i), s] + list(batch_idx) + [rows, cols]
-            off = None
-            for axis, x in enumerate(idx):
-                if x is None:
-                    continue
-                term = b.mul(x, b.stride(gm.partials, axis))
-                off = term if off is None else b.add(off, term)
-            b.assign(acc, b.add(acc, b.load(ptr_add(b.ptr(gm.partials, DType.f32), off), out_mask)))
+            ptr = address(b, gm.partials, DType.f32, [b.const(i), s] + list(batch_idx) + [rows, cols])
+            b.assign(acc, b.add(acc, b.load(ptr, out_mask)))
     gm.epilogue(b, ev, batch_idx, rows, cols, accs)
     grid = [GridDim(((gm.M, "BLOCK_M"), (gm.N, "BLOCK_N")))] + ([GridDim.of(prod(gm.batch))] if gm.batch else [])
     return b.kernel(grid, doc=gm.doc("split-K reduce + epilogue"), warps=(4, 8), stages=(1,),

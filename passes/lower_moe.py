@@ -22,28 +22,15 @@ from ..ir.tile import GridDim, Tunable
 from ..ir.tile_builder import TileBuilder
 from ..ir.types import DType, accumulator
 from .fusion import FusedGraph, Group
-from .lower_eval import Ctx, Evaluator, ptr_add
+from .lower_eval import Ctx, Evaluator, address
 from .lower_matmul import f32_precision
 from .lower_row import kernel_name, store
 
 BIG_INDEX = 1 << 30
 
 
-def _offset(b, name, idx):
-    off = None
-    for axis, i in enumerate(idx):
-        if i is None:
-            continue
-        term = b.mul(i, b.stride(name, axis))
-        off = term if off is None else b.add(off, term)
-    return off
-
-
 def _store_at(b, name, dtype, idx, value, mask, atomic=False):
-    ptr = b.ptr(name, dtype)
-    off = _offset(b, name, idx)
-    ptr = ptr_add(ptr, off) if off is not None else ptr
-    (b.atomic_add if atomic else b.store)(ptr, value, mask)
+    (b.atomic_add if atomic else b.store)(address(b, name, dtype, idx), value, mask)
 
 
 # -- router -------------------------------------------------------------------------------------

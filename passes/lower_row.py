@@ -19,7 +19,7 @@ from ..ir.tile import GridDim, TExpr, TileKernel, Tunable
 from ..ir.tile_builder import TileBuilder
 from ..ir.types import DType
 from .fusion import FusedGraph, Group
-from .lower_eval import Ctx, Evaluator, LoweringError, ptr_add
+from .lower_eval import Ctx, Evaluator, LoweringError, address, unflatten
 
 SINGLE_PASS_MAX = 16384
 IDENTITY = {"sum": 0.0, "max": float("-inf"), "min": float("inf")}
@@ -73,16 +73,9 @@ class RowFrame:
 
     def decompose(self, lin: TExpr, axes, tag: str) -> dict[int, TExpr]:
         """Row-major multi-index of a flattened index over the given axes (size-1 axes omitted)."""
-        b = self.b
-        out: dict[int, TExpr] = {}
         real = [a for a in axes if self.domain[a] != 1]
-        inner: Dim = 1
-        for k, a in enumerate(reversed(real)):
-            q = b.floordiv(lin, b.size(inner)) if inner != 1 else lin
-            last = k == len(real) - 1
-            out[a] = b.let(q if last else b.mod(q, b.size(self.domain[a])), f"{tag}{a}")
-            inner = inner * self.domain[a]
-        return out
+        idx = unflatten(self.b, lin, [self.domain[a] for a in real], tag)
+        return {a: i for a, i in zip(real, idx)}
 
 
 def output_ctx(frame: RowFrame, v: Value, full: Ctx) -> Ctx | None:
@@ -101,18 +94,8 @@ def output_ctx(frame: RowFrame, v: Value, full: Ctx) -> Ctx | None:
 
 
 def store(ev: Evaluator, name: str, v: Value, ctx: Ctx) -> None:
-    b = ev.b
     tile = ev(v, ctx)
-    off = None
-    for axis, (i, d) in enumerate(zip(ctx.idx, v.type.shape)):
-        if i is None or d == 1:
-            continue
-        term = b.mul(i, b.stride(name, axis))
-        off = term if off is None else b.add(off, term)
-    ptr = b.ptr(name, v.type.dtype)
-    if off is not None:
-        ptr = ptr_add(ptr, off)
-    b.store(ptr, tile, ctx.mask)
+    ev.b.store(address(ev.b, name, v.type.dtype, ctx.idx, v.type.shape), tile, ctx.mask)
 
 
 def kernel_name(fg: FusedGraph, group: Group, suffix: str = "") -> str:

@@ -9,7 +9,7 @@ from ..ir.tile import GridDim, Tunable
 from ..ir.tile_builder import TileBuilder
 from ..ir.types import DType
 from .fusion import FusedGraph, Group
-from .lower_eval import Evaluator, ptr_add
+from .lower_eval import Evaluator, address
 from .lower_row import RowFrame, kernel_name
 
 TOPK_MAX = 65536
@@ -47,16 +47,8 @@ def lower_topk(fg: FusedGraph, group: Group) -> list:
         for v, tile_v in ((values, best), (indices, b.cast(idx, DType.i32))):
             if v not in names:
                 continue      # a result nobody uses
-            name = names[v]
-            off = None
-            for a in range(len(domain)):
-                i = j if a == axis else frame.outer_idx.get(a)
-                if i is None or v.type.shape[a] == 1:
-                    continue
-                term = b.mul(i, b.stride(name, a))
-                off = term if off is None else b.add(off, term)
-            ptr = b.ptr(name, v.type.dtype)
-            b.store(ptr_add(ptr, off) if off is not None else ptr, tile_v, frame.row_mask)
+            at = [j if a == axis else frame.outer_idx.get(a) for a in range(len(domain))]
+            b.store(address(b, names[v], v.type.dtype, at, v.type.shape), tile_v, frame.row_mask)
         b.assign(taken, b.binop("or", taken, b.binop("eq", cols, idx)))
     kernel = b.kernel([GridDim.of(frame.n_rows, "BLOCK_M")],
                       doc=f"{group.name} (top-{k}): k rounds of max over a whole row", warps=(1, 2, 4, 8))
