@@ -222,18 +222,21 @@ class Partitioner:
                 return gid
         return None
 
+    def compute_sources(self, values):
+        """The (value, compute node) pairs that values are read from, through glue."""
+        stack = list(values)
+        while stack:
+            x = stack.pop()
+            p = self.producer.get(x)
+            if p is None:
+                continue
+            if self.cls(p) == "glue":
+                stack.extend(p.inputs)
+            elif self.cls(p) == "compute":
+                yield x, p
+
     def producer_is_contraction(self, n: Node):
-        for v in n.inputs:
-            stack = [v]
-            while stack:
-                x = stack.pop()
-                p = self.producer.get(x)
-                if p is None:
-                    continue
-                if self.cls(p) == "glue":
-                    stack.extend(p.inputs)
-                elif self.cls(p) == "compute":
-                    yield p.op in JOINS_CONSUMERS
+        return (p.op in JOINS_CONSUMERS for _, p in self.compute_sources(n.inputs))
 
     def fits(self, n: Node, gid: int, cons, stored: bool) -> bool:
         if self.dom[gid] is None:
@@ -464,20 +467,8 @@ def fuse(g: Graph, ctx: PassContext | None = None) -> FusedGraph:
     graph_out = set(g.outputs)
     # results reached only through glue (a view of a computed value) are copied from a stored
     # value: the compute values behind them must be stored
-    needed_by_copies: set = set()
     owned_out = {v for ms in members for n in ms for v in n.outputs}
-    for v in g.outputs:
-        if v not in owned_out:
-            stack = [v]
-            while stack:
-                x = stack.pop()
-                p = part.producer.get(x)
-                if p is None:
-                    continue
-                if part.cls(p) == "glue":
-                    stack.extend(p.inputs)
-                elif part.cls(p) == "compute":
-                    needed_by_copies.add(x)
+    needed_by_copies = {x for x, _ in part.compute_sources(v for v in g.outputs if v not in owned_out)}
     groups = []
     for k, gid in enumerate(gids):
         nodes = tuple(sorted(members[gid], key=order.get))

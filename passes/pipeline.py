@@ -40,6 +40,18 @@ def canonical_graph(program: Program, op: str, ctx: PassContext | None = None) -
     return run_passes(program[op], GRAPH_PASSES, ctx)
 
 
+def prepared_graph(program: Program, op: str, dtype=None) -> Graph:
+    """The canonical graph, its main float dtype changed to ``dtype`` if given (--dtype)."""
+    from .retype import main_float_dtype, retype
+    g = canonical_graph(program, op)
+    if dtype:
+        from ..ir.types import SPEC_DTYPES
+        old = main_float_dtype(g)
+        if old is not None:
+            g = retype(g, old, SPEC_DTYPES[dtype] if isinstance(dtype, str) else dtype)
+    return g
+
+
 def kernel_graph(g: Graph, ctx: PassContext | None = None) -> Graph:
     """A canonical graph after the pattern rewrites: what fusion partitions."""
     return run_passes(g, REWRITE_PASSES, ctx or PassContext())

@@ -16,11 +16,9 @@ from ..frontend import get_op, load_program
 from ..ir.graph import Graph
 from ..ir.printer import print_graph
 from ..ir.tile_printer import print_plan
-from ..ir.types import SPEC_DTYPES
 from ..passes.fusion import FusedGraph, fuse, print_fused
-from ..passes.pipeline import canonical_graph, kernel_graph
+from ..passes.pipeline import kernel_graph, prepared_graph
 from ..passes.plan import build_plan
-from ..passes.retype import main_float_dtype, retype
 from .binding import CallError, bind_args, bind_sizes, check_indices, output_shapes
 from .cache import KernelCache
 from .device import describe, interpreting, kernel_device
@@ -185,11 +183,7 @@ def compile_module(path_or_source, namespace: str | None = None, *, dtype: str |
     compiled: dict[str, Any] = {}
     for name in ops or list(program.graphs):
         get_op(program, name)
-        g = canonical_graph(program, name)
-        if dtype:
-            old = main_float_dtype(g)
-            if old is not None:
-                g = retype(g, old, SPEC_DTYPES[dtype])
+        g = prepared_graph(program, name, dtype)
         compiled[name] = CompiledOp(program.namespace, g, fuse(kernel_graph(g)), cache, mode)
     return CompiledModule(program.namespace, compiled, program.source.name)
 

@@ -10,9 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..frontend import get_op, load_program
-from ..ir.types import SPEC_DTYPES
-from ..passes.pipeline import canonical_graph
-from ..passes.retype import main_float_dtype, retype
+from ..passes.pipeline import canonical_graph, prepared_graph
 from .inputs import random_inputs
 from .reference import run_graph
 from .sizes import file_shapes, resolve_shapes
@@ -34,11 +32,7 @@ def execution_path() -> str:
 def _prepare(file, op_name, shape, dtype):
     program = load_program(file)
     get_op(program, op_name)
-    g = canonical_graph(program, op_name)
-    if dtype:
-        old = main_float_dtype(g)
-        if old is not None:
-            g = retype(g, old, SPEC_DTYPES[dtype])
+    g = prepared_graph(program, op_name, dtype)
     bindings = resolve_shapes(g, str(file), shape)
     return program, g, bindings
 
