@@ -73,10 +73,11 @@ class Evaluator:
         if v in self.special:
             return self.special[v](ctx)
         key = (v, ctx.key())
-        if key in self.memo:
-            return self.memo[key]
+        hit = self.memo.get(key)
+        if hit is not None and hit[1] in {id(blk) for blk in self.b.blocks}:
+            return hit[0]      # reuse only while the block that computed it is still open
         out = self._eval(v, ctx)
-        self.memo[key] = out
+        self.memo[key] = (out, id(self.b.blocks[-1]))
         return out
 
     # -- dispatch ------------------------------------------------------------------------------

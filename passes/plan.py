@@ -10,6 +10,8 @@ from __future__ import annotations
 from ..ir.graph import Value
 from ..ir.tile import Alternative, Buffer, Guard, Launch, Plan
 from ..ir.types import TensorType
+from ..ir.tile_verifier import verify_kernel
+from .context import checks_enabled
 from .fusion import FusedGraph
 from .lower_expert import lower_expert
 from .lower_flash import lower_flash
@@ -69,6 +71,9 @@ def build_plan(fg: FusedGraph) -> Plan:
         alternatives = []
         for alt in lower(fg, grp):
             alt = as_alternative(alt)
+            if checks_enabled():
+                for k in alt.kernels:
+                    verify_kernel(k)
             for buf in alt.scratch:
                 buffers[buf.name] = buf
             writes = tuple(fg.buffer(grp, v) for v in grp.outputs)
