@@ -198,6 +198,10 @@ def _split_kv(s, t, batch):
 
 SPLIT_MAX = 16
 
+# guards that are heuristics (the autotuner may time the alternatives instead of trusting them);
+# the others mark what a kernel can do at all (one pass while the row fits a tile)
+TIMED_GUARDS = {"split_k", "split_kv"}
+
 GUARD_RULES = {
     "at_most": (lambda extent, limit: extent <= limit, "{0} <= {1}"),
     "split_k": (lambda m, n, k, b: _split_k(m, n, k, b) > 1, "split_k({0}, {1}, {2}, {3}) > 1"),

@@ -1,4 +1,4 @@
-"""Autotuning kernel configurations on the GPU.
+"""Autotuning kernel configurations on the GPU, and the choice between a step's alternatives.
 
 For a kernel at given sizes: the space is every combination of its free tunables' candidates,
 warps and pipeline stages (a tunable that covers an extent is fixed by it). Configurations that
@@ -8,7 +8,9 @@ than the problem. The rest are timed with triton.testing.do_bench on the call's 
 a configuration that fails to compile or launch is skipped and reported, never fatal. The winner
 is persisted in the kernel's cache entry (``tuned.json``) per shape bucket (each size rounded up
 to a power of two); the cache key already holds the device and the versions. Progress shows on
-the terminal while tuning runs. OPFORGE_AUTOTUNE=0 uses the heuristic choice instead.
+the terminal while tuning runs. Where a step has several applicable alternatives (split-K or
+not, split-KV or not), each is timed whole and the fastest kept, persisted the same way.
+OPFORGE_AUTOTUNE=0 uses the heuristic choice and each step's first applicable alternative.
 """
 from __future__ import annotations
 
@@ -168,6 +170,32 @@ class Autotuner:
             self.cache.write_json(entry, TUNED, data)
         self._memo[memo_key] = cfg
         return cfg
+
+    def choose_alternative(self, launches, entry: Path, bindings, make_run) -> int:
+        """Index of the fastest of a step's applicable alternatives (split-K against the plain
+        GEMM, say), each timed whole; persisted per shape bucket in the first one's entry."""
+        key = f"alternative {bucket(bindings)}"
+        memo_key = (str(entry), key)
+        if memo_key in self._memo:
+            return self._memo[memo_key]
+        stored = self.cache.read_json(entry, TUNED).get(key)
+        if stored is not None and 0 <= int(stored["index"]) < len(launches):
+            self._memo[memo_key] = int(stored["index"])
+            return self._memo[memo_key]
+        times = []
+        for i, lnch in enumerate(launches):
+            try:
+                times.append((self.timer(make_run(lnch)), i))
+            except Exception as e:   # an alternative that fails is skipped and reported
+                print(f"opforge autotune: skipped {' then '.join(k.name for k in lnch.kernels)}: "
+                      f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
+        best = min(times)[1] if times else 0
+        data = self.cache.read_json(entry, TUNED)
+        data[key] = {"index": best, "kernels": [" then ".join(k.name for k in launches[best].kernels)],
+                     "ms": [t for t, _ in sorted(times, key=lambda x: x[1])]}
+        self.cache.write_json(entry, TUNED, data)
+        self._memo[memo_key] = best
+        return best
 
     def tune(self, k: TileKernel, bindings, make_run: Callable[[Config], Callable]) -> tuple[Config | None, TuneReport]:
         report = TuneReport(k.name, bucket(bindings))

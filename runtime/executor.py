@@ -10,7 +10,7 @@ import torch
 
 from ..ir import registry
 from ..ir.dims import evaluate
-from ..ir.tile import Launch, Plan, atomic_buffers
+from ..ir.tile import TIMED_GUARDS, Launch, Plan, atomic_buffers
 from ..ir.torch_dtypes import RefCtx, to_torch
 from ..passes.fusion import FusedGraph
 from .binding import CallError
@@ -71,10 +71,25 @@ class PlanRunner:
                     else allocate(shape, to_torch(buf.dtype), device)
         scalars = self.host_scalars(values, bindings)
         for step in plan.steps:
-            launch = choose(step, bindings)
+            launch = self.choose_launch(step, bindings, buffers, scalars)
             for kernel in launch.kernels:
                 self.launch(kernel, launch, buffers, scalars, bindings)
         return [buffers[name] for name in plan.outputs]
+
+    def choose_launch(self, step, bindings, buffers, scalars) -> Launch:
+        """The step's alternative: the first whose guard holds, or, autotuning on a GPU with
+        several that hold (split-K or not, split-KV or not), the fastest of them, timed whole."""
+        viable = [lnch for lnch in step if lnch.guard is None or lnch.guard.holds(bindings)]
+        if len(viable) < 2 or self.tuner is None or interpreting() or viable[0].guard.rule not in TIMED_GUARDS:
+            return viable[0] if viable else choose(step, bindings)
+        _, entry = self.kernel(viable[0])
+
+        def make_run(lnch: Launch):
+            def run():
+                for k in lnch.kernels:
+                    self.launch(k, lnch, buffers, scalars, bindings)
+            return run
+        return viable[self.tuner.choose_alternative(viable, entry, bindings, make_run)]
 
     def launch(self, kernel, launch: Launch, buffers, scalars, bindings) -> None:
         one = launch if kernel is launch.kernel else Launch(kernel, launch.group)

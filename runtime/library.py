@@ -14,6 +14,7 @@ namespace (torch.library cannot redefine an op).
 """
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Callable
 
@@ -59,6 +60,24 @@ def schema_of(g: Graph) -> str:
     return f"({', '.join(params)}) -> {rets}"
 
 
+PY_TYPES = {"float": float, "int": int, "bool": bool}
+
+
+def python_signature(g: Graph) -> inspect.Signature:
+    params = []
+    for p in g.params:
+        if isinstance(p.value.type, TensorType):
+            ann, default = torch.Tensor, inspect.Parameter.empty
+        else:
+            ann = PY_TYPES[scalar_type(p.value.type.dtype)]
+            default = p.default if p.has_default else inspect.Parameter.empty
+        params.append(inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
+                                        annotation=ann))
+    ret = torch.Tensor if len(g.result_types) == 1 and not g.tuple_result else \
+        tuple.__class_getitem__(tuple(torch.Tensor for _ in g.result_types))
+    return inspect.Signature(params, return_annotation=ret)
+
+
 def registration_mode(requested: str | None = None) -> str:
     mode = requested or os.environ.get("OPFORGE_REGISTRATION", "custom_op")
     if mode not in ("custom_op", "triton_op"):
@@ -80,11 +99,19 @@ def register(namespace: str, g: Graph, compiled, mode: str) -> Callable:
         _IMPLS[qual] = compiled
         return getattr(getattr(torch.ops, namespace), g.name)
 
-    def impl(*args):
-        return _IMPLS[qual].run(*args)
+    names = [p.name for p in g.params]
 
-    def fake(*args):
-        return _IMPLS[qual].fake(*args)
+    def positional(args, kwargs):
+        return list(args) + [kwargs[n] for n in names[len(args):] if n in kwargs]
+
+    def impl(*args, **kwargs):
+        return _IMPLS[qual].run(*positional(args, kwargs))
+
+    def fake(*args, **kwargs):
+        return _IMPLS[qual].fake(*positional(args, kwargs))
+
+    # torch infers a triton_op's schema from the Python signature: give the trampoline the op's
+    impl.__signature__ = python_signature(g)
 
     if mode == "triton_op":
         torch.library.triton_op(qual, impl, mutates_args=(), schema=schema)

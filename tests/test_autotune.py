@@ -16,6 +16,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from opforge.ir.tile import TIMED_GUARDS
 import torch
 
 import opforge
@@ -418,7 +420,11 @@ def test_tuned_configurations_run_and_are_right(monkeypatch, tmp_path, src, name
     monkeypatch.setattr(executor, "interpreting", lambda: False)
     op = op_of(src, "at_e2e", name)
     tuner = tuned_call(op, sizes, tmp_path, prefer)
-    kernels = {k.name for step in op.plan.steps for k in executor.choose(step, sizes).kernels}
+    kernels = set()
+    for step in op.plan.steps:
+        viable = [lnch for lnch in step if lnch.guard is None or lnch.guard.holds(sizes)]
+        timed = len(viable) > 1 and viable[0].guard.rule in TIMED_GUARDS   # alternatives timed whole
+        kernels |= {k.name for lnch in (viable if timed else [executor.choose(step, sizes)]) for k in lnch.kernels}
     assert {r.kernel for r in tuner.reports} == kernels
     for r in tuner.reports:
         assert not r.failed, (r.kernel, r.failed)        # every candidate launches
@@ -479,3 +485,53 @@ def test_progress_bar_is_quiet_when_asked(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
     assert autotune._progress(False, "x", 3).__enter__()() is None
+
+
+def test_alternatives_are_timed_whole_and_the_choice_persists(tmp_path):
+    """A step whose split-K and plain alternatives both apply: the faster one is chosen, the
+    choice is kept per bucket in the cache entry, and a new tuner reuses it without timing."""
+    from opforge.runtime.autotune import Autotuner, TUNED
+    from opforge.runtime.cache import KernelCache
+    src = "op mm(x: f16[M, K], w: f16[N, K]) -> f16[M, N] { return x @ w.T }"
+    op = opforge.compile(src, namespace="alt_tune").mm
+    step = op.plan.steps[0]
+    assert len(step) == 2 and step[0].guard is not None and step[1].guard is None
+    cache = KernelCache(tmp_path)
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    runs = []
+
+    def make_run(lnch):
+        return lambda: runs.append(lnch)
+
+    def timer(run):
+        run()
+        return 2.0 if runs[-1] is step[0] else 1.0      # the plain GEMM is faster here
+    bindings = {"M": 1, "N": 64, "K": 4096}
+    t = Autotuner(cache, timer=timer, progress=False)
+    assert t.choose_alternative(list(step), entry, bindings, make_run) == 1
+    assert len(runs) == 2
+    data = cache.read_json(entry, TUNED)
+    key = "alternative K=4096,M=1,N=64"
+    assert data[key]["index"] == 1 and data[key]["ms"] == [2.0, 1.0]
+    fresh = Autotuner(cache, timer=lambda run: pytest.fail("timed again"), progress=False)
+    assert fresh.choose_alternative(list(step), entry, bindings, make_run) == 1
+
+
+def test_a_failing_alternative_is_skipped(tmp_path, capsys):
+    from opforge.runtime.autotune import Autotuner
+    from opforge.runtime.cache import KernelCache
+    src = "op mm2(x: f16[M, K], w: f16[N, K]) -> f16[M, N] { return x @ w.T }"
+    op = opforge.compile(src, namespace="alt_tune2").mm2
+    step = list(op.plan.steps[0])
+    entry = tmp_path / "e"
+    entry.mkdir()
+
+    def make_run(lnch):
+        def run():
+            if lnch is step[1]:
+                raise RuntimeError("out of resources")
+        return run
+    t = Autotuner(KernelCache(tmp_path), timer=lambda run: (run(), 1.0)[1], progress=False)
+    assert t.choose_alternative(step, entry, {"M": 1, "N": 64, "K": 4096}, make_run) == 0
+    assert "skipped" in capsys.readouterr().err
