@@ -88,15 +88,3 @@ def _expert_ref(ctx, inputs, attrs, out_types, in_types):
 primitive("expert_matmul", Kind.MOE, [Arg("x", "tensor"), Arg("w", "tensor"), Arg("idx", "tensor")],
           doc="out[t, j] = x[t(, j)] @ w[idx[t, j]].T for mixture-of-experts layers")(
     infer=_expert_infer, reference=_expert_ref)
-
-
-def _call_infer(types, attrs):
-    raise RuntimeError("calls are typed by the front end against the callee's signature")
-
-
-def _call_ref(ctx, inputs, attrs, out_types, in_types):
-    raise RuntimeError("calls are inlined before execution (passes.inline)")
-
-
-primitive("call", Kind.CALL, internal=True, doc="a call of another op of the same file")(
-    infer=_call_infer, reference=_call_ref)

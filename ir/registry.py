@@ -129,4 +129,4 @@ def _load() -> None:
     if not _loaded:
         _loaded = True
         from . import prims_elementwise, prims_reduce, prims_shape, prims_select, prims_contract  # noqa: F401
-        from . import prims_fused, prims_layout  # noqa: F401
+        from . import prims_call, prims_fused, prims_layout  # noqa: F401

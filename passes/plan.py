@@ -67,7 +67,7 @@ def build_plan(fg: FusedGraph) -> Plan:
     for grp in fg.groups:
         lower = LOWERINGS.get(grp.kind)
         if lower is None:
-            raise NotImplementedError(f"no lowering for {grp.kind} groups")
+            raise RuntimeError(f"internal error: the partitioner made a {grp.kind} group, which no template lowers")
         alternatives = []
         for alt in lower(fg, grp):
             alt = as_alternative(alt)

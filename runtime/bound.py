@@ -6,6 +6,7 @@ runs the op compiled for those packed layouts (its own torch op, ``<op>__<weight
 """
 from __future__ import annotations
 
+import io
 from typing import Any
 
 import torch
@@ -84,7 +85,7 @@ class BoundOp(torch.nn.Module):
             lines.append(f"  {name}: {layout if layout is not None else 'dense'}")
             for row in self.report.get(name, []):
                 lines.append("    " + row)
-        text = "\n".join(lines) + "\n\n" + self._packed.explain(file=open("/dev/null", "w"))
+        text = "\n".join(lines) + "\n\n" + self._packed.explain(file=io.StringIO())
         print(text, file=file)
         return text
 
