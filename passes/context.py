@@ -16,4 +16,9 @@ class PassContext:
     program: Program | None = None          # for inlining calls of other ops of the file
     verify: bool = field(default_factory=checks_enabled)   # run the verifier after every pass
     fuse_contractions: bool = True          # matmul prologues, epilogues and shared-A matmuls
-    max_group_nodes: int = 64               # bounds a kernel's size (registers, compile time)
+    max_group_nodes: int = 64               # bounds a kernel's size (compile time)
+    # the cost model's budgets (passes/cost.py): full tiles a kernel keeps in registers at once
+    # (distinct tensors it loads at the tile's size plus accumulators), and the shared memory
+    # of a GEMM's operand tiles at its smallest preset (64 x 32 tiles of 2 bytes, 3 stages)
+    max_live_tiles: int = 24
+    max_shared_bytes: int = 160 * 1024

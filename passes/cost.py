@@ -7,6 +7,8 @@ operand tiles from cache, which the roofline of a benchmark accounts for separat
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..ir.dims import Dim
 from ..ir.graph import Graph, Node, Value
 from ..ir.types import TensorType
@@ -73,3 +75,42 @@ def report(fg: FusedGraph, original: Graph | None = None) -> str:
     """``original``: the graph before pattern rewrites (what 'unfused' means to a reader)."""
     before, after = unfused_bytes(original or fg.graph), fused_bytes(fg)
     return f"bytes moved: {before} unfused, {after} fused ({len(fg.groups)} kernel(s))"
+
+
+# -- the partitioner's cost model -----------------------------------------------------------------
+def join_saves_bytes(n: Node, stored: bool, producer: dict) -> bool:
+    """A join saves the write and the re-read of n's result, unless n's result is stored anyway
+    (then it saves re-reading n's inputs in a separate kernel: still a saving when n reads
+    anything at all). Recomputing a contraction never pays: the partitioner never duplicates one."""
+    return not stored or any(isinstance(v.type, TensorType) for v in n.inputs)
+
+
+@dataclass(frozen=True)
+class Resources:
+    loads: int            # distinct tensors read at the group's tile size
+    accumulators: int     # matmul accumulators kept across the K loop
+    shared_bytes: int     # a GEMM's operand tiles in shared memory (smallest preset)
+
+    @property
+    def live_tiles(self) -> int:
+        return self.loads + 2 * self.accumulators
+
+    def fits(self, ctx) -> bool:
+        return self.live_tiles <= ctx.max_live_tiles and self.shared_bytes <= ctx.max_shared_bytes
+
+    def __str__(self) -> str:
+        return f"{self.loads} tile load(s), {self.accumulators} accumulator(s), ~{self.shared_bytes // 1024} KiB shared"
+
+
+def resources(nodes, producer: dict, recompute: frozenset = frozenset()) -> Resources:
+    """Estimate what a group would hold on chip: each distinct tensor it loads is a tile in
+    registers, each matmul an f32 accumulator (counted twice: it lives across the K loop), and
+    each GEMM operand tile pipelined through shared memory."""
+    inside = set(nodes)
+    loads: set = set()
+    for n in nodes:
+        loads |= {v for v in base_inputs(n, producer, set(), recompute) if producer.get(v) not in inside}
+    mms = [n for n in nodes if n.op in ("matmul", "matmul_i32", "expert_gemm", "bsr_matmul", "lowrank_matmul")]
+    stages, bm, bn, bk, item = 3, 64, 64, 32, 2
+    shared = stages * (bm * bk + len(mms) * bk * bn) * item if mms else 0
+    return Resources(len(loads), len(mms), shared)

@@ -1,5 +1,10 @@
 """Pass: partition a canonical graph into fusion groups (``opforge show --stage fused``).
 
+Every join that is valid is then put to the cost model (passes/cost.py): it must save bytes,
+and the group must stay within the register budget (distinct full tiles loaded plus
+accumulators, PassContext.max_live_tiles) and the shared-memory budget of its GEMM operand
+tiles (max_shared_bytes). Operand prologues are costed by the bytes their whole chain reads.
+
 Pipeline position: after canonicalisation (and layouts/pattern rewrites); before lowering.
 
 Nodes fall in three classes:
@@ -256,7 +261,18 @@ class Partitioner:
             ok = self.ctx.fuse_contractions and self.join_around_matmul(n, gid, cons, plain)
         else:
             ok = self.join_row(n, gid, paths, plain)
-        return ok and not self.creates_cycle(n, gid) and len(self.members[gid]) < self.ctx.max_group_nodes
+        return ok and not self.creates_cycle(n, gid) and len(self.members[gid]) < self.ctx.max_group_nodes \
+            and self.worth_it(n, gid, stored)
+
+    def worth_it(self, n: Node, gid: int, stored: bool) -> bool:
+        """The cost model's verdict on a join that is valid: it must save bytes (a node whose
+        result is stored anyway saves only its inputs' round trip), and the group must stay
+        within the register and shared-memory budgets of passes/cost.py."""
+        from .cost import join_saves_bytes, resources
+        if not join_saves_bytes(n, stored, self.producer):
+            return False
+        res = resources(self.members[gid] + [n], self.producer, self.recompute)
+        return res.fits(self.ctx)
 
     def storable(self, n: Node, gid: int, plain: bool) -> bool:
         """Can the group write n's result at its canonical indices?"""
@@ -549,5 +565,8 @@ def print_fused(fg: FusedGraph) -> str:
             outs = ", ".join(f"{name(v)}: {v.type}" for v in n.outputs)
             lines.append(f"    {outs} = {n.op}({', '.join(name(v) for v in n.inputs)}){format_attrs(n.attrs)}")
         lines.append(f"    stores {', '.join(f'{name(v)} -> {fg.buffer(grp, v)}' for v in grp.outputs)}")
+        if grp.nodes:
+            from .cost import resources
+            lines.append(f"    on chip: {resources(list(grp.nodes), fg.graph.producers(), fg.recompute)}")
     return "\n".join(lines)
 

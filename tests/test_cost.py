@@ -222,3 +222,37 @@ op f(x: f16[M, D], w: f16[D], wq: f16[D, D], wk: f16[D, D]) -> (f16[M, D], f16[M
         sizes = {**sizes, "N": sizes["D"]}
         assert at(fused_bytes(fg_same), sizes) <= at(fused_bytes(fg_other), sizes), \
             (str(fused_bytes(fg_same)), str(fused_bytes(fg_other)))
+
+
+def test_the_register_budget_splits_a_group_that_loads_too_many_tensors():
+    """30 inputs summed pointwise: one kernel under a generous budget; under max_live_tiles=8 the
+    partitioner must split it (each group loads at most 8 tensors), and results stay right."""
+    from opforge.passes.context import PassContext
+    from opforge.passes.cost import resources
+    from opforge.passes.fusion import fuse
+    from opforge.passes.pipeline import canonical_graph, kernel_graph
+    names = [f"a{i}" for i in range(30)]
+    src = ("op many(" + ", ".join(f"{n}: f32[M, N]" for n in names) + ") -> f32[M, N] { return "
+           + " + ".join(names) + " }")
+    prog = load_program(src)
+    g = kernel_graph(canonical_graph(prog, "many"))
+    wide = fuse(g, PassContext(max_live_tiles=64))
+    assert len(wide.groups) == 1
+    tight = fuse(g, PassContext(max_live_tiles=8))
+    assert len(tight.groups) > 1
+    producer = g.producers()
+    for grp in tight.groups:
+        assert resources(list(grp.nodes), producer, tight.recompute).live_tiles <= 8, grp.name
+
+
+def test_resource_estimates_count_loads_and_accumulators():
+    from opforge.passes.cost import resources
+    from opforge.passes.pipeline import canonical_graph, kernel_graph
+    from opforge.passes.fusion import fuse
+    prog = load_program(EXAMPLES / "llama.opf")
+    fg = fuse(kernel_graph(canonical_graph(prog, "swiglu_mlp")))
+    producer = fg.graph.producers()
+    dual = next(grp for grp in fg.groups if sum(n.op == "matmul" for n in grp.nodes) == 2)
+    res = resources(list(dual.nodes), producer, fg.recompute)
+    assert (res.loads, res.accumulators) == (3, 2)           # x, wg, wu; two accumulators
+    assert res.shared_bytes == 3 * (64 * 32 + 2 * 32 * 64) * 2
