@@ -154,8 +154,25 @@ def _semi_structured(x, w):
     return x @ cache[key].t()
 
 
+def _scaled_mm_fp8(x, w):
+    """torch's fp8 GEMM (cuBLASLt) with per-row scales, activations quantized per call as
+    opforge's @quant(fp8, act=fp8) does; the weight once."""
+    cache = _scaled_mm_fp8.__dict__.setdefault("cache", {})
+    key = (w.data_ptr(), tuple(w.shape))
+    if key not in cache:
+        sw = (w.float().abs().amax(dim=1) / 448.0).clamp_min(1e-30)
+        cache[key] = ((w.float() / sw[:, None]).to(torch.float8_e4m3fn), sw[None, :].contiguous())
+    wq, sw = cache[key]
+    sx = (x.float().abs().amax(dim=1, keepdim=True) / 448.0).clamp_min(1e-30)
+    xq = (x.float() / sx).to(torch.float8_e4m3fn)
+    # row-wise scales take a bf16 output in cuBLASLt
+    return torch._scaled_mm(xq, wq.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16)
+
+
 LAYOUTS = {"int4": "@quant(int4, group=128)", "int8": "@quant(int8)", "fp8": "@quant(fp8)", "2:4": "@sparse(2:4)",
-           "dense": ""}
+           "w8a8": "@quant(int8, act=int8)", "fp8act": "@quant(fp8, act=fp8)", "dense": ""}
+SPECIALISTS = {"2:4": ("torch semi-structured 2:4", _semi_structured),
+               "fp8act": ("torch._scaled_mm fp8 row-wise", _scaled_mm_fp8)}
 
 
 def _layout_workloads() -> list[Workload]:
@@ -166,14 +183,16 @@ def _layout_workloads() -> list[Workload]:
             def nbytes(s, b, tag=tag):
                 wbytes = {"int4": s["N"] * s["K"] // 2 + s["N"] * s["K"] // 128 * 3, "int8": s["N"] * s["K"] + 4 * s["N"],
                           "fp8": s["N"] * s["K"] + 4 * s["N"], "2:4": s["N"] * s["K"] + s["N"] * s["K"] // 8,
+                          "w8a8": s["N"] * s["K"] + 4 * s["N"], "fp8act": s["N"] * s["K"] + 4 * s["N"],
                           "dense": 2 * s["N"] * s["K"]}[tag]
-                return wbytes + 2 * s["M"] * (s["K"] + s["N"])
+                # W8A8 also writes and reads back its quantized activations (a byte each, and a scale per row)
+                act = 2 * (s["M"] * s["K"] + 4 * s["M"]) if tag in ("w8a8", "fp8act") else 0
+                return wbytes + 2 * s["M"] * (s["K"] + s["N"]) + act
             out.append(Workload(
                 f"linear_{tag.replace(':', '')}_M{m}_N{n}", _linear_spec(ann), "linear", {"M": m, "N": n, "K": k},
                 {"M": min(m, 3), "N": 40, "K": 256},
                 flops=lambda s: 2 * s["M"] * s["N"] * s["K"], bytes=nbytes, eager=_dense_linear,
-                specialist=("torch semi-structured 2:4", _semi_structured) if tag == "2:4" else
-                ("cuBLAS dense f16 (torch.matmul)", _dense_linear),
+                specialist=SPECIALISTS.get(tag, ("cuBLAS dense f16 (torch.matmul)", _dense_linear)),
                 bound="memory" if m <= 16 else "compute", weights=("w",), group="layouts",
                 note=f"{ann or 'dense'}; eager and torch.compile run the dense f16 weight"))
     return out

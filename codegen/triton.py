@@ -18,7 +18,7 @@ TL_DTYPES = {
 
 # op -> (precedence, text template); operands are {0}, {1}, ...
 INFIX = {
-    "or": (6, "{0} | {1}"), "and": (8, "{0} & {1}"), "shr": (9, "{0} >> {1}"),
+    "or": (6, "{0} | {1}"), "and": (8, "{0} & {1}"), "shr": (9, "{0} >> {1}"), "shl": (9, "{0} << {1}"),
     "lt": (5, "{0} < {1}"), "le": (5, "{0} <= {1}"), "gt": (5, "{0} > {1}"), "ge": (5, "{0} >= {1}"),
     "eq": (5, "{0} == {1}"), "ne": (5, "{0} != {1}"),
     "add": (10, "{0} + {1}"), "sub": (10, "{0} - {1}"),
@@ -32,7 +32,7 @@ CALLS = {
 }
 REDUCE = {"sum": "tl.sum", "max": "tl.max", "min": "tl.min"}
 ARGREDUCE = {"max": "tl.argmax", "min": "tl.argmin"}
-NONASSOC = {"sub", "truediv", "floordiv", "mod", "and", "or", "shr"}  # & and | keep their grouping (see tile_builder.binop)
+NONASSOC = {"sub", "truediv", "floordiv", "mod", "and", "or", "shr", "shl"}  # & and | keep their grouping (see tile_builder.binop)
 PRIMARY = 20
 
 

@@ -13,6 +13,7 @@ from .diagnostics import SpecError, did_you_mean
 
 KINDS = ("quant", "sparse", "lowrank", "auto")
 QUANT_DTYPES = ("int8", "int4", "fp8")
+ACT_DTYPES = ("int8", "fp8")          # @quant(q, act=q): both operands of the dot quantized
 DEFAULT_INT4_GROUP = 128
 
 
@@ -83,9 +84,12 @@ def _quant(decl, pos, kw, ptype) -> Layout:
     elif q == "int4":
         out["group"] = DEFAULT_INT4_GROUP
     if "act" in kw:
-        if q != "int8" or kw["act"].value != "int8":
-            raise SpecError("act= is supported as @quant(int8, act=int8) only", kw["act"].span)
-        out["act"] = "int8"
+        act = kw["act"].value
+        if q not in ACT_DTYPES or act != q:
+            raise SpecError(f"@quant({_show(q)}, act={_show(act)}) is not supported", kw["act"].span,
+                            "activations are quantized as the weight is: @quant(int8, act=int8) or "
+                            "@quant(fp8, act=fp8)")
+        out["act"] = act
     k = ptype.shape[1]
     if q == "int4" and isinstance(k, int):
         if k % 2:

@@ -10,6 +10,10 @@ so no dense copy of a weight is ever made.
 - ``fp8_bits(bits u8[N, K]) -> f32[N, K]``: e4m3 bit patterns (fp8 travels as bytes);
 - ``round`` (half to even, as torch.round), pointwise;
 - ``matmul_i32``: int8 x int8 products accumulated and returned in i32 (W8A8);
+- ``fp8_encode(x f32) -> u8``: x rounded to float8 e4m3 (to nearest, ties to even; |x| above
+  448, the largest e4m3, saturates), as its bit pattern, pointwise;
+- ``matmul_f8(a u8, b u8) -> f32``: e4m3 x e4m3 (both as bit patterns) accumulated in f32; the
+  GPU's fp8 tensor-core dot where it has one (sm_89 and newer);
 - ``bsr_matmul(x, blocks, col_idx, row_ptr)``: x @ W.T for a block-CSR W (zero blocks skipped);
 - ``lowrank_matmul(x, v, u)``: (x @ v.T) @ u.T, the rank-R intermediate kept on chip.
 """
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from . import rules
+from . import fp8, rules
 from .dims import evaluate
 from .registry import Arg, Kind, RuleError, primitive
 from .types import DType, TensorType, accumulator
@@ -114,6 +118,41 @@ def _mm32_ref(ctx, inputs, attrs, out_types, in_types):
 
 primitive("matmul_i32", Kind.CONTRACTION, [Arg("a", "tensor"), Arg("b", "tensor")], internal=True,
           doc="int8 @ int8 accumulated and returned in i32")(infer=_mm32_infer, reference=_mm32_ref)
+
+
+def fp8_encode_ref(x: torch.Tensor) -> torch.Tensor:
+    return x.float().clamp(-fp8.MAX, fp8.MAX).to(torch.float8_e4m3fn).view(torch.uint8)
+
+
+def _fp8_encode_infer(types, attrs):
+    (t,) = types
+    if t.dtype != DType.f32:
+        raise RuleError(f"fp8_encode needs f32 values, got {t}")
+    return [TensorType(DType.u8, tuple(t.shape))]
+
+
+primitive("fp8_encode", Kind.POINTWISE, [Arg("x", "tensor")], internal=True,
+          doc="x rounded to float8 e4m3 (saturating at 448), as bit patterns",
+          tile=lambda b, args, attrs: fp8.encode(b, args[0]))(
+    infer=_fp8_encode_infer, reference=lambda ctx, ins, attrs, out, it: fp8_encode_ref(ins[0]))
+
+
+def _mmf8_infer(types, attrs):
+    a, b = types
+    if a.dtype != DType.u8 or b.dtype != DType.u8:
+        raise RuleError("matmul_f8 needs e4m3 bit patterns (u8) as both operands")
+    from .prims_contract import _matmul_infer
+    (t,) = _matmul_infer(types, attrs)
+    return [t.with_dtype(DType.f32)]
+
+
+def _mmf8_ref(ctx, inputs, attrs, out_types, in_types):
+    a, b = (t.view(torch.float8_e4m3fn).to(torch.float64) for t in inputs)
+    return torch.matmul(a, b).to(ctx.dt(DType.f32))
+
+
+primitive("matmul_f8", Kind.CONTRACTION, [Arg("a", "tensor"), Arg("b", "tensor")], internal=True,
+          doc="e4m3 @ e4m3 (bit patterns) accumulated and returned in f32")(infer=_mmf8_infer, reference=_mmf8_ref)
 
 
 def _bsr_infer(types, attrs):

@@ -33,7 +33,7 @@ TDType = DType | PtrType
 OPS: dict[str, str] = {
     "var": "leaf", "arg": "leaf", "const": "leaf", "program_id": "leaf", "arange": "leaf",
     "add": "arith", "sub": "arith", "mul": "arith", "truediv": "arith", "floordiv": "arith", "mod": "arith",
-    "neg": "arith", "and": "arith", "or": "arith", "not": "arith", "shr": "arith",
+    "neg": "arith", "and": "arith", "or": "arith", "not": "arith", "shr": "arith", "shl": "arith",
     "lt": "compare", "le": "compare", "gt": "compare", "ge": "compare", "eq": "compare", "ne": "compare",
     "exp": "math", "exp2": "math", "log": "math", "log2": "math", "sqrt": "math", "rsqrt": "math",
     "sin": "math", "cos": "math", "abs": "math", "erf": "math", "floor": "math", "sigmoid": "math",

@@ -190,6 +190,17 @@ class TileBuilder:
         bits = self.cast(self.lift(bits), a.dtype)
         return TExpr("shr", (a, bits), a.dtype, broadcast(a.shape, bits.shape))
 
+    def shl(self, a, bits) -> TExpr:
+        """a << bits for integers (the shift takes a's dtype; bits shifted out are lost)."""
+        a = self.lift(a)
+        bits = self.cast(self.lift(bits), a.dtype)
+        return TExpr("shl", (a, bits), a.dtype, broadcast(a.shape, bits.shape))
+
+    def bitor(self, a, b) -> TExpr:
+        a, b = self.lift(a), self.lift(b)
+        dt = promote(a, b)
+        return TExpr("or", (self.cast(a, dt), self.cast(b, dt)), dt, broadcast(a.shape, b.shape))
+
     def bitand(self, a, mask: int) -> TExpr:
         a = self.lift(a)
         return TExpr("and", (a, self.const(mask, a.dtype)), a.dtype, a.shape)

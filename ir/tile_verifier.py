@@ -58,7 +58,7 @@ def verify_kernel(k: TileKernel) -> TileKernel:
                     or tuple(acc.shape) != (a.shape[0], b.shape[1]):
                 fail(f"dot of {list(a.shape)} and {list(b.shape)} into {list(acc.shape)}")
         if e.op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "and", "or", "lt", "le", "gt",
-                    "ge", "eq", "ne", "maximum", "minimum", "shr"):
+                    "ge", "eq", "ne", "maximum", "minimum", "shr", "shl"):
             try:
                 broadcast(e.args[0].shape, e.args[1].shape)
             except ValueError as err:

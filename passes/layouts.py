@@ -13,10 +13,11 @@ GEMM's B loads: the GEMM reads the packed bytes) or replaces the contraction tha
     @quant(fp8)           w' = cast(fp8_bits(bits) * scale[:, None], dt)
     @sparse(2:4)          w' = unpack_24(values, meta)
     @quant(int8, act=int8) x @ w.T -> (matmul_i32(q8(x), q.T) * sx) * scale      (x per row)
+    @quant(fp8, act=fp8)   x @ w.T -> (matmul_f8(e4m3(x), bits.T) * sx) * scale  (x per row)
     @sparse(block=B)      x @ w.T -> bsr_matmul(x, blocks, col_idx, row_ptr)
     @lowrank(...)         x @ w.T -> lowrank_matmul(x, v, u)
 
-The last three need the weight used as ``x @ w.T``; any other use is a SpecError there.
+The last four need the weight used as ``x @ w.T``; any other use is a SpecError there.
 """
 from __future__ import annotations
 
@@ -30,14 +31,18 @@ from .graph_edit import Emitter
 
 CONTRACTION_LAYOUTS = ("w8a8", "block", "lowrank")
 
+# activation quantization: (largest magnitude, the product primitive, the packed weight tensor)
+ACT_QUANT = {"int8": (127.0, "matmul_i32", "q"), "fp8": (448.0, "matmul_f8", "bits")}
+
 
 def layout_tag(layout: Layout) -> str:
-    """A short identifier for op names: int4g128, int8, w8a8, fp8, s24, bsr32, lr16, lrtol."""
+    """A short identifier for op names: int4g128, int8, w8a8, fp8, w8a8fp8, s24, bsr32, lr16,
+    lrtol."""
     kw = dict(layout.kwargs)
     if layout.kind == "quant":
         q = layout.args[0]
         if kw.get("act"):
-            return "w8a8"
+            return "w8a8" if q == "int8" else f"w8a8{q}"
         return f"int4g{kw['group']}" if q == "int4" else q
     if layout.kind == "sparse":
         return f"bsr{kw['block']}" if "block" in kw else "s24"
@@ -157,7 +162,7 @@ def apply_layouts(g: Graph, chosen: dict[str, Layout], shapes: dict | None = Non
             elif rule == "lowrank":
                 e("lowrank_matmul", [x, packed[f"{p.name}_v"], packed[f"{p.name}_u"]], out=n.out)
             else:
-                _w8a8(e, x, p, packed, n.out)
+                _w8a8(e, x, p, layout, packed, n.out)
             nodes.extend(e.nodes)
             continue
         nodes.append(n if ins == n.inputs else Node(n.op, ins, n.attrs, n.outputs, n.span))
@@ -174,7 +179,7 @@ def _is_wt(u: Node) -> bool:
 
 def contraction_uses(g: Graph, p: Param, layout: Layout, users=None) -> list[Node]:
     """The matmuls reading p as ``x @ p.T``; any other use of p is a SpecError there (block
-    sparsity, low rank and act=int8 replace the contraction itself)."""
+    sparsity, low rank and act= replace the contraction itself)."""
     users = users if users is not None else g.users()
     out = []
     for u in users.get(p.value, []):
@@ -196,14 +201,21 @@ def check_layout_uses(g: Graph, ctx: PassContext | None = None) -> Graph:
     return g
 
 
-def _w8a8(e: Emitter, x: Value, p: Param, packed: dict[str, Value], out: Value) -> None:
-    """Activations quantized per row at run time: sx = max|x| / 127, xq = round(x / sx)."""
+def _w8a8(e: Emitter, x: Value, p: Param, layout: Layout, packed: dict[str, Value], out: Value) -> None:
+    """Activations quantized per row at run time: sx = max|x| / QMAX, then xq = round(x / sx) to
+    int8, or x / sx rounded to e4m3 (as bits) for act=fp8; the product of the two quantized
+    operands is exact, accumulated in i32 (int8) or f32 (fp8); both scales in the epilogue."""
+    qmax, product, stored = ACT_QUANT[dict(layout.kwargs)["act"]]
     xf = e("cast", [x], {"dtype": DType.f32})
-    sx = e("div", [e("max", [e("abs", [xf])], {"axis": x.type.rank - 1, "keepdim": True}), e.const(127.0, DType.f32)])
+    sx = e("div", [e("max", [e("abs", [xf])], {"axis": x.type.rank - 1, "keepdim": True}), e.const(qmax, DType.f32)])
     sx = e("maximum", [sx, e.const(1e-30, DType.f32)], name="act_scale")
-    xq = e("cast", [e("round", [e("div", [xf, sx])])], {"dtype": DType.i8}, name="act_q")
-    wt = e("transpose", [packed[f"{p.name}_q"]], {"a": 0, "b": 1})
-    acc = e("matmul_i32", [xq, wt])
-    y = e("mul", [e("mul", [e("cast", [acc], {"dtype": DType.f32}), sx]), packed[f"{p.name}_scale"]])
+    if product == "matmul_i32":
+        xq = e("cast", [e("round", [e("div", [xf, sx])])], {"dtype": DType.i8}, name="act_q")
+    else:
+        xq = e("fp8_encode", [e("div", [xf, sx])], name="act_q")
+    wt = e("transpose", [packed[f"{p.name}_{stored}"]], {"a": 0, "b": 1})
+    acc = e(product, [xq, wt])
+    if product == "matmul_i32":
+        acc = e("cast", [acc], {"dtype": DType.f32})
+    y = e("mul", [e("mul", [acc, sx]), packed[f"{p.name}_scale"]])
     e("cast", [y], {"dtype": out.type.dtype}, out=out)
-

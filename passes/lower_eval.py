@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..ir import registry
+from ..ir import fp8, registry
 from ..ir.dims import Dim
 from ..ir.graph import Node, Value
 from ..ir.registry import Kind
@@ -308,8 +308,7 @@ def _unpack_24(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
 
 
 def _fp8_bits(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
-    bits = ev(n.inputs[0], ctx)
-    return ev.b.let(ev.b.cast(ev.b.bitcast(bits, DType.f8e4m3), DType.f32), "fp8")
+    return ev.b.let(fp8.decode(ev.b, ev(n.inputs[0], ctx)), "fp8")
 
 
 GLUE = {"unpack_int4": _unpack_int4, "unpack_24": _unpack_24, "fp8_bits": _fp8_bits,

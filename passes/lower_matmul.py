@@ -11,6 +11,10 @@ Split-K: when the output has too few tiles to fill the GPU and K is long (decode
 second alternative splits K across a third grid axis; each split writes f32 partial sums to a
 scratch buffer and a small kernel adds them and runs the epilogue (deterministic: no atomics).
 
+W8A8 products: int8 operands accumulate in i32; e4m3 operands (``matmul_f8``, stored as u8
+bit patterns) accumulate in f32 and take the fp8 tensor-core dot where the GPU has one
+(ir/fp8.py), else f16 tiles that hold the e4m3 values exactly.
+
 Operands are evaluated through lower_eval, so transposes, permutes, slices and broadcast batch
 axes of the operands are strides and index arithmetic, never copies. f32 operands use exact
 ("ieee") products unless torch allows TF32 (torch.get_float32_matmul_precision() != "highest"),
@@ -20,11 +24,12 @@ from __future__ import annotations
 
 import torch
 
+from ..ir import fp8
 from ..ir.graph import Value
 from ..ir.tile import SPLIT_MAX, Alternative, Buffer, GridDim, Guard, Tunable
 from ..ir.tile_builder import TileBuilder
 from ..ir.types import DType, accumulator
-from .fusion import FusedGraph, Group
+from .fusion import MATMULS, FusedGraph, Group
 from .lower_eval import Ctx, Evaluator, address, unflatten
 from .lower_row import kernel_name, prod, store
 
@@ -70,7 +75,8 @@ class Gemm:
 
     def __init__(self, fg: FusedGraph, group: Group):
         self.fg, self.group = fg, group
-        self.mms = [n for n in group.nodes if n.op in ("matmul", "matmul_i32")]
+        self.mms = [n for n in group.nodes if n.op in MATMULS]
+        self.fp8 = self.mms[0].op == "matmul_f8"
         self.a, bv = self.mms[0].inputs
         self.out = self.mms[0].out
         self.a_vec, self.b_vec = self.a.type.rank == 1, bv.type.rank == 1
@@ -79,7 +85,7 @@ class Gemm:
         self.N = 1 if self.b_vec else bv.type.shape[-1]
         out = self.out.type
         self.batch = tuple(out.shape[: out.rank - (0 if self.a_vec else 1) - (0 if self.b_vec else 1)])
-        self.acc_dt = accumulator(self.a.type.dtype)
+        self.acc_dt = DType.f32 if self.fp8 else accumulator(self.a.type.dtype)
         self.partials = f"{group.name}_partials"
 
     def partial_buffer(self) -> Buffer:
@@ -131,7 +137,8 @@ class Gemm:
             at = ev(self.a, Ctx(a_ctx.idx, mask_a))
             if not is_plain_load(ev, self.a):
                 at = b.where(mask_a, at, 0)
-            at = b.let(b.broadcast_to(b.cast(at, self.a.type.dtype), ("BLOCK_M", "BLOCK_K")), "a")
+            at = b.broadcast_to(b.cast(at, self.a.type.dtype), ("BLOCK_M", "BLOCK_K"))
+            at = b.let(fp8.dot_operand(b, at) if self.fp8 else at, "a")
             for mm, acc in zip(self.mms, accs):
                 w = mm.inputs[1]
                 b_ctx = operand_ctx(w, batch_idx, len(self.batch), (kb,) if self.b_vec else (kb, cols))
@@ -139,6 +146,7 @@ class Gemm:
                 if not is_plain_load(ev, w):
                     bt = b.where(mask_b, bt, 0)
                 bt = b.broadcast_to(b.cast(bt, w.type.dtype), ("BLOCK_K", "BLOCK_N"))
+                bt = fp8.dot_operand(b, bt) if self.fp8 else bt
                 b.assign(acc, b.dot(at, bt, acc, precision))
 
     def epilogue(self, b: TileBuilder, ev: Evaluator, batch_idx, rows, cols, accs) -> None:

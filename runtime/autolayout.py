@@ -1,14 +1,16 @@
 """``@auto(tol=T)``: choose a weight's layout on the real weight, when it is bound.
 
 Each applicable layout (int8, int4 with the largest group of 128/64/32 that divides K, fp8,
-2:4, low rank at the tolerance, block-sparse where blocks are empty) is packed and run on
+2:4, low rank at the tolerance, block-sparse where blocks are empty; and, where the weight is
+used only as x @ w.T, W8A8 in int8 and in fp8) is packed and run on
 calibration inputs (the caller's, else seeded random ones of the spec's shapes, with sizes the
 weights do not bind set to CALIBRATION_SIZE). Its error is the relative Frobenius distance of
 the op's output from the output with the dense weight. A layout whose error exceeds the
 tolerance is never chosen; of the rest (dense always qualifies), the fastest wins: timed with
 do_bench on a GPU, estimated on the CPU from the bytes each kernel must move and its FLOPs at
-nominal H100 rates (the interpreter's wall clock says nothing about a GPU). The table of
-candidates is kept for explain().
+nominal H100 rates (the interpreter's wall clock says nothing about a GPU; W8A8 counts its
+quantized activations, written and read once, and runs its FLOPs at twice the f16 rate). The
+table of candidates is kept for explain().
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ import torch
 
 from ..ir.dims import evaluate
 from ..ir.graph import Attrs, Layout
+from ..frontend.diagnostics import SpecError
 from ..ir.types import TensorType
+from ..passes.layouts import contraction_uses
 from .binding import CallError
 from .inputs import random_inputs
 from .packing import LOWRANK_MAX, lowrank_rank, pack, packed_bytes
@@ -27,9 +31,13 @@ NOMINAL_GBPS = 3000.0       # H100 copy bandwidth, for CPU estimates only
 NOMINAL_TFLOPS = 700.0
 
 
-def candidates(w: torch.Tensor, tol: float) -> list[Layout]:
+def candidates(w: torch.Tensor, tol: float, contraction: bool = False) -> list[Layout]:
+    """``contraction``: the weight is used only as x @ w.T, so layouts that replace the
+    contraction (W8A8, block-sparse, low rank) apply."""
     n, k = w.shape
     out = [Layout("quant", ("int8",)), Layout("quant", ("fp8",))]
+    if contraction:
+        out += [Layout("quant", ("int8",), Attrs({"act": "int8"})), Layout("quant", ("fp8",), Attrs({"act": "fp8"}))]
     if k % 2 == 0:
         for g in (128, 64, 32):
             if k % g == 0:
@@ -37,6 +45,8 @@ def candidates(w: torch.Tensor, tol: float) -> list[Layout]:
                 break
     if k % 4 == 0:
         out.append(Layout("sparse", ((2, 4),)))
+    if not contraction:
+        return out
     r = lowrank_rank(w, tol)
     if r <= LOWRANK_MAX and (n + k) * r < n * k:
         out.append(Layout("lowrank", (), Attrs({"rank": r})))
@@ -79,8 +89,9 @@ def calibration_inputs(op, weights: dict, calibration) -> tuple[dict, dict]:
     return values, bindings
 
 
-def estimate_ms(op, packed: dict | None, name: str, bindings) -> float:
+def estimate_ms(op, packed: dict | None, name: str, bindings, layout: Layout | None = None) -> float:
     g = op.graph
+    act = layout is not None and bool(dict(layout.kwargs).get("act"))
     moved = 0
     for p in g.params:
         if isinstance(p.value.type, TensorType):
@@ -99,7 +110,14 @@ def estimate_ms(op, packed: dict | None, name: str, bindings) -> float:
             for d in nd.out.type.shape:
                 m *= evaluate(d, bindings)
             flops += 2 * m * evaluate(a.type.shape[-1], bindings)
-    return max(moved / (NOMINAL_GBPS * 1e9), flops / (NOMINAL_TFLOPS * 1e12)) * 1e3
+    if act:     # the quantized activations (a byte each), written and read back
+        for mm in contraction_uses(g, next(p for p in g.params if p.name == name), layout):
+            numel = 1
+            for d in mm.inputs[0].type.shape:
+                numel *= evaluate(d, bindings)
+            moved += 2 * numel
+    rate = NOMINAL_TFLOPS * (2 if act else 1)
+    return max(moved / (NOMINAL_GBPS * 1e9), flops / (rate * 1e12)) * 1e3
 
 
 def choose_layout(op, name: str, w: torch.Tensor, tol: float, weights: dict, calibration):
@@ -115,7 +133,13 @@ def choose_layout(op, name: str, w: torch.Tensor, tol: float, weights: dict, cal
     dense_ms = estimate_ms(op, None, name, bindings) if not on_gpu else \
         bench_ms(lambda: op(*[values[p] for p in order]))
     results.append((None, 0.0, dense_ms, sum(t.numel() * t.element_size() for t in [w])))
-    for layout in candidates(w, tol):
+    param = next(p for p in g.params if p.name == name)
+    try:
+        contraction_uses(g, param, param.layout)
+        contraction = True
+    except SpecError:
+        contraction = False
+    for layout in candidates(w, tol, contraction):
         try:
             packed = pack(layout, w, name)
         except CallError:
@@ -132,7 +156,7 @@ def choose_layout(op, name: str, w: torch.Tensor, tol: float, weights: dict, cal
         out = variant(*args)
         out = out[0] if isinstance(out, tuple) else out
         err = float((out.double() - dense_ref).norm() / dense_ref.norm().clamp_min(1e-30))
-        ms = bench_ms(lambda: variant(*args)) if on_gpu else estimate_ms(op, packed, name, bindings)
+        ms = bench_ms(lambda: variant(*args)) if on_gpu else estimate_ms(op, packed, name, bindings, layout)
         results.append((layout, err, ms, packed_bytes(packed)))
     ok = [r for r in results if r[1] <= tol]
     best = min(ok, key=lambda r: r[2])

@@ -2,9 +2,9 @@
 them back (for tests and the reference). Every packed form is plain tensors.
 
 | layout | tensors (suffix: dtype[shape]) |
-| @quant(int8) | q: i8[N, K], scale: f32[N]; w ~ q * scale (per output row, symmetric) |
+| @quant(int8) and @quant(int8, act=int8) | q: i8[N, K], scale: f32[N]; w ~ q * scale (per output row, symmetric) |
 | @quant(int4, group=G) | packed: u8[N, K/2] (two per byte), scale: spec dtype[N, K/G], zero: u8[N, K/G]; w ~ (q - zero) * scale |
-| @quant(fp8) | bits: u8[N, K] (e4m3 bit patterns), scale: f32[N]; w ~ fp8(bits) * scale |
+| @quant(fp8) and @quant(fp8, act=fp8) | bits: u8[N, K] (e4m3 bit patterns), scale: f32[N]; w ~ fp8(bits) * scale |
 | @sparse(2:4) | values: spec dtype[N, K/2], meta: u8[N, ceil(K/8)] (2-bit positions) |
 | @sparse(block=B) | blocks: spec dtype[nnz, B, B], col_idx: i32[nnz], row_ptr: i32[ceil(N/B) + 1] |
 | @lowrank(rank=R or tol=T) | u: spec dtype[N, R] (singular values folded in), v: spec dtype[R, K] |
@@ -114,7 +114,7 @@ def _pack_int4(w, group):
 FP8_MAX = 448.0
 
 
-def _pack_fp8(w):
+def _pack_fp8(w, act=None):
     scale = _row_scale(w, FP8_MAX)
     bits = (w.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
     return {"bits": bits.contiguous(), "scale": scale.contiguous()}

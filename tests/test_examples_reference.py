@@ -125,6 +125,7 @@ IMPLS = {
     ("quant_linear", "linear_w8a8"): lambda i: t_dense_linear(**i),
     ("quant_linear", "linear_q4"): lambda i: t_dense_linear(**i),
     ("quant_linear", "linear_fp8"): lambda i: t_dense_linear(**i),
+    ("quant_linear", "linear_fp8_act"): lambda i: t_dense_linear(**i),
     ("quant_linear", "linear_auto"): lambda i: t_dense_linear(**i),
     ("sparse_linear", "linear_24"): lambda i: t_dense_linear_bias(**i),
     ("sparse_linear", "linear_block_sparse"): lambda i: t_dense_linear(**i),
@@ -190,7 +191,7 @@ def to_f64(values):
 
 def test_every_example_op_has_a_torch_version():
     ops = set(all_ops())
-    assert len(ops) == 19, sorted(ops)
+    assert len(ops) == 20, sorted(ops)
     assert ops == set(IMPLS), f"missing: {ops - set(IMPLS)}, stale: {set(IMPLS) - ops}"
     assert {f.stem for f in EXAMPLE_FILES} == set(AWKWARD)
 

@@ -54,6 +54,10 @@ SPEC_CASES = [
              "@lowrank(rank=13) is above min(N, K) = 12", "rank=13"),
     SpecCase("lowrank-rank-above-both", "10", "12", "@lowrank(rank=11)",
              "@lowrank(rank=11) is above min(N, K) = 10", "rank=11"),
+    SpecCase("act-of-another-type", "K", "N", "@quant(fp8, act=int8)",
+             "@quant(fp8, act=int8) is not supported", "act=int8", "@quant(fp8, act=fp8)"),
+    SpecCase("act-on-int4", "K", "N", "@quant(int4, group=32, act=int8)",
+             "@quant(int4, act=int8) is not supported", "act=int8", "@quant(int8, act=int8)"),
 ]
 
 
@@ -155,7 +159,7 @@ def test_rank_above_the_kernels_limit_is_a_bind_error():
 
 
 # -- weights whose layout changes the contraction ----------------------------------------------
-CONTRACTION_LAYOUTS = ["@sparse(block=16)", "@lowrank(rank=4)", "@quant(int8, act=int8)"]
+CONTRACTION_LAYOUTS = ["@sparse(block=16)", "@lowrank(rank=4)", "@quant(int8, act=int8)", "@quant(fp8, act=fp8)"]
 MISUSES = [
     ("elementwise", "f16[N, K]", "    return w * 2.0", "w * 2.0"),
     ("not-transposed", "f16[N, M]", "    return w @ x.T", "w @ x.T"),

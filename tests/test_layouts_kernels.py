@@ -3,8 +3,8 @@
 Every layout's bound op (``mod.op.bind(w=W)``, a ``BoundOp``) is run at awkward sizes (M in 1,
 7, 33; K not a multiple of the kernel's blocks where the layout allows it; N odd) and compared
 with the float64 reference executor run on the dense weight the kernels use
-(``layer.unpacked()``), within ``tolerance_for`` of the spec (which adds ``ACTIVATION_INT8`` for
-W8A8). Outputs start poisoned, so every element must be written.
+(``layer.unpacked()``), within ``tolerance_for`` of the spec (which adds ``ACTIVATION_INT8`` or
+``ACTIVATION_FP8`` for W8A8 in int8 or fp8). Outputs start poisoned, so every element must be written.
 
 Then the module behaviour: state_dict save/load, ``.to()``, ``torch.compile(fullgraph=True)``,
 the unbound op run dense with one warning, and the plan: the dequantisation happens inside the
@@ -51,6 +51,8 @@ CASES = [
     Case("int8-nobias", "@quant(int8)", k=130, n=19, bias=False),
     Case("w8a8", "@quant(int8, act=int8)", k=45, bias=False),
     Case("w8a8-bias", "@quant(int8, act=int8)", k=70, n=21),
+    Case("w8a8fp8", "@quant(fp8, act=fp8)", k=45, bias=False),
+    Case("w8a8fp8-bias", "@quant(fp8, act=fp8)", k=70, n=21),
     Case("int4-g32", "@quant(int4, group=32)", k=160),
     Case("int4-g64", "@quant(int4, group=64)", k=192, bias=False),
     Case("int4-g128", "@quant(int4, group=128)", k=384),
@@ -70,6 +72,7 @@ CASES = [
     # f32 specs (the interpreter has no bf16)
     Case("int4-g32-f32", "@quant(int4, group=32)", k=96, dtype="f32"),
     Case("w8a8-f32", "@quant(int8, act=int8)", k=45, dtype="f32", bias=False),
+    Case("w8a8fp8-f32", "@quant(fp8, act=fp8)", k=45, dtype="f32"),
     Case("s24-f32", "@sparse(2:4)", k=52, dtype="f32"),
     Case("bsr16-f32", "@sparse(block=16)", k=40, dtype="f32", zero_blocks=16),
     Case("lowrank-f32", "@lowrank(rank=6)", k=45, dtype="f32"),
@@ -176,6 +179,7 @@ def test_w8a8_quantizes_activations_per_row(dtype):
 
 @pytest.mark.parametrize("annotation,k", [("@sparse(block=16)", 40), ("@lowrank(rank=3)", 45),
                                           ("@quant(int4, group=8)", 40), ("@quant(int8, act=int8)", 45),
+                                          ("@quant(fp8, act=fp8)", 45),
                                           ("@sparse(2:4)", 44)])
 def test_leading_axes_of_x_are_rows(annotation, k):
     src = f"op f(x: f16[B, M, K], w: f16[N, K] {annotation}) -> f16[B, M, N] {{ return x @ w.T }}"
@@ -190,7 +194,7 @@ def test_leading_axes_of_x_are_rows(annotation, k):
 
 
 @pytest.mark.parametrize("annotation", ["@sparse(block=16)", "@lowrank(rank=4)", "@quant(int4, group=8)",
-                                        "@quant(int8, act=int8)"])
+                                        "@quant(int8, act=int8)", "@quant(fp8, act=fp8)"])
 def test_layouts_take_a_pointwise_epilogue(annotation):
     src = (f"op f(x: f16[M, K], w: f16[N, K] {annotation}, b: f16[N]) -> f16[M, N] {{\n"
            f"    return silu(x @ w.T + b) * 2.0\n}}")
@@ -217,7 +221,7 @@ def test_prologue_layouts_allow_any_use_of_the_weight():
 
 
 # -- module behaviour ---------------------------------------------------------------------------
-STATE_CASES = [c for c in CASES if c.id in ("int8", "w8a8", "int4-g32", "fp8", "s24", "bsr16", "lowrank5")]
+STATE_CASES = [c for c in CASES if c.id in ("int8", "w8a8", "int4-g32", "fp8", "w8a8fp8", "s24", "bsr16", "lowrank5")]
 
 
 @pytest.mark.parametrize("case", STATE_CASES, ids=[c.id for c in STATE_CASES])
@@ -271,8 +275,8 @@ def test_to_a_dtype_keeps_the_packed_tensors_as_they_are():
     assert torch.equal(layer.half()(x), y)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.id in ("int4-g32", "bsr16", "w8a8")],
-                         ids=["int4-g32", "bsr16", "w8a8"])
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in ("int4-g32", "bsr16", "w8a8", "w8a8fp8")],
+                         ids=["int4-g32", "bsr16", "w8a8", "w8a8fp8"])
 def test_torch_compile_fullgraph_around_a_bound_layer(case):
     torch._dynamo.reset()
     mod, layer, weights = bind(case)
