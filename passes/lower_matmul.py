@@ -121,16 +121,19 @@ class Gemm:
         b.comment("second grid axis -> batch index")
         return unflatten(b, b.let(b.program_id(1), "pid_b"), self.batch, "b")
 
-    def k_loop(self, b: TileBuilder, ev: Evaluator, batch_idx, rows, cols, accs, start, stop) -> None:
+    def k_loop(self, b: TileBuilder, ev: Evaluator, batch_idx, rows, cols, accs, start, stop=None) -> None:
+        """K from ``start`` to ``stop`` (None: to the end of K, which is then the only bound)."""
         sM, sN, sK = b.size(self.M), b.size(self.N), b.size(self.K)
+        whole = stop is None
+        stop = sK if whole else stop
         rk = b.let(b.arange("BLOCK_K"), "rk")
         precision = f32_precision() if self.a.type.dtype == DType.f32 else None
         b.comment("K loop: accumulate A[rows, k] @ B[k, cols]")
         with b.loop("k0", start, stop, TExprOf(b, "BLOCK_K")) as k0:
             ks = b.let(b.add(k0, rk), "ks")
             ka, kb = b.expand_dims(ks, 0), b.expand_dims(ks, 1)
-            in_k = b.lt(ka, sK) if stop is sK else b.and_(b.lt(ka, sK), b.lt(ka, stop))
-            in_kb = b.lt(kb, sK) if stop is sK else b.and_(b.lt(kb, sK), b.lt(kb, stop))
+            in_k = b.lt(ka, sK) if whole else b.and_(b.lt(ka, sK), b.lt(ka, stop))
+            in_kb = b.lt(kb, sK) if whole else b.and_(b.lt(kb, sK), b.lt(kb, stop))
             mask_a = b.let(b.and_(b.lt(rows, sM), in_k) if not self.a_vec else in_k, "mask_a")
             mask_b = b.let(b.and_(in_kb, b.lt(cols, sN)) if not self.b_vec else in_kb, "mask_b")
             a_ctx = operand_ctx(self.a, batch_idx, len(self.batch), (ka,) if self.a_vec else (rows, ka))
@@ -208,7 +211,7 @@ def full_gemm(gm: Gemm):
     batch_idx, rows, cols = gm.tile_ids(b)
     ev = Evaluator(b, gm.fg, gm.group)
     accs = gm.accumulators(b)
-    gm.k_loop(b, ev, batch_idx, rows, cols, accs, 0, b.size(gm.K))
+    gm.k_loop(b, ev, batch_idx, rows, cols, accs, 0)
     gm.epilogue(b, ev, batch_idx, rows, cols, accs)
     return b.kernel(gm.grid(), doc=gm.doc("matmul"), warps=(4, 8), stages=(2, 3, 4), presets=gemm_presets())
 

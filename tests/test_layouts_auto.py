@@ -221,3 +221,29 @@ def test_a_bound_layer_that_stayed_dense_does_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         layer(torch.randn(7, 64, dtype=F16))
+
+
+def test_w8a8_candidates_are_tried_where_the_weight_is_only_contracted():
+    mod = compiled(spec("0.3"), "auto_w8a8")
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(9)).to(F16)
+    table = check_report(mod.f.bind(w=w), 0.3)
+    assert {"@quant(int8, act=int8)", "@quant(fp8, act=fp8)"} <= set(table), table
+    # activation rounding adds to the weight's: each W8A8 row errs more than its weight-only one
+    assert table["@quant(int8, act=int8)"][0] > table["@quant(int8)"][0]
+    assert table["@quant(fp8, act=fp8)"][0] > table["@quant(fp8)"][0]
+
+
+def test_other_uses_of_the_weight_leave_out_the_layouts_that_replace_the_contraction():
+    """w also feeds a reduction: only the dequantising layouts (which rebuild w) may hold it."""
+    src = ("op f(x: f16[M, K], w: f16[N, K] @auto(tol=0.3)) -> f16[M, N] {\n"
+           "    return x @ w.T + sum(w, axis=1)\n}\n")
+    mod = compiled(src, "auto_other_use")
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(10)).to(F16)
+    w[:32, :32] = 0                                # an empty block: block-sparse would apply to x @ w.T
+    layer = mod.f.bind(w=w)
+    table = check_report(layer, 0.3)
+    assert not any("act=" in t or t.startswith(("@sparse(block", "@lowrank")) for t in table), table
+    assert {"dense", "@quant(int8)", "@quant(fp8)", "@sparse(2:4)"} <= set(table)
+    x = torch.randn(7, 64, dtype=F16)
+    ref = run_graph(mod.f.graph, {"x": x, **layer.unpacked()}, {"M": 7, "K": 64, "N": 48}, check=True)[0]
+    assert_close(layer(x), ref, tolerance_for(mod.f.graph), f"@auto chose {chosen_text(layer)}")
