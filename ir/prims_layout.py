@@ -70,16 +70,20 @@ primitive("unpack_24", Kind.SHAPE, [Arg("values", "tensor"), Arg("meta", "tensor
         ctx.dt(out[0].dtype)))
 
 
-def _fp8_infer(types, attrs):
-    (b,) = types
-    if b.dtype != DType.u8:
-        raise RuleError(f"fp8_bits needs u8 bit patterns, got {b}")
-    return [TensorType(DType.f32, tuple(b.shape))]
+def convert_infer(name: str, src: DType, dst: DType, what: str):
+    """The rule of a pointwise conversion: an operand of dtype ``src``, the result ``dst``."""
+    def infer(types, attrs):
+        (t,) = types
+        if t.dtype != src:
+            raise RuleError(f"{name} needs {what}, got {t}")
+        return [TensorType(dst, tuple(t.shape))]
+    return infer
 
 
 primitive("fp8_bits", Kind.SHAPE, [Arg("bits", "tensor")], internal=True,
           doc="float8 e4m3 values from their bit patterns")(
-    infer=_fp8_infer, reference=lambda ctx, ins, attrs, out, it: ins[0].view(torch.float8_e4m3fn).to(ctx.dt(DType.f32)))
+    infer=convert_infer("fp8_bits", DType.u8, DType.f32, "u8 bit patterns"),
+    reference=lambda ctx, ins, attrs, out, it: ins[0].view(torch.float8_e4m3fn).to(ctx.dt(DType.f32)))
 
 
 def _round_infer(types, attrs):
@@ -102,13 +106,17 @@ primitive("round", Kind.POINTWISE, [Arg("x", "tensor")], internal=True, doc="rou
     reference=lambda ctx, ins, attrs, out, it: torch.round(ins[0].to(ctx.compute_dt(it[0].dtype))).to(ctx.dt(out[0].dtype)))
 
 
-def _mm32_infer(types, attrs):
-    a, b = types
-    if a.dtype != DType.i8 or b.dtype != DType.i8:
-        raise RuleError("matmul_i32 needs int8 operands")
-    from .prims_contract import _matmul_infer
-    (t,) = _matmul_infer(types, attrs)
-    return [t.with_dtype(DType.i32)]
+def quantized_matmul_infer(name: str, operand: DType, result: DType, operands_are: str):
+    """The rule of a product of quantized operands: a matmul's shapes, both operands of dtype
+    ``operand``, the result in ``result``."""
+    def infer(types, attrs):
+        a, b = types
+        if a.dtype != operand or b.dtype != operand:
+            raise RuleError(f"{name} needs {operands_are} as both operands")
+        from .prims_contract import _matmul_infer
+        (t,) = _matmul_infer(types, attrs)
+        return [t.with_dtype(result)]
+    return infer
 
 
 def _mm32_ref(ctx, inputs, attrs, out_types, in_types):
@@ -117,33 +125,18 @@ def _mm32_ref(ctx, inputs, attrs, out_types, in_types):
 
 
 primitive("matmul_i32", Kind.CONTRACTION, [Arg("a", "tensor"), Arg("b", "tensor")], internal=True,
-          doc="int8 @ int8 accumulated and returned in i32")(infer=_mm32_infer, reference=_mm32_ref)
+          doc="int8 @ int8 accumulated and returned in i32")(
+    infer=quantized_matmul_infer("matmul_i32", DType.i8, DType.i32, "int8"), reference=_mm32_ref)
 
 
 def fp8_encode_ref(x: torch.Tensor) -> torch.Tensor:
     return x.float().clamp(-fp8.MAX, fp8.MAX).to(torch.float8_e4m3fn).view(torch.uint8)
 
 
-def _fp8_encode_infer(types, attrs):
-    (t,) = types
-    if t.dtype != DType.f32:
-        raise RuleError(f"fp8_encode needs f32 values, got {t}")
-    return [TensorType(DType.u8, tuple(t.shape))]
-
-
 primitive("fp8_encode", Kind.POINTWISE, [Arg("x", "tensor")], internal=True,
           doc="x rounded to float8 e4m3 (saturating at 448), as bit patterns",
           tile=lambda b, args, attrs: fp8.encode(b, args[0]))(
-    infer=_fp8_encode_infer, reference=lambda ctx, ins, attrs, out, it: fp8_encode_ref(ins[0]))
-
-
-def _mmf8_infer(types, attrs):
-    a, b = types
-    if a.dtype != DType.u8 or b.dtype != DType.u8:
-        raise RuleError("matmul_f8 needs e4m3 bit patterns (u8) as both operands")
-    from .prims_contract import _matmul_infer
-    (t,) = _matmul_infer(types, attrs)
-    return [t.with_dtype(DType.f32)]
+    infer=convert_infer("fp8_encode", DType.f32, DType.u8, "f32 values"), reference=lambda ctx, ins, attrs, out, it: fp8_encode_ref(ins[0]))
 
 
 def _mmf8_ref(ctx, inputs, attrs, out_types, in_types):
@@ -152,7 +145,8 @@ def _mmf8_ref(ctx, inputs, attrs, out_types, in_types):
 
 
 primitive("matmul_f8", Kind.CONTRACTION, [Arg("a", "tensor"), Arg("b", "tensor")], internal=True,
-          doc="e4m3 @ e4m3 (bit patterns) accumulated and returned in f32")(infer=_mmf8_infer, reference=_mmf8_ref)
+          doc="e4m3 @ e4m3 (bit patterns) accumulated and returned in f32")(
+    infer=quantized_matmul_infer("matmul_f8", DType.u8, DType.f32, "e4m3 bit patterns (u8)"), reference=_mmf8_ref)
 
 
 def _bsr_infer(types, attrs):
