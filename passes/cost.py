@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ..ir.dims import Dim
 from ..ir.graph import Graph, Node, Value
 from ..ir.types import TensorType
-from .fusion import FusedGraph, node_class
+from .fusion import JOINS_CONSUMERS, FusedGraph, node_class
 
 
 def nbytes(v: Value) -> Dim:
@@ -110,7 +110,7 @@ def resources(nodes, producer: dict, recompute: frozenset = frozenset()) -> Reso
     loads: set = set()
     for n in nodes:
         loads |= {v for v in base_inputs(n, producer, set(), recompute) if producer.get(v) not in inside}
-    mms = [n for n in nodes if n.op in ("matmul", "matmul_i32", "matmul_f8", "expert_gemm", "bsr_matmul", "lowrank_matmul")]
+    mms = [n for n in nodes if n.op in JOINS_CONSUMERS]
     stages, bm, bn, bk, item = 3, 64, 64, 32, 2
     shared = stages * (bm * bk + len(mms) * bk * bn) * item if mms else 0
     return Resources(len(loads), len(mms), shared)

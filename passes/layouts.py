@@ -31,8 +31,8 @@ from .graph_edit import Emitter
 
 CONTRACTION_LAYOUTS = ("w8a8", "block", "lowrank")
 
-# activation quantization: (largest magnitude, the product primitive, the packed weight tensor)
-ACT_QUANT = {"int8": (127.0, "matmul_i32", "q"), "fp8": (448.0, "matmul_f8", "bits")}
+# the largest magnitude of each activation quantization (the row's max |x| maps to it)
+ACT_QMAX = {"int8": 127.0, "fp8": 448.0}
 
 
 def layout_tag(layout: Layout) -> str:
@@ -202,20 +202,20 @@ def check_layout_uses(g: Graph, ctx: PassContext | None = None) -> Graph:
 
 
 def _w8a8(e: Emitter, x: Value, p: Param, layout: Layout, packed: dict[str, Value], out: Value) -> None:
-    """Activations quantized per row at run time: sx = max|x| / QMAX, then xq = round(x / sx) to
+    """Activations quantized per row at run time: sx = max|x| / ACT_QMAX, then xq = round(x / sx) to
     int8, or x / sx rounded to e4m3 (as bits) for act=fp8; the product of the two quantized
     operands is exact, accumulated in i32 (int8) or f32 (fp8); both scales in the epilogue."""
-    qmax, product, stored = ACT_QUANT[dict(layout.kwargs)["act"]]
+    act = dict(layout.kwargs)["act"]
     xf = e("cast", [x], {"dtype": DType.f32})
-    sx = e("div", [e("max", [e("abs", [xf])], {"axis": x.type.rank - 1, "keepdim": True}), e.const(qmax, DType.f32)])
+    sx = e("div", [e("max", [e("abs", [xf])], {"axis": x.type.rank - 1, "keepdim": True}),
+                   e.const(ACT_QMAX[act], DType.f32)])
     sx = e("maximum", [sx, e.const(1e-30, DType.f32)], name="act_scale")
-    if product == "matmul_i32":
+    if act == "int8":
         xq = e("cast", [e("round", [e("div", [xf, sx])])], {"dtype": DType.i8}, name="act_q")
+        acc = e("cast", [e("matmul_i32", [xq, e("transpose", [packed[f"{p.name}_q"]], {"a": 0, "b": 1})])],
+                {"dtype": DType.f32})
     else:
         xq = e("fp8_encode", [e("div", [xf, sx])], name="act_q")
-    wt = e("transpose", [packed[f"{p.name}_{stored}"]], {"a": 0, "b": 1})
-    acc = e(product, [xq, wt])
-    if product == "matmul_i32":
-        acc = e("cast", [acc], {"dtype": DType.f32})
+        acc = e("matmul_f8", [xq, e("transpose", [packed[f"{p.name}_bits"]], {"a": 0, "b": 1})])
     y = e("mul", [e("mul", [acc, sx]), packed[f"{p.name}_scale"]])
     e("cast", [y], {"dtype": out.type.dtype}, out=out)

@@ -1,8 +1,8 @@
 """``@auto(tol=T)``: choose a weight's layout on the real weight, when it is bound.
 
 Each applicable layout (int8, int4 with the largest group of 128/64/32 that divides K, fp8,
-2:4, low rank at the tolerance, block-sparse where blocks are empty; and, where the weight is
-used only as x @ w.T, W8A8 in int8 and in fp8) is packed and run on
+2:4; and, where the weight is used only as x @ w.T, W8A8 in int8 and in fp8, low rank at the
+tolerance, block-sparse where blocks are empty) is packed and run on
 calibration inputs (the caller's, else seeded random ones of the spec's shapes, with sizes the
 weights do not bind set to CALIBRATION_SIZE). Its error is the relative Frobenius distance of
 the op's output from the output with the dense weight. A layout whose error exceeds the
