@@ -86,6 +86,7 @@ def run_workload(w: Workload, dtype_name: str, smoke: bool, bench, ceil: dict, c
     tol = tolerance_for(g)
     impls = {"opforge": lambda: op(*args), "eager": lambda: w.eager(*args)}
     refs = {}
+    kernels = op.kernel_count
     if w.weights:
         # weights are packed once; the packed op is checked against the reference run on the
         # weights it computes with (unpacked), the dense baselines against the dense reference
@@ -93,6 +94,7 @@ def run_workload(w: Workload, dtype_name: str, smoke: bool, bench, ceil: dict, c
         free = [values[n] for n in layer.free]
         impls["opforge"] = lambda: layer(*free)
         refs["opforge"] = run_graph(g, {**values, **layer.unpacked()}, sizes, check=True)[0]
+        kernels = layer._packed.kernel_count
     if not smoke:
         compiled = torch.compile(w.eager, mode="max-autotune-no-cudagraphs")
         impls["torch.compile"] = lambda: compiled(*args)
@@ -100,7 +102,7 @@ def run_workload(w: Workload, dtype_name: str, smoke: bool, bench, ceil: dict, c
             impls[w.specialist[0]] = lambda: w.specialist[1](*args)
     row = {"workload": w.name, "dtype": dtype_name, "sizes": sizes, "note": w.note, "smoke": smoke,
            "flops": w.flops(sizes), "bytes": w.bytes(sizes, DTYPES[dtype_name].itemsize),
-           "kernels": op.kernel_count, "times_ms": {}, "errors": {}, "correct": {}}
+           "kernels": kernels, "times_ms": {}, "errors": {}, "correct": {}}
     for name, fn in impls.items():
         try:
             out = fn()

@@ -173,7 +173,9 @@ class Gemm:
     def tunables(self, b: TileBuilder) -> None:
         b.tunable(Tunable("BLOCK_M", (16, 32, 64, 128), cpu=32))
         b.tunable(Tunable("BLOCK_N", (16, 32, 64, 128, 256), cpu=32))
-        b.tunable(Tunable("BLOCK_K", (16, 32, 64, 128), cpu=32))
+        # tl.dot of 8-bit operands (int8, e4m3) needs K blocks of at least 32
+        eight_bit = self.fp8 or self.a.type.dtype == DType.i8
+        b.tunable(Tunable("BLOCK_K", (32, 64, 128) if eight_bit else (16, 32, 64, 128), cpu=32))
         b.tunable(Tunable("GROUP_M", (1, 8), cpu=1))
 
     def grid(self) -> list:
@@ -256,5 +258,5 @@ def split_reduce(gm: Gemm):
     gm.epilogue(b, ev, batch_idx, rows, cols, accs)
     grid = [GridDim(((gm.M, "BLOCK_M"), (gm.N, "BLOCK_N")))] + ([GridDim.of(prod(gm.batch))] if gm.batch else [])
     return b.kernel(grid, doc=gm.doc("split-K reduce + epilogue"), warps=(4, 8), stages=(1,),
-                    presets=tuple(((("BLOCK_M", bm), ("BLOCK_N", bn), ("BLOCK_K", 16), ("GROUP_M", 8)), w, 1)
+                    presets=tuple(((("BLOCK_M", bm), ("BLOCK_N", bn), ("BLOCK_K", 32), ("GROUP_M", 8)), w, 1)
                                   for bm, bn, w in ((64, 64, 4), (32, 128, 4), (128, 64, 8), (16, 256, 4))))
