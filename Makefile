@@ -4,12 +4,19 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+COMPAT := .venv-triton36
+COMPAT_STAMP := $(COMPAT)/.installed
+
+.PHONY: demo test test-compat setup clean
 demo: $(STAMP)
 	$(VENV)/bin/opforge demo
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -n 2 -q
+
+# the suite again under Triton 3.6 (the GPU image's version), through its interpreter
+test-compat: $(COMPAT_STAMP)
+	$(COMPAT)/bin/python -m pytest -n 2 -q -p no:cacheprovider -W "ignore:Conversion of an array with ndim:DeprecationWarning"
 
 setup: $(STAMP)
 
@@ -20,5 +27,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+$(COMPAT_STAMP): pyproject.toml constraints-triton36.txt
+	$(PY) -m venv $(COMPAT)
+	$(COMPAT)/bin/pip install -q --upgrade pip
+	$(COMPAT)/bin/pip install -q -c constraints-triton36.txt torch
+	$(COMPAT)/bin/pip install -q -c constraints-triton36.txt -e '.[dev]'
+	touch $(COMPAT_STAMP)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .opforge-cache
+	rm -rf $(VENV) $(COMPAT) .pytest_cache .opforge-cache

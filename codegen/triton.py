@@ -95,7 +95,10 @@ def expr(e: TExpr) -> tuple[int, str]:
         return PRIMARY, f"tl.full({shape_text(shape)}, {const_text(value, e.dtype)}, dtype={TL_DTYPES[e.dtype]})"
     if op == "dot":
         prec = f', input_precision="{a[3]}"' if a[3] else ""
-        return PRIMARY, f"tl.dot({text(a[0])}, {text(a[1])}, {text(a[2])}{prec})"
+        # an i32 accumulator is named: Triton 3.6 asserts the accumulator's dtype is out_dtype
+        # (default float32), 3.9 infers it
+        out = f", out_dtype={TL_DTYPES[e.dtype]}" if e.dtype != DType.f32 else ""
+        return PRIMARY, f"tl.dot({text(a[0])}, {text(a[1])}, {text(a[2])}{prec}{out})"
     if op == "reduce":
         x, axis, kind = a
         return PRIMARY, f"{REDUCE[kind]}({text(x)}, axis={axis}, keep_dims=True)"
