@@ -98,7 +98,8 @@ def expr(e: TExpr) -> tuple[int, str]:
         # an i32 accumulator is named: Triton 3.6 asserts the accumulator's dtype is out_dtype
         # (default float32), 3.9 infers it
         out = f", out_dtype={TL_DTYPES[e.dtype]}" if e.dtype != DType.f32 else ""
-        return PRIMARY, f"tl.dot({text(a[0])}, {text(a[1])}, {text(a[2])}{prec}{out})"
+        imprecise = f", max_num_imprecise_acc={a[4]}" if a[4] is not None else ""
+        return PRIMARY, f"tl.dot({text(a[0])}, {text(a[1])}, {text(a[2])}{prec}{out}{imprecise})"
     if op == "reduce":
         x, axis, kind = a
         return PRIMARY, f"{REDUCE[kind]}({text(x)}, axis={axis}, keep_dims=True)"

@@ -316,14 +316,18 @@ class TileBuilder:
 
     def dot(self, a: TExpr, b: TExpr, acc: TExpr, precision: str | None = None) -> TExpr:
         """acc + a @ b. ``precision`` ("ieee" or "tf32") applies to f32 operands only. Operands
-        tl.dot does not take (i32, i64, u8) multiply and sum over a [M, K, N] tile instead."""
+        tl.dot does not take (i32, i64, u8) multiply and sum over a [M, K, N] tile instead.
+        e4m3 x e4m3 products are added to ``acc`` in full f32 once per call (Triton's
+        max_num_imprecise_acc = the K of the tile; Hopper's fp8 tensor cores otherwise keep
+        about 14 bits of the running sum over the whole K loop)."""
         if a.dtype not in self.DOT_DTYPES or b.dtype not in self.DOT_DTYPES:
             a3 = self.cast(self.expand_dims(a, 2), acc.dtype)
             b3 = self.cast(self.expand_dims(b, 0), acc.dtype)
             prod = TExpr("mul", (a3, b3), acc.dtype, broadcast(a3.shape, b3.shape))
             summed = TExpr("reduce", (prod, 1, "sum"), acc.dtype, (prod.shape[0], 1, prod.shape[2]))
             return self.add(acc, TExpr("reshape", (summed, tuple(acc.shape)), acc.dtype, tuple(acc.shape)))
-        return TExpr("dot", (a, b, acc, precision), acc.dtype, acc.shape)
+        imprecise = a.shape[1] if a.dtype == b.dtype == DType.f8e4m3 else None
+        return TExpr("dot", (a, b, acc, precision, imprecise), acc.dtype, acc.shape)
 
     def trans(self, a: TExpr) -> TExpr:
         return TExpr("trans", (a,), a.dtype, tuple(reversed(a.shape)))

@@ -9,7 +9,9 @@ and *emulated* (integer bit arithmetic and an f16 dot, for older GPUs that rejec
   (which Triton's interpreter gets wrong through a plain conversion), ties, subnormals, zeros
   and the largest value. Read through an identity weight, the layer's output is
   e4m3(x) * 448, exactly.
-- The emulated kernels' text holds no e4m3 type; native and emulated results agree.
+- The emulated kernels' text holds no e4m3 type; native and emulated results agree. The native
+  fp8 dot adds each K block's products to the f32 accumulator in full precision
+  (max_num_imprecise_acc=BLOCK_K; Hopper otherwise keeps ~14 bits of the running sum).
 - act=fp8 against an emulation of its arithmetic (tight), and against the reference on the
   unpacked weight (within ACTIVATION_FP8), at awkward sizes; an all-zero row stays zero.
 """
@@ -123,12 +125,14 @@ def test_native_and_emulated_kernels(monkeypatch, annotation):
         if mode == "native":
             if "act" in annotation:   # both operands e4m3: the fp8 tensor-core dot
                 filecheck(text, "CHECK: a = act_q_tile.to(tl.float8e4nv, bitcast=True)\n"
-                                "CHECK: acc = tl.dot(a, w_bits_tile.to(tl.float8e4nv, bitcast=True), acc)")
+                                "CHECK: acc = tl.dot(a, w_bits_tile.to(tl.float8e4nv, bitcast=True), acc, "
+                                "max_num_imprecise_acc=BLOCK_K)")
             else:
                 filecheck(text, "CHECK: w_bits_tile.to(tl.float8e4nv, bitcast=True).to(tl.float32)\n"
                                 "CHECK: tl.dot(")
         else:
             assert "float8" not in text, "emulated kernels never name the e4m3 type"
+            assert "max_num_imprecise_acc" not in text, "f16 dots accumulate in f32 anyway"
             filecheck(text, "CHECK: e4m3_exp = \nCHECK: e4m3_abs = tl.where(e4m3_exp == 0\nCHECK: tl.dot(")
             if "act" in annotation:
                 filecheck(text, "CHECK: f32_exp = \nCHECK: act_q = \nCHECK: .to(tl.float16)\nCHECK: tl.dot(a, ")
