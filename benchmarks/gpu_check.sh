@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The device check, as one prepared run (for a session that is lent a GPU machine).
 #
-# The GPU image has torch 2.11, Triton 3.6, pytest, click, rich, networkx, filelock and
-# matplotlib, but not lark or platformdirs, and reaches no registry. So, first, here:
+# The GPU image has torch 2.11, Triton 3.6, pytest, pytest-xdist, click, rich, networkx,
+# filelock and matplotlib (device/KINDS.md lists them), but not lark or platformdirs, and reaches
+# no registry. So, first, here:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl lark==1.3.1 platformdirs==4.14.7
 # then, through the device tool:

@@ -95,11 +95,15 @@ def run_workload(w: Workload, dtype_name: str, smoke: bool, bench, ceil: dict, c
         impls["opforge"] = lambda: layer(*free)
         refs["opforge"] = run_graph(g, {**values, **layer.unpacked()}, sizes, check=True)[0]
         kernels = layer._packed.kernel_count
+        tol = tolerance_for(g, layouts=layer.layouts)      # @auto may have chosen a W8A8 layout
     if not smoke:
         compiled = torch.compile(w.eager, mode="max-autotune-no-cudagraphs")
         impls["torch.compile"] = lambda: compiled(*args)
         if w.specialist is not None:
             impls[w.specialist[0]] = lambda: w.specialist[1](*args)
+            if w.specialist_packs and "opforge" in refs:
+                # it prunes or quantizes the weight as the layout does: same reference
+                refs[w.specialist[0]] = refs["opforge"]
     row = {"workload": w.name, "dtype": dtype_name, "sizes": sizes, "note": w.note, "smoke": smoke,
            "flops": w.flops(sizes), "bytes": w.bytes(sizes, DTYPES[dtype_name].itemsize),
            "kernels": kernels, "times_ms": {}, "errors": {}, "correct": {}}

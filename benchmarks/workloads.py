@@ -53,6 +53,7 @@ class Workload:
     note: str = ""
     scalars: dict = field(default_factory=dict)
     weights: tuple[str, ...] = ()              # bound once with .bind() (packed), not timed
+    specialist_packs: bool = False             # the specialist prunes/quantizes the weight as the layout does
     group: str = "kernels"                     # which table: kernels, fusion, layouts
 
 
@@ -159,9 +160,11 @@ def _scaled_mm_fp8(x, w):
     opforge's @quant(fp8, act=fp8) does; the weight once."""
     cache = _scaled_mm_fp8.__dict__.setdefault("cache", {})
     key = (w.data_ptr(), tuple(w.shape))
-    if key not in cache:
-        sw = (w.float().abs().amax(dim=1) / 448.0).clamp_min(1e-30)
-        cache[key] = ((w.float() / sw[:, None]).to(torch.float8_e4m3fn), sw[None, :].contiguous())
+    if key not in cache:     # the weight opforge's @quant(fp8) packs: same bits, same scales
+        from ..ir.graph import Layout
+        from ..runtime.packing import pack
+        packed = pack(Layout("quant", ("fp8",)), w)
+        cache[key] = (packed["bits"].view(torch.float8_e4m3fn), packed["scale"][None, :].contiguous())
     wq, sw = cache[key]
     sx = (x.float().abs().amax(dim=1, keepdim=True) / 448.0).clamp_min(1e-30)
     xq = (x.float() / sx).to(torch.float8_e4m3fn)
@@ -193,6 +196,7 @@ def _layout_workloads() -> list[Workload]:
                 {"M": min(m, 3), "N": 40, "K": 256},
                 flops=lambda s: 2 * s["M"] * s["N"] * s["K"], bytes=nbytes, eager=_dense_linear,
                 specialist=SPECIALISTS.get(tag, ("cuBLAS dense f16 (torch.matmul)", _dense_linear)),
+                specialist_packs=tag in SPECIALISTS,
                 bound="memory" if m <= 16 else "compute", weights=("w",), group="layouts",
                 note=f"{ann or 'dense'}; eager and torch.compile run the dense f16 weight"))
     return out

@@ -72,7 +72,9 @@ def round_to_e4m3(b, x):
 
 
 def encode(b, x):
-    """u8 e4m3 bit patterns of f32 values (rounded as :func:`round_to_e4m3`)."""
+    """u8 e4m3 bit patterns of f32 values (rounded as :func:`round_to_e4m3`). Emulated, a
+    negative value that rounds to zero (and -0.0) encodes as +0 (0x00, where torch writes 0x80):
+    the same number in any product."""
     y = round_to_e4m3(b, x)
     if native():
         return b.bitcast(b.cast(y, DType.f8e4m3), DType.u8)

@@ -1,8 +1,9 @@
 """``@auto(tol=T)``: choose a weight's layout on the real weight, when it is bound.
 
 Each applicable layout (int8, int4 with the largest group of 128/64/32 that divides K, fp8,
-2:4; and, where the weight is used only as x @ w.T, W8A8 in int8 and in fp8, low rank at the
-tolerance, block-sparse where blocks are empty) is packed and run on
+2:4; and, where the weight is used only as x @ w.T, low rank at the tolerance, block-sparse
+where blocks are empty, and W8A8 in int8 and in fp8 when calibration inputs are given) is
+packed and run on
 calibration inputs (the caller's, else seeded random ones of the spec's shapes, with sizes the
 weights do not bind set to CALIBRATION_SIZE). Its error is the relative Frobenius distance of
 the op's output from the output with the dense weight. A layout whose error exceeds the
@@ -31,12 +32,14 @@ NOMINAL_GBPS = 3000.0       # H100 copy bandwidth, for CPU estimates only
 NOMINAL_TFLOPS = 700.0
 
 
-def candidates(w: torch.Tensor, tol: float, contraction: bool = False) -> list[Layout]:
+def candidates(w: torch.Tensor, tol: float, contraction: bool = False, activations: bool = False) -> list[Layout]:
     """``contraction``: the weight is used only as x @ w.T, so layouts that replace the
-    contraction (W8A8, block-sparse, low rank) apply."""
+    contraction (block-sparse, low rank, W8A8) apply. ``activations``: the caller gave
+    calibration inputs, without which W8A8 is not tried (its error depends on the activations'
+    outlier channels, which seeded random inputs do not have)."""
     n, k = w.shape
     out = [Layout("quant", ("int8",)), Layout("quant", ("fp8",))]
-    if contraction:
+    if contraction and activations:
         out += [Layout("quant", ("int8",), Attrs({"act": "int8"})), Layout("quant", ("fp8",), Attrs({"act": "fp8"}))]
     if k % 2 == 0:
         for g in (128, 64, 32):
@@ -139,7 +142,7 @@ def choose_layout(op, name: str, w: torch.Tensor, tol: float, weights: dict, cal
         contraction = True
     except SpecError:
         contraction = False
-    for layout in candidates(w, tol, contraction):
+    for layout in candidates(w, tol, contraction, activations=calibration is not None):
         try:
             packed = pack(layout, w, name)
         except CallError:

@@ -51,11 +51,14 @@ def graph_dtypes(g: Graph) -> set[DType]:
     return out
 
 
-def tolerance_for(g: Graph, extra: Tol | None = None) -> Tol:
+def tolerance_for(g: Graph, extra: Tol | None = None, layouts: dict | None = None) -> Tol:
+    """``layouts``: the layouts in effect by weight name (a bound layer's ``layouts``, where
+    ``@auto`` has chosen one; None for dense), else the ones the spec declares."""
     floats = [d for d in PRECISION_ORDER if d in graph_dtypes(g)]
     tol = TOLERANCES[floats[0]] if floats else TOLERANCES[DType.f32]
     for p in g.params:
-        act = dict(p.layout.kwargs).get("act") if p.layout is not None else None
+        layout = layouts.get(p.name, p.layout) if layouts is not None else p.layout
+        act = dict(layout.kwargs).get("act") if layout is not None else None
         if act:
             tol = loosest(tol, ACTIVATION[act])
     return loosest(tol, extra) if extra is not None else tol

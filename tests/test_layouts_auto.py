@@ -82,7 +82,7 @@ def test_a_tiny_tolerance_keeps_the_weight_dense():
     assert torch.equal(layer.w, w), "dense keeps the weight as it is"
     x = torch.randn(7, 64, dtype=F16)
     ref = run_graph(mod.f.graph, {"x": x, "w": w}, {"M": 7, "K": 64, "N": 48}, check=True)[0]
-    assert_close(layer(x), ref, tolerance_for(mod.f.graph), "dense @auto")
+    assert_close(layer(x), ref, tolerance_for(mod.f.graph, layouts=layer.layouts), "dense @auto")
 
 
 @pytest.mark.parametrize("tol", ["0.02", "0.3"])
@@ -144,7 +144,7 @@ def test_a_lossless_structure_is_found_under_a_tight_tolerance():
     err, y, dense = output_error(mod, layer, x, {"w": w})
     assert err <= 1e-3
     ref = run_graph(mod.f.graph, {"x": x, **layer.unpacked()}, {"M": 33, "K": 128, "N": 64}, check=True)[0]
-    assert_close(y, ref, tolerance_for(mod.f.graph), "the chosen block-sparse layout")
+    assert_close(y, ref, tolerance_for(mod.f.graph, layouts=layer.layouts), "the chosen block-sparse layout")
 
 
 def test_calibration_inputs_are_used_when_given():
@@ -198,7 +198,7 @@ def test_a_low_rank_weight_is_stored_low_rank():
     err, y, _ = output_error(mod, layer, x, {"w": w})
     assert err <= 0.01
     ref = run_graph(mod.f.graph, {"x": x, **layer.unpacked()}, {"M": 7, "K": 96, "N": 64}, check=True)[0]
-    assert_close(y, ref, tolerance_for(mod.f.graph), "the chosen low-rank layout")
+    assert_close(y, ref, tolerance_for(mod.f.graph, layouts=layer.layouts), "the chosen low-rank layout")
 
 
 def test_an_odd_k_leaves_out_the_layouts_that_cannot_hold_it():
@@ -210,7 +210,7 @@ def test_an_odd_k_leaves_out_the_layouts_that_cannot_hold_it():
     assert {"dense", "@quant(int8)", "@quant(fp8)"} <= set(table)
     x = torch.randn(33, 45, dtype=F16)
     ref = run_graph(mod.f.graph, {"x": x, **layer.unpacked()}, {"M": 33, "K": 45, "N": 37}, check=True)[0]
-    assert_close(layer(x), ref, tolerance_for(mod.f.graph), f"@auto chose {chosen_text(layer)}")
+    assert_close(layer(x), ref, tolerance_for(mod.f.graph, layouts=layer.layouts), f"@auto chose {chosen_text(layer)}")
 
 
 def test_a_bound_layer_that_stayed_dense_does_not_warn():
@@ -223,14 +223,47 @@ def test_a_bound_layer_that_stayed_dense_does_not_warn():
         layer(torch.randn(7, 64, dtype=F16))
 
 
-def test_w8a8_candidates_are_tried_where_the_weight_is_only_contracted():
+def test_w8a8_candidates_are_tried_on_the_callers_activations_only():
     mod = compiled(spec("0.3"), "auto_w8a8")
-    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(9)).to(F16)
-    table = check_report(mod.f.bind(w=w), 0.3)
-    assert {"@quant(int8, act=int8)", "@quant(fp8, act=fp8)"} <= set(table), table
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(48, 64, generator=g).to(F16)
+    act = ("@quant(int8, act=int8)", "@quant(fp8, act=fp8)")
+    assert not set(act) & set(check_report(mod.f.bind(w=w), 0.3)), "no W8A8 on seeded random inputs"
+    x_cal = torch.randn(16, 64, generator=g).to(F16)
+    layer = mod.f.bind(w=w, calibration={"x": x_cal})
+    table = check_report(layer, 0.3)
+    assert set(act) <= set(table), table
     # activation rounding adds to the weight's: each W8A8 row errs more than its weight-only one
     assert table["@quant(int8, act=int8)"][0] > table["@quant(int8)"][0]
     assert table["@quant(fp8, act=fp8)"][0] > table["@quant(fp8)"][0]
+    # the errors reported are the layers' own on those inputs
+    for text in act:
+        explicit = compiled(spec("0.3").replace("@auto(tol=0.3)", text), "auto_w8a8_explicit")
+        e, _, _ = output_error(explicit, explicit.f.bind(w=w), x_cal, {"w": w})
+        assert e == pytest.approx(table[text][0], rel=1e-2)
+
+
+def test_a_w8a8_choice_is_checked_with_the_activation_tolerance(monkeypatch):
+    """Where @auto picks W8A8 (made the fastest here), comparisons of the bound layer take the
+    activation rounding into account: tolerance_for(..., layouts=layer.layouts)."""
+    from opforge.runtime import autolayout
+    real = autolayout.estimate_ms
+
+    def act_fastest(op, packed, name, bindings, layout=None):
+        fast = layout is not None and dict(layout.kwargs).get("act") == "int8"
+        return 1e-6 if fast else real(op, packed, name, bindings, layout)
+
+    monkeypatch.setattr(autolayout, "estimate_ms", act_fastest)
+    mod = compiled(spec("0.05"), "auto_w8a8_chosen")
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(48, 64, generator=g).to(F16)
+    x = torch.randn(33, 64, generator=g).to(F16)
+    layer = mod.f.bind(w=w, calibration={"x": x})
+    assert chosen_text(layer) == "@quant(int8, act=int8)", layer.report["w"]
+    ref = run_graph(mod.f.graph, {"x": x, **layer.unpacked()}, {"M": 33, "K": 64, "N": 48}, check=True)[0]
+    tol = tolerance_for(mod.f.graph, layouts=layer.layouts)
+    assert tol.norm > tolerance_for(mod.f.graph).norm
+    assert_close(layer(x), ref, tol, "the chosen W8A8 layer")
 
 
 def test_other_uses_of_the_weight_leave_out_the_layouts_that_replace_the_contraction():
@@ -246,4 +279,4 @@ def test_other_uses_of_the_weight_leave_out_the_layouts_that_replace_the_contrac
     assert {"dense", "@quant(int8)", "@quant(fp8)", "@sparse(2:4)"} <= set(table)
     x = torch.randn(7, 64, dtype=F16)
     ref = run_graph(mod.f.graph, {"x": x, **layer.unpacked()}, {"M": 7, "K": 64, "N": 48}, check=True)[0]
-    assert_close(layer(x), ref, tolerance_for(mod.f.graph), f"@auto chose {chosen_text(layer)}")
+    assert_close(layer(x), ref, tolerance_for(mod.f.graph, layouts=layer.layouts), f"@auto chose {chosen_text(layer)}")
