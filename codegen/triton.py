@@ -69,6 +69,9 @@ def expr(e: TExpr) -> tuple[int, str]:
         return 12, "-" + wrap(a[0], 12)
     if op == "not":
         return 12, "~" + wrap(a[0], 12)
+    if op in ("maximum", "minimum") and e.dtype.is_float:
+        # torch.maximum semantics: a NaN operand gives NaN (Triton's default returns the other)
+        return PRIMARY, f"{CALLS[op]}({text(a[0])}, {text(a[1])}, propagate_nan=tl.PropagateNan.ALL)"
     if op in CALLS:
         return PRIMARY, f"{CALLS[op]}({', '.join(text(x) for x in a)})"
     if op == "cast":

@@ -45,6 +45,19 @@ def native() -> bool:
     return torch.cuda.get_device_capability() >= (8, 9)
 
 
+class FP8Unsupported(ValueError):
+    """An f8e4m3 tensor value in a kernel where Triton has no e4m3 type (GPUs older than sm_89,
+    or OPFORGE_FP8=emulate)."""
+
+
+def require_native(what: str) -> None:
+    if not native():
+        raise FP8Unsupported(
+            f"{what} needs Triton's float8 e4m3 type, which this target lacks (GPUs before sm_89, "
+            f"or OPFORGE_FP8=emulate); on such GPUs e4m3 is available as a weight layout, "
+            f"@quant(fp8), which decodes it with integer arithmetic")
+
+
 def decode(b, bits):
     """f32 values of u8 e4m3 bit patterns (the pattern 0x7f / 0xff, e4m3's NaN, which packing
     never writes, reads as NaN natively and as 480 emulated)."""
@@ -77,7 +90,7 @@ def encode(b, x):
     the same number in any product."""
     y = round_to_e4m3(b, x)
     if native():
-        return b.bitcast(b.cast(y, DType.f8e4m3), DType.u8)
+        return b.bitcast(b.convert(y, DType.f8e4m3), DType.u8)
     bits = b.let(b.bitcast(y, DType.i32), "e4m3_value_bits")
     mag = b.let(b.bitand(bits, 0x7FFFFFFF), "e4m3_value_abs")
     f32_exp = b.let(b.shr(mag, 23), "f32_exp")

@@ -58,16 +58,48 @@ UNARY = {
 }
 
 # -- tile lowerings: (builder, operand tiles, attrs) -> tile. Triton's core has no tanh or
-# log1p (and the interpreter no libdevice), so those are written with exp and sigmoid.
+# log1p (and the interpreter no libdevice), so those are written out, accurate to a few ulps of
+# f32 everywhere (2 * sigmoid(2x) - 1 or log(1 + exp(x)) lose every digit of small results).
+TANH_SMALL = 0.625
+# Cephes' tanhf: tanh(x) = x + x * z * P(z), z = x * x, for |x| < 0.625
+TANH_P = (-5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2, 1.33314422036e-1, -3.33332819422e-1)
+
+
 def _t_tanh(b, x):
-    return b.sub(b.mul(2.0, b.unary("sigmoid", b.mul(2.0, x))), 1.0)
+    x = b.let(b.widen(x), "tanh_x")
+    z = b.let(b.mul(x, x), "tanh_z")
+    poly = b.const(TANH_P[0])
+    for c in TANH_P[1:]:
+        poly = b.add(b.mul(poly, z), c)
+    small = b.add(b.mul(b.mul(poly, z), x), x)
+    ax = b.unary("abs", x)
+    big = b.sub(1.0, b.truediv(2.0, b.add(b.unary("exp", b.mul(2.0, ax)), 1.0)))
+    big = b.where(b.binop("lt", x, 0.0), b.unary("neg", big), big)
+    return b.where(b.binop("lt", ax, TANH_SMALL), small, big)
+
+
+def _t_log1p(b, y):
+    """log(1 + y) without losing small y: log(u) * y / (u - 1) with u = 1 + y rounded (the
+    rounding error of u cancels; Goldberg's trick), and y itself where u rounds to 1."""
+    y = b.let(y, "log1p_y")
+    u = b.let(b.add(1.0, y), "log1p_u")
+    return b.where(b.binop("eq", u, 1.0), y, b.mul(b.unary("log", u), b.truediv(y, b.sub(u, 1.0))))
+
+
+def _t_softplus(b, x):
+    """log(1 + exp(x)) as max(x, 0) + log1p(exp(-|x|)); torch returns x itself above 20."""
+    x = b.let(b.widen(x), "softplus_x")
+    soft = b.add(b.maximum(x, 0.0), _t_log1p(b, b.unary("exp", b.unary("neg", b.unary("abs", x)))))
+    return b.where(b.binop("gt", x, 20.0), x, soft)
 
 
 def _t_gelu(b, x, approximate="none"):
     x = b.widen(x)
     if approximate == "tanh":
         inner = b.mul(0.7978845608028654, b.add(x, b.mul(0.044715, b.mul(x, b.mul(x, x)))))
-        return b.mul(b.mul(0.5, x), b.add(1.0, _t_tanh(b, inner)))
+        # 0.5 * x * (1 + tanh(u)) is x * sigmoid(2u): the same value, without the cancellation
+        # of 1 + tanh(u) for negative u
+        return b.mul(x, b.unary("sigmoid", b.mul(2.0, inner)))
     return b.mul(b.mul(0.5, x), b.add(1.0, b.unary("erf", b.mul(x, 0.7071067811865476))))
 
 
@@ -84,9 +116,7 @@ UNARY_TILE = {
     "sigmoid": lambda b, x: b.unary("sigmoid", x),
     "relu": lambda b, x: b.maximum(x, 0),
     "silu": lambda b, x: b.mul(b.widen(x), b.unary("sigmoid", x)),
-    # torch's softplus returns x itself above the threshold 20
-    "softplus": lambda b, x: b.where(b.binop("gt", x, 20.0), b.widen(x),
-                                     b.unary("log", b.add(1.0, b.unary("exp", x)))),
+    "softplus": _t_softplus,
 }
 
 for _name, (_fn, _float_only, _doc) in UNARY.items():

@@ -29,7 +29,8 @@ class PtrType:
 
 TDType = DType | PtrType
 
-# op -> (number of operands or None for any, kind). Kinds: leaf, arith, compare, math, mem, tile.
+# op -> kind (leaf, arith, compare, math, mem, tile). ``maximum`` and ``minimum`` of floats give
+# NaN when either operand is NaN (torch.maximum's semantics, not C's fmax).
 OPS: dict[str, str] = {
     "var": "leaf", "arg": "leaf", "const": "leaf", "program_id": "leaf", "arange": "leaf",
     "add": "arith", "sub": "arith", "mul": "arith", "truediv": "arith", "floordiv": "arith", "mod": "arith",

@@ -9,6 +9,7 @@ before arithmetic; results stay f32 until a store or an explicit cast rounds the
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import keyword
 import re
 from typing import Iterable
@@ -57,31 +58,63 @@ def promote(a: TExpr, b: TExpr) -> DType:
 # names the generated source needs for itself, and Python's keywords
 RESERVED = set(keyword.kwlist) | {"tl", "triton", "float", "range", "int", "min", "max", "sum", "abs",
                                    "len", "print", "pid", "mask"}
+# Tunables (block sizes, ``tl.constexpr`` arguments passed by keyword) are UPPER_CASE with an
+# underscore; every other name of a kernel (parameters, variables) is kept out of that shape,
+# so the two sets can never meet.
+TUNABLE_NAME = re.compile(r"^[A-Z][A-Z0-9]*_[A-Z0-9_]+$")
+
+
+# Index arithmetic in int64 (program ids and aranges widened at their source, so every offset
+# derived from them is int64): set by the lowering of a kernel's wide variant, which the runtime
+# launches when some offset could reach 2**31 (runtime/indexing.py).
+INDEX64: contextvars.ContextVar[bool] = contextvars.ContextVar("INDEX64", default=False)
+WIDE_SUFFIX = "_i64"   # a wide variant's kernel name: the kernel's own, plus this
+
+
+@contextlib.contextmanager
+def index64(on: bool = True):
+    token = INDEX64.set(on)
+    try:
+        yield
+    finally:
+        INDEX64.reset(token)
 
 
 def ident(text: str) -> str:
     s = re.sub(r"\W", "_", text)
     s = s if s and not s[0].isdigit() else f"v_{s}"
+    if TUNABLE_NAME.match(s):
+        return f"v_{s}"
     return f"{s}_" if s in RESERVED else s
 
 
 class TileBuilder:
     def __init__(self, name: str):
-        self.name = name
+        self.index64 = INDEX64.get()
+        self.name = name + WIDE_SUFFIX if self.index64 else name
         self.params: dict[str, KParam] = {}
         self.tunables: dict[str, Tunable] = {}
         self.blocks: list[list] = [[]]
-        self.used: set[str] = set()
-        self.size_names: dict[Dim, str] = {}
+        # One namespace for every name the kernel's source defines: the kernel itself, its
+        # parameters (keyed by what they hold, so one buffer's pointer is one parameter), its
+        # variables and its tunables. Names are unique by construction, never by luck.
+        self.used: set[str] = {self.name}
+        self.param_of: dict[tuple, str] = {}
 
     # -- parameters ----------------------------------------------------------------------------
-    def _param(self, name: str, kind: str, dtype, **source) -> TExpr:
-        if name not in self.params:
+    def _param(self, hint: str, kind: str, dtype, **source) -> TExpr:
+        key = (kind, source.get("buffer"), source.get("axis"), source.get("dim"))
+        name = self.param_of.get(key)
+        if name is None:
+            name = self.fresh(hint)
+            self.param_of[key] = name
             self.params[name] = KParam(name, kind, dtype, **source)
-            self.used.add(name)
         return TExpr("arg", (name,), dtype, ())
 
     def ptr(self, buffer: str, elem: DType) -> TExpr:
+        if elem == DType.f8e4m3:
+            from . import fp8
+            fp8.require_native(f"the f8e4m3 tensor '{buffer}'")
         return self._param(f"{ident(buffer)}_ptr", "ptr", PtrType(elem), buffer=buffer)
 
     def stride(self, buffer: str, axis: int) -> TExpr:
@@ -91,21 +124,16 @@ class TileBuilder:
         """A size as a tile expression: a literal when static, else a kernel argument."""
         if isinstance(d, int):
             return self.const(d, I32)
-        if d not in self.size_names:
-            text = str(d).replace(" + ", "_plus_").replace(" - ", "_minus_").replace("*", "").replace("/", "_div_")
-            base = str(d) if d.is_symbol() else "size_" + re.sub(r"\W", "_", text)
-            name = base
-            k = 1
-            while name in self.used and name not in self.size_names.values():
-                name = f"{base}_{k}"
-                k += 1
-            self.size_names[d] = name
-        return self._param(self.size_names[d], "size", I32, dim=d)
+        text = str(d).replace(" + ", "_plus_").replace(" - ", "_minus_").replace("*", "").replace("/", "_div_")
+        hint = str(d) if d.is_symbol() else "size_" + re.sub(r"\W", "_", text)
+        return self._param(hint, "size", I32, dim=d)
 
     def scalar(self, name: str, dtype: DType) -> TExpr:
-        return self._param(ident(name), "scalar", dtype, buffer=name)
+        return self._param(name, "scalar", dtype, buffer=name)
 
     def tunable(self, t: Tunable) -> TExpr:
+        if not TUNABLE_NAME.match(t.name):
+            raise ValueError(f"tunable {t.name!r} must be UPPER_CASE with an underscore (BLOCK_M)")
         self.tunables.setdefault(t.name, t)
         self.used.add(t.name)
         return TExpr("arg", (t.name,), I32, ())
@@ -117,10 +145,12 @@ class TileBuilder:
         return TExpr("const", (value,), dtype, ())
 
     def program_id(self, axis: int) -> TExpr:
-        return TExpr("program_id", (axis,), I32, ())
+        pid = TExpr("program_id", (axis,), I32, ())
+        return self.convert(pid, I64) if self.index64 else pid
 
     def arange(self, block: str) -> TExpr:
-        return TExpr("arange", (block,), I32, (block,))
+        r = TExpr("arange", (block,), I32, (block,))
+        return self.convert(r, I64) if self.index64 else r
 
     def full(self, shape: tuple, value, dtype: DType) -> TExpr:
         return TExpr("full", (tuple(shape), value), dtype, tuple(shape))
@@ -141,9 +171,13 @@ class TileBuilder:
             return TExpr(op, (a, b), promote(a, b), shape)
         dt = promote(a, b)
         if op == "truediv" and not dt.is_float:
-            a, b, dt = self.cast(a, F32), self.cast(b, F32), F32
+            dt = F32
         if dt in NARROW:
-            a, b, dt = self.widen(a), self.widen(b), F32
+            dt = F32
+        if dt.is_float:
+            # float operands in the result's dtype, so Triton's own promotion (which keeps a
+            # tensor's dtype against a scalar: f16 tile * f32 scalar is f16 there) never decides
+            a, b = (x if x.dtype == dt or x.op == "const" else self.convert(x, dt) for x in (a, b))
         return TExpr(op, (a, b), dt, shape)
 
     def add(self, a, b):
@@ -240,6 +274,20 @@ class TileBuilder:
         return TExpr("where", (c, self.cast(a, dt), self.cast(b, dt)), dt, shape)
 
     def cast(self, a, dtype: DType) -> TExpr:
+        """Convert to ``dtype`` (float -> int truncates toward zero, as torch does). To e4m3,
+        the value is first rounded in f32 (ties to even, saturating at +-448 as torch does, NaN
+        kept): Triton's own conversion neither saturates nor, in the interpreter, rounds."""
+        a = self.lift(a)
+        if a.dtype == dtype:
+            return a
+        if dtype == DType.f8e4m3 and a.op != "const":
+            from . import fp8
+            fp8.require_native("a cast to f8e4m3")
+            return self.convert(fp8.round_to_e4m3(self, a), dtype)
+        return self.convert(a, dtype)
+
+    def convert(self, a, dtype: DType) -> TExpr:
+        """The plain conversion, for values ``dtype`` holds exactly (or integer targets)."""
         a = self.lift(a)
         if a.dtype == dtype:
             return a
@@ -291,15 +339,23 @@ class TileBuilder:
         shape = ptr.shape if mask is None else broadcast(ptr.shape, mask.shape)
         return TExpr("load", (ptr, mask, other), elem, shape)
 
-    def reduce(self, x: TExpr, axis: int, kind: str) -> TExpr:
-        """``kind`` in sum, max, min; keeps the reduced axis as 1 (tl.sum(..., keep_dims=True))."""
+    def reduce(self, x: TExpr, axis: int, kind: str, propagate_nan: bool = False) -> TExpr:
+        """``kind`` in sum, max, min; keeps the reduced axis as 1 (tl.sum(..., keep_dims=True)).
+        Triton's max and min skip NaN; with ``propagate_nan`` a float max/min is NaN when any
+        element is (torch.amax's semantics): the sum of the NaN elements (0 when there are
+        none) is added to it, one more reduction over the same registers."""
         if kind == "sum":
             x = self.widen(x)
             if x.dtype.is_bool or (x.dtype.is_int and x.dtype.bits < 32):
                 x = self.cast(x, I32)
         shape = list(x.shape)
         shape[axis] = 1
-        return TExpr("reduce", (x, axis, kind), x.dtype, tuple(shape))
+        out = TExpr("reduce", (x, axis, kind), x.dtype, tuple(shape))
+        if propagate_nan and kind in ("max", "min") and x.dtype.is_float:
+            x = self.widen(x)
+            nans = TExpr("reduce", (self.where(self.binop("eq", x, x), 0.0, x), axis, "sum"), F32, tuple(shape))
+            out = self.add(self.widen(out), nans)
+        return out
 
     def argreduce(self, x: TExpr, axis: int, kind: str) -> TExpr:
         shape = list(x.shape)
@@ -339,6 +395,7 @@ class TileBuilder:
 
     # -- statements ----------------------------------------------------------------------------
     def fresh(self, hint: str) -> str:
+        """A name no other definition of this kernel has (parameters and variables alike)."""
         base = hint if hint in ("mask",) else ident(hint or "t")
         name = base
         k = 1

@@ -122,9 +122,10 @@ class Partitioner:
     ``matmul`` (one or more matmuls sharing the A operand, with pointwise prologues and
     epilogues), and the kinds that are one node each (top-k, scans, expert matmuls)."""
 
-    def __init__(self, g: Graph, ctx: PassContext | None = None):
+    def __init__(self, g: Graph, ctx: PassContext | None = None, alone: frozenset = frozenset()):
         self.g = g
         self.ctx = ctx or PassContext()
+        self.alone = alone                       # nodes that start a group of their own
         self.producer: dict[Value, Node] = g.producers()
         self.users: dict[Value, list[Node]] = g.users()
         self.outputs = set(g.outputs)
@@ -200,7 +201,7 @@ class Partitioner:
     def try_join(self, n: Node) -> int | None:
         """The consumer group n joins, or None. With consumers in several groups, n may join
         one of them if its result can be stored there for the others to read."""
-        if n.op in OWN_GROUP and n.op not in JOINS_CONSUMERS:
+        if n in self.alone or (n.op in OWN_GROUP and n.op not in JOINS_CONSUMERS):
             return None
         if n.op not in JOINS_CONSUMERS and not is_row_node(n):
             return None
@@ -466,20 +467,29 @@ def _name_values(g: Graph, groups) -> dict:
     return names
 
 
-def fuse(g: Graph, ctx: PassContext | None = None) -> FusedGraph:
-    part = Partitioner(g, ctx)
-    members = part.run()
+def fuse(g: Graph, ctx: PassContext | None = None, alone: frozenset = frozenset()) -> FusedGraph:
+    """``alone``: nodes that must not join their consumers' group (passes/plan.py sets them
+    when a group as formed could not be lowered)."""
     order = {n: i for i, n in enumerate(g.nodes)}
-    # execution order: a topological order of the groups (a group may store values that
-    # groups ending earlier in the graph read), ties broken by the graph's own order
-    gdag = nx.DiGraph()
-    gdag.add_nodes_from(range(len(members)))
-    for a, b in part.dag.edges:
-        ga, gb = part.group_of[a], part.group_of[b]
-        if ga != gb:
-            gdag.add_edge(ga, gb)
-    last = {i: max(order[n] for n in members[i]) for i in range(len(members))}
-    gids = list(nx.lexicographical_topological_sort(gdag, key=lambda i: last[i]))
+    while True:
+        part = Partitioner(g, ctx, alone)
+        members = part.run()
+        # execution order: a topological order of the groups (a group may store values that
+        # groups ending earlier in the graph read), ties broken by the graph's own order
+        gdag = nx.DiGraph()
+        gdag.add_nodes_from(range(len(members)))
+        for a, b in part.dag.edges:
+            ga, gb = part.group_of[a], part.group_of[b]
+            if ga != gb:
+                gdag.add_edge(ga, gb)
+        last = {i: max(order[n] for n in members[i]) for i in range(len(members))}
+        try:
+            gids = list(nx.lexicographical_topological_sort(gdag, key=lambda i: last[i]))
+            break
+        except nx.NetworkXUnfeasible:
+            # groups that feed each other (a join the cycle check let through): split one
+            cycle = nx.find_cycle(gdag)
+            alone = alone | {last_joined(next(members[a] for a, _ in cycle if len(members[a]) > 1), order)}
     graph_out = set(g.outputs)
     # results reached only through glue (a view of a computed value) are copied from a stored
     # value: the compute values behind them must be stored
@@ -520,6 +530,13 @@ def fuse(g: Graph, ctx: PassContext | None = None) -> FusedGraph:
         results.append(buf)
     host = tuple(n for n in g.nodes if node_class(n) == "host")
     return FusedGraph(g, tuple(groups), host, names, tuple(results), part.recompute)
+
+
+def last_joined(members, order) -> Node:
+    """The member of a group that joined it last: groups grow from their root towards their
+    producers, so it is the member earliest in the graph (the root excepted)."""
+    root = members[0]
+    return min((n for n in members if n is not root), key=order.get)
 
 
 def _unique(base: str, taken: set[str]) -> str:

@@ -212,10 +212,34 @@ def _w8a8(e: Emitter, x: Value, p: Param, layout: Layout, packed: dict[str, Valu
     sx = e("maximum", [sx, e.const(1e-30, DType.f32)], name="act_scale")
     if act == "int8":
         xq = e("cast", [e("round", [e("div", [xf, sx])])], {"dtype": DType.i8}, name="act_q")
-        acc = e("cast", [e("matmul_i32", [xq, e("transpose", [packed[f"{p.name}_q"]], {"a": 0, "b": 1})])],
-                {"dtype": DType.f32})
+        acc = _int8_products(e, xq, e("transpose", [packed[f"{p.name}_q"]], {"a": 0, "b": 1}))
     else:
         xq = e("fp8_encode", [e("div", [xf, sx])], name="act_q")
         acc = e("matmul_f8", [xq, e("transpose", [packed[f"{p.name}_bits"]], {"a": 0, "b": 1})])
     y = e("mul", [e("mul", [acc, sx]), packed[f"{p.name}_scale"]])
     e("cast", [y], {"dtype": out.type.dtype}, out=out)
+
+
+# The most terms an i32 sum of int8 x int8 products holds without wrapping (127 * 127 each),
+# rounded down to a multiple of 128 so the chunks stay whole K blocks.
+I32_PRODUCTS_MAX = ((2 ** 31 - 1) // (127 * 127)) // 128 * 128
+
+
+def _int8_products(e: Emitter, xq: Value, wq_t: Value) -> Value:
+    """xq @ wq_t in f32, exact per chunk: one i32 matmul per chunk of at most I32_PRODUCTS_MAX
+    along K (a longer i32 sum could wrap), the chunks' sums added in f32."""
+    K = xq.type.shape[-1]
+    if not isinstance(K, int):
+        raise SpecError(f"@quant(int8, act=int8) needs the contraction size bound to a number, got {K}", e.span)
+    acc = None
+    for start in range(0, max(K, 1), I32_PRODUCTS_MAX):
+        stop = min(K, start + I32_PRODUCTS_MAX)
+        a, b = xq, wq_t
+        if (start, stop) != (0, K):
+            r = xq.type.rank
+            a = e("slice", [xq], {"starts": (0,) * (r - 1) + (start,), "stops": tuple(xq.type.shape[:-1]) + (stop,),
+                                  "steps": (1,) * r})
+            b = e("slice", [wq_t], {"starts": (start, 0), "stops": (stop, wq_t.type.shape[1]), "steps": (1, 1)})
+        part = e("cast", [e("matmul_i32", [a, b])], {"dtype": DType.f32})
+        acc = part if acc is None else e("add", [acc, part])
+    return acc

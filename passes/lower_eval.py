@@ -29,7 +29,13 @@ from .fusion import FusedGraph, Group, node_class
 
 
 class LoweringError(Exception):
-    """The template cannot lower this group as formed (a partitioner bug if ever raised)."""
+    """The template cannot lower this group as formed. ``node`` is the node it could not place
+    (evaluate at the context it needed, or store), where known: passes/plan.py then forms the
+    groups again with that node in a group of its own."""
+
+    def __init__(self, message: str, node: Node | None = None):
+        super().__init__(message)
+        self.node = node
 
 
 @dataclass(frozen=True, eq=False)
@@ -100,7 +106,7 @@ class Evaluator:
             return GLUE[n.op](self, n, v, ctx)
         if prim.kind is Kind.POINTWISE:   # in the group, or recomputed here (fg.recompute)
             return self.pointwise(n, ctx)
-        raise LoweringError(f"{self.group.name}: {n.op} is not evaluable at a context here")
+        raise LoweringError(f"{self.group.name}: {n.op} is not evaluable at a context here", n)
 
     def scalar(self, v: Value) -> TExpr:
         n = self.producer.get(v)

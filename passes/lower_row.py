@@ -145,7 +145,7 @@ def bind_reduction(ev: Evaluator, frame: RowFrame, n, results: dict) -> None:
 
 
 def reduce_tile(b: TileBuilder, kind: str, tile: TExpr, mask: TExpr) -> TExpr:
-    return b.reduce(b.where(mask, tile, IDENTITY[kind]), 1, kind)
+    return b.reduce(b.where(mask, tile, IDENTITY[kind]), 1, kind, propagate_nan=True)
 
 
 def combine(b: TileBuilder, kind: str, acc: TExpr, x: TExpr) -> TExpr:
@@ -189,7 +189,8 @@ def _lower(fg: FusedGraph, group: Group, schedule: str, steps) -> TileKernel:
     for v, name in outputs:
         where = output_ctx(frame, v, probe)
         if where is None:
-            raise LoweringError(f"{group.name}: cannot store {v} in domain {domain}")
+            raise LoweringError(f"{group.name}: cannot store {v} in domain {domain}",
+                                next((n for n in group.nodes if v in n.outputs), None))
         (full_outs if where is probe else reduced_outs).append((v, name))
 
     results: dict = {}
@@ -214,7 +215,7 @@ def _lower(fg: FusedGraph, group: Group, schedule: str, steps) -> TileKernel:
                 ctx = frame.columns(start)
                 x = b.widen(step_input(ev, n, what, ctx, results))
                 b.assign(acc, combine(b, kind, acc, b.where(ctx.mask, x, IDENTITY[kind])))
-            results[(n, kind)] = b.let(b.reduce(acc, 1, kind), f"{n.out.name or n.op}_{kind}")
+            results[(n, kind)] = b.let(b.reduce(acc, 1, kind, propagate_nan=True), f"{n.out.name or n.op}_{kind}")
             if all((n, k) in results for k in _kinds(n)):
                 bind_reduction(ev, frame, n, results)
         if reduced_outs:

@@ -8,11 +8,13 @@ returns its kernels with the guards that choose between them at call time.
 from __future__ import annotations
 
 from ..ir.graph import Value
-from ..ir.tile import Alternative, Buffer, Guard, Launch, Plan
+from ..ir.tile import Alternative, Buffer, Guard, Launch, Plan, TileKernel
+from ..ir.tile_builder import WIDE_SUFFIX, index64
 from ..ir.types import TensorType
 from ..ir.tile_verifier import verify_kernel
 from .context import checks_enabled
-from .fusion import FusedGraph
+from .fusion import FusedGraph, fuse, last_joined
+from .lower_eval import LoweringError
 from .lower_expert import lower_expert
 from .lower_flash import lower_flash
 from .lower_lowrank import lower_bsr, lower_lowrank
@@ -43,6 +45,30 @@ def register_lowering(kind: str, fn) -> None:
     LOWERINGS[kind] = fn
 
 
+def fuse_and_plan(g, ctx=None) -> tuple[FusedGraph, Plan]:
+    """Partition a kernel graph into groups and lower them. A group the templates cannot lower
+    as formed (a join the partitioner's rules let through, found when its template cannot
+    place a node) is formed again smaller: the node at fault, or else the group's last-joined
+    member, starts a group of its own. Each retry splits one more node, so it ends."""
+    alone: set = set()
+    order = {n: i for i, n in enumerate(g.nodes)}
+    while True:
+        fg = fuse(g, ctx, frozenset(alone))
+        try:
+            return fg, build_plan(fg)
+        except LoweringError as e:
+            grp = getattr(e, "group", None)
+            members = [n for n in grp.nodes] if grp is not None else []
+            members.sort(key=order.get, reverse=True)      # the root first
+            culprit = e.node if e.node in members[1:] and e.node not in alone else None
+            if culprit is None:
+                rest = [n for n in members[1:] if n not in alone]
+                if not rest:
+                    raise
+                culprit = last_joined([members[0]] + rest, order)
+            alone.add(culprit)
+
+
 def build_plan(fg: FusedGraph) -> Plan:
     g = fg.graph
     buffers: dict[str, Buffer] = {}
@@ -69,7 +95,12 @@ def build_plan(fg: FusedGraph) -> Plan:
         if lower is None:
             raise RuntimeError(f"internal error: the partitioner made a {grp.kind} group, which no template lowers")
         alternatives = []
-        for alt in lower(fg, grp):
+        try:
+            lowered = lower(fg, grp)
+        except LoweringError as e:
+            e.group = grp
+            raise
+        for alt in lowered:
             alt = as_alternative(alt)
             if checks_enabled():
                 for k in alt.kernels:
@@ -92,3 +123,19 @@ def as_alternative(x) -> Alternative:
         return x
     kernel, extent, limit = x
     return Alternative((kernel,), Guard("at_most", (extent, limit)) if extent is not None else None)
+
+
+def wide_kernels(fg: FusedGraph, group_name: str) -> dict[str, TileKernel]:
+    """The group's kernels lowered again with int64 index arithmetic (ir/tile_builder.index64),
+    by the name of the kernel each one widens. The runtime asks for them only when some offset
+    of a call could reach 2**31, so most ops never build them."""
+    grp = next(g for g in fg.groups if g.name == group_name)
+    with index64():
+        alts = [as_alternative(a) for a in LOWERINGS[grp.kind](fg, grp)]
+    out = {}
+    for alt in alts:
+        for k in alt.kernels:
+            if checks_enabled():
+                verify_kernel(k)
+            out[k.name[: -len(WIDE_SUFFIX)]] = k
+    return out

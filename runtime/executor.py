@@ -17,6 +17,7 @@ from .binding import CallError
 from .cache import KernelCache
 from .config import Config, heuristic_config, interpreter_config
 from .device import interpreting
+from .indexing import forced, inputs_need_index64, plan_extents, sizes_need_index64
 from .loader import load_kernel
 
 GRID_AXIS_LIMIT = (2 ** 31 - 1, 65535, 65535)
@@ -30,6 +31,26 @@ class PlanRunner:
         self.tuner = tuner          # runtime/autotune.Autotuner on a GPU, or None
         self.wrap = wrap            # torch.library.wrap_triton under triton_op registration
         self._fns: dict[str, tuple[Any, Any]] = {}
+        self.extents = plan_extents(plan, fused.graph)   # runtime/indexing.py
+        self._wide_sizes: dict = {}
+        self._wide: dict[str, Any] = {}      # kernel name -> its int64-indexed variant
+
+    def needs_index64(self, values: Mapping[str, Any], bindings: Mapping[str, int]) -> bool:
+        """Could some offset of this call reach 2**31 (then the kernels' wide variants run)?"""
+        key = tuple(bindings.items())
+        sized = self._wide_sizes.get(key)
+        if sized is None:
+            sized = self._wide_sizes[key] = sizes_need_index64(self.extents, bindings)
+        return sized or forced() or inputs_need_index64(values)
+
+    def kernels_of(self, launch: Launch, wide: bool):
+        if not wide:
+            return launch.kernels
+        missing = [k.name for k in launch.kernels if k.name not in self._wide]
+        if missing:
+            from ..passes.plan import wide_kernels
+            self._wide.update(wide_kernels(self.fused, launch.group))
+        return tuple(self._wide[k.name] for k in launch.kernels)
 
     def kernel(self, launch: Launch):
         name = launch.kernel.name
@@ -70,13 +91,14 @@ class PlanRunner:
                 buffers[name] = torch.zeros(shape, dtype=to_torch(buf.dtype), device=device) if buf.zeroed \
                     else allocate(shape, to_torch(buf.dtype), device)
         scalars = self.host_scalars(values, bindings)
+        wide = self.needs_index64(values, bindings)
         for step in plan.steps:
-            launch = self.choose_launch(step, bindings, buffers, scalars)
-            for kernel in launch.kernels:
+            launch = self.choose_launch(step, bindings, buffers, scalars, wide)
+            for kernel in self.kernels_of(launch, wide):
                 self.launch(kernel, launch, buffers, scalars, bindings)
         return [buffers[name] for name in plan.outputs]
 
-    def choose_launch(self, step, bindings, buffers, scalars) -> Launch:
+    def choose_launch(self, step, bindings, buffers, scalars, wide: bool = False) -> Launch:
         """The step's alternative: the first whose guard holds, or, autotuning on a GPU with
         several that hold (split-K or not, split-KV or not), the fastest of them, timed whole."""
         viable = [lnch for lnch in step if lnch.guard is None or lnch.guard.holds(bindings)]
@@ -86,7 +108,7 @@ class PlanRunner:
 
         def make_run(lnch: Launch):
             def run():
-                for k in lnch.kernels:
+                for k in self.kernels_of(lnch, wide):
                     self.launch(k, lnch, buffers, scalars, bindings)
             return run
         return viable[self.tuner.choose_alternative(viable, entry, bindings, make_run)]

@@ -18,7 +18,7 @@ from ..ir.printer import print_graph
 from ..ir.tile_printer import print_plan
 from ..passes.fusion import FusedGraph, fuse, print_fused
 from ..passes.pipeline import kernel_graph, prepared_graph
-from ..passes.plan import build_plan
+from ..passes.plan import build_plan, fuse_and_plan
 from .binding import CallError, bind_args, bind_sizes, check_indices, output_shapes
 from .cache import KernelCache
 from .device import describe, interpreting, kernel_device
@@ -27,7 +27,8 @@ from .library import register, registration_mode
 
 
 class CompiledOp:
-    def __init__(self, namespace: str, graph: Graph, fused: FusedGraph, cache: KernelCache, mode: str):
+    def __init__(self, namespace: str, graph: Graph, fused: FusedGraph, cache: KernelCache, mode: str,
+                 plan=None):
         self.namespace = namespace
         self.name = graph.name
         self.graph = graph
@@ -35,7 +36,7 @@ class CompiledOp:
         self._variants: dict = {}
         self._warned = False
         self.fused = fused
-        self.plan = build_plan(fused)
+        self.plan = plan if plan is not None else build_plan(fused)
         wrap = torch.library.wrap_triton if mode == "triton_op" else None
         self.runner = PlanRunner(self.plan, fused, cache, tuner=_tuner(cache), wrap=wrap)
         self.runner.load_all()
@@ -106,7 +107,8 @@ class CompiledOp:
             if not chosen:
                 g = g.replace(name=f"{g.name}__bound")
             g = canonical_graph_of(g.replace(name=f"{g.name}_{_digest(key)}"))
-            self._variants[key] = CompiledOp(self.namespace, g, fuse(kernel_graph(g)), self.cache, self.mode)
+            fused, plan = fuse_and_plan(kernel_graph(g))
+            self._variants[key] = CompiledOp(self.namespace, g, fused, self.cache, self.mode, plan)
         return self._variants[key]
 
     # -- looking inside ------------------------------------------------------------------------
@@ -184,7 +186,8 @@ def compile_module(path_or_source, namespace: str | None = None, *, dtype: str |
     for name in ops or list(program.graphs):
         get_op(program, name)
         g = prepared_graph(program, name, dtype)
-        compiled[name] = CompiledOp(program.namespace, g, fuse(kernel_graph(g)), cache, mode)
+        fused, plan = fuse_and_plan(kernel_graph(g))
+        compiled[name] = CompiledOp(program.namespace, g, fused, cache, mode, plan)
     return CompiledModule(program.namespace, compiled, program.source.name)
 
 

@@ -13,19 +13,19 @@ from opforge.runtime.runner import example_files
 
 def _base():
     b = TileBuilder("k")
-    b.tunable(Tunable("BLOCK", (16,), cpu=16))
+    b.tunable(Tunable("BLOCK_X", (16,), cpu=16))
     return b
 
 
 def test_a_well_formed_kernel_passes():
     b = _base()
-    i = b.let(b.arange("BLOCK"), "i")
+    i = b.let(b.arange("BLOCK_X"), "i")
     x = b.let(b.load(b.ptr("x", DType.f32), b.lt(i, b.size(7))), "x_tile")
-    acc = b.declare(b.full(("BLOCK",), 0.0, DType.f32), "acc")
+    acc = b.declare(b.full(("BLOCK_X",), 0.0, DType.f32), "acc")
     with b.loop("k", 0, 4, 1):
         b.assign(acc, b.add(acc, x))
     b.store(b.ptr("out", DType.f32), acc, b.lt(i, b.size(7)))
-    verify_kernel(b.kernel([GridDim.of(7, "BLOCK")]))
+    verify_kernel(b.kernel([GridDim.of(7, "BLOCK_X")]))
 
 
 def test_read_before_assign():
@@ -48,22 +48,22 @@ def test_a_value_made_inside_a_loop_is_not_visible_after_it():
 
 def test_reassignment_keeps_dtype_and_shape():
     b = _base()
-    acc = b.declare(b.full(("BLOCK",), 0.0, DType.f32), "acc")
+    acc = b.declare(b.full(("BLOCK_X",), 0.0, DType.f32), "acc")
     from opforge.ir.tile import Let, var
-    b.blocks[-1].append(Let(var("acc", DType.f32, ("BLOCK", "BLOCK")), b.full(("BLOCK", "BLOCK"), 0.0, DType.f32)))
+    b.blocks[-1].append(Let(var("acc", DType.f32, ("BLOCK_X", "BLOCK_X")), b.full(("BLOCK_X", "BLOCK_X"), 0.0, DType.f32)))
     with pytest.raises(TileVerifyError, match="acc re-assigned"):
         verify_kernel(b.kernel([GridDim.of(1)]))
-    assert acc.shape == ("BLOCK",)
+    assert acc.shape == ("BLOCK_X",)
 
 
 def test_dot_shapes_must_chain():
     b = _base()
     b.tunable(Tunable("BLOCK_K", (16,), cpu=16))
-    a = b.full(("BLOCK", "BLOCK_K"), 1.0, DType.f16)
-    w = b.full(("BLOCK", "BLOCK"), 1.0, DType.f16)
+    a = b.full(("BLOCK_X", "BLOCK_K"), 1.0, DType.f16)
+    w = b.full(("BLOCK_X", "BLOCK_X"), 1.0, DType.f16)
     from opforge.ir.tile import TExpr
-    acc = b.full(("BLOCK", "BLOCK"), 0.0, DType.f32)
-    b.let(TExpr("dot", (a, w, acc, None), DType.f32, ("BLOCK", "BLOCK")), "bad")
+    acc = b.full(("BLOCK_X", "BLOCK_X"), 0.0, DType.f32)
+    b.let(TExpr("dot", (a, w, acc, None), DType.f32, ("BLOCK_X", "BLOCK_X")), "bad")
     with pytest.raises(TileVerifyError, match="dot of"):
         verify_kernel(b.kernel([GridDim.of(1)]))
 
@@ -74,15 +74,15 @@ def test_unknown_block_name_in_a_shape_or_grid():
     with pytest.raises(TileVerifyError, match="'NOPE'"):
         verify_kernel(b.kernel([GridDim.of(1)]))
     b = _base()
-    with pytest.raises(TileVerifyError, match="grid divides by 'BLOCK_X'"):
-        verify_kernel(b.kernel([GridDim.of(8, "BLOCK_X")]))
+    with pytest.raises(TileVerifyError, match="grid divides by 'BLOCK_Y'"):
+        verify_kernel(b.kernel([GridDim.of(8, "BLOCK_Y")]))
 
 
 def test_masks_are_bool_and_stores_go_through_pointers():
     b = _base()
-    i = b.let(b.arange("BLOCK"), "i")
+    i = b.let(b.arange("BLOCK_X"), "i")
     from opforge.ir.tile import TExpr
-    b.let(TExpr("load", (b.ptr("x", DType.f32), i, 0.0), DType.f32, ("BLOCK",)), "x_tile")
+    b.let(TExpr("load", (b.ptr("x", DType.f32), i, 0.0), DType.f32, ("BLOCK_X",)), "x_tile")
     with pytest.raises(TileVerifyError, match="load mask of dtype i32"):
         verify_kernel(b.kernel([GridDim.of(1)]))
 
