@@ -862,3 +862,142 @@ def _exact(o, ref):
         idx = tuple(int(i) for i in bad.nonzero()[0])
         return False, f"{int(bad.sum())} elements differ, first at {idx}: {float(o64[idx])} vs {float(r64[idx])}"
     return True, "exact"
+
+
+# -- shrinking a failure, and keeping it -------------------------------------------------------------
+def _rename(text: str, old: str, new: str) -> str:
+    return re.sub(rf"\b{re.escape(old)}\b", new, text)
+
+
+def without_dead(case: Case) -> Case:
+    """Statements no output needs, and parameters nothing reads, removed."""
+    live = {v.name for v in case.outputs}
+    keep = []
+    for st in reversed(case.stmts):
+        if any(v.name in live for v in st.outs):
+            keep.append(st)
+            live.update(st.operands)
+            live.update(re.findall(r"\b[ps]\d+\b", st.spec))
+    keep.reverse()
+    params = [p for p in case.params if p[0] in live]
+    return replace(case, stmts=keep, params=params)
+
+
+def simplifications(case: Case):
+    """Smaller programs: one output only; a statement replaced by one of its operands of the
+    same type (its uses renamed); dead code dropped after each."""
+    if len(case.outputs) > 1:
+        for v in case.outputs:
+            yield without_dead(replace(case, outputs=[v]))
+    vals = {v.name: v for st in case.stmts for v in st.outs}
+    params = {n: Val(n, dt, tuple(shp), -1, 1, True) for n, dt, shp, _ in case.params if shp is not None}
+    for i in reversed(range(len(case.stmts))):
+        st = case.stmts[i]
+        if len(st.outs) != 1:
+            continue
+        v = st.outs[0]
+        for name in st.operands:
+            u = vals.get(name) or params.get(name)
+            if u is None or u.dtype != v.dtype or tuple(u.shape) != tuple(v.shape):
+                continue
+            rest = [Stmt(s.outs, _rename(s.spec, v.name, u.name), _rename(s.oracle, v.name, u.name),
+                         tuple(u.name if o == v.name else o for o in s.operands)) for s in case.stmts[i + 1:]]
+            outs = [u if o.name == v.name else o for o in case.outputs]
+            if len({o.name for o in outs}) != len(outs):
+                continue
+            yield without_dead(replace(case, stmts=case.stmts[:i] + rest, outputs=outs))
+
+
+def minimize(case: Case, fails, budget: int = 200) -> Case:
+    """The smallest program found (greedily) for which ``fails(case)`` still holds."""
+    case = without_dead(case) if fails(without_dead(case)) else case
+    changed = True
+    while changed and budget > 0:
+        changed = False
+        for cand in simplifications(case):
+            budget -= 1
+            if fails(cand):
+                case, changed = cand, True
+                break
+            if budget <= 0:
+                break
+    return case
+
+
+def to_json(case: Case) -> dict:
+    def val(v: Val):
+        return [v.name, v.dtype, list(v.shape), v.lo, v.hi, v.exact]
+    return {"seed": case.seed, "dtype": case.dtype, "bindings": case.bindings,
+            "params": [[n, dt, list(shp) if shp is not None else None, kind] for n, dt, shp, kind in case.params],
+            "helpers": [list(h) for h in case.helpers],
+            "stmts": [[[val(v) for v in st.outs], st.spec, st.oracle, list(st.operands)] for st in case.stmts],
+            "outputs": [val(v) for v in case.outputs]}
+
+
+def from_json(d: dict) -> Case:
+    def val(x):
+        return Val(x[0], x[1], tuple(x[2]), x[3], x[4], x[5])
+    return Case(d["seed"], d["dtype"], [(n, dt, tuple(shp) if shp is not None else None, kind)
+                                        for n, dt, shp, kind in d["params"]],
+                [tuple(h) for h in d["helpers"]],
+                [Stmt(tuple(val(v) for v in outs), spec, oracle, tuple(ops)) for outs, spec, oracle, ops in d["stmts"]],
+                [val(v) for v in d["outputs"]], dict(d["bindings"]))
+
+
+def failure_signature(outcome: Outcome) -> tuple:
+    """What a shrunk program must keep failing with: a mismatch, or a crash of the same type."""
+    return (outcome.kind, outcome.message.split(":")[0] if outcome.kind == "crash" else "")
+
+
+def campaign(seeds, namespace: str = "campaign", shrink: bool = True, log=print) -> dict:
+    """Generate, check and (for failures) shrink; returns counts and the failures found."""
+    counts = {"ok": 0, "mismatch": 0, "crash": 0}
+    failures = []
+    k = 0
+    for seed in seeds:
+        case = generate(seed)
+        out = check(case, f"{namespace}_{seed}")
+        counts[out.kind] += 1
+        if out.ok:
+            continue
+        sig = failure_signature(out)
+        if shrink:
+            def fails(c, sig=sig):
+                nonlocal k
+                k += 1
+                o = check(c, f"{namespace}_{seed}_m{k}")
+                return not o.ok and failure_signature(o) == sig
+            case = minimize(case, fails)
+            out = check(case, f"{namespace}_{seed}_final")
+        failures.append((case, out))
+        log(f"seed {seed}: {out.kind}: {out.message[:500]}\n{case.spec()}")
+    return {"counts": counts, "failures": failures}
+
+
+def main(argv=None) -> int:
+    """python -m opforge.tests.specgen START COUNT [--save DIR]: run a campaign of fresh seeds,
+    shrink every failure, and (with --save) write each as a regression case."""
+    import argparse
+    import json
+    import time
+    from pathlib import Path
+    ap = argparse.ArgumentParser(prog="python -m opforge.tests.specgen")
+    ap.add_argument("start", type=int)
+    ap.add_argument("count", type=int)
+    ap.add_argument("--save", default=None, help="directory for the shrunk failures (tests/regressions)")
+    args = ap.parse_args(argv)
+    t0 = time.time()
+    res = campaign(range(args.start, args.start + args.count))
+    for case, out in res["failures"]:
+        if args.save:
+            path = Path(args.save) / f"seed_{case.seed}.json"
+            path.write_text(json.dumps(to_json(case), indent=1) + "\n")
+            print(f"saved {path}")
+    c = res["counts"]
+    print(f"{args.count} specs (seeds {args.start}..{args.start + args.count - 1}): {c['ok']} ok, "
+          f"{c['mismatch']} mismatches, {c['crash']} crashes, {time.time() - t0:.0f} s")
+    return 0 if not res["failures"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
