@@ -68,9 +68,21 @@ class CompiledOp:
         if device.type != want.type:
             raise CallError(f"{self.name}(): the inputs are on {device}, but the kernels run on {want.type} here "
                             f"({describe()}); move them with .to('{want.type}')")
+        if interpreting():
+            self._check_interpreter_dtypes()
         check_indices(self.graph, values, bindings)
         outs = self.runner(values, bindings, device)
         return tuple(outs) if self.graph.tuple_result else outs[0]
+
+    def _check_interpreter_dtypes(self) -> None:
+        """bf16 runs under the interpreter only with opforge's corrections in place
+        (runtime/interpreter_patches.py); without them it would return wrong numbers."""
+        from ..ir.types import DType
+        from .interpreter_patches import bf16_problem
+        from .tolerances import graph_dtypes
+        if DType.bf16 in graph_dtypes(self.fused.graph) and (problem := bf16_problem()):
+            raise CallError(f"{self.name}(): bf16 cannot run correctly on the CPU here: {problem}. "
+                            f"Run it on a GPU, or compile it for f16 or f32 (dtype='f32')")
 
     def fake(self, *args):
         values, bindings, device = self._bind(args)
