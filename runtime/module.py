@@ -26,6 +26,22 @@ from .executor import PlanRunner
 from .library import register, registration_mode
 
 
+class Explanation(str):
+    """What ``explain()`` returns: the text itself, whose repr is the text, so a REPL shows it
+    once and readable (not a quoted string with \\n), and ``print`` prints it."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def _repr_pretty_(self, p, cycle) -> None:      # IPython
+        p.text(str(self))
+
+    def written_to(self, file) -> "Explanation":
+        if file is not None:
+            print(self, file=file)
+        return self
+
+
 class CompiledOp:
     def __init__(self, namespace: str, graph: Graph, fused: FusedGraph, cache: KernelCache, mode: str):
         self.namespace = namespace
@@ -139,13 +155,14 @@ class CompiledOp:
             return render_module(self.plan.kernels)
         raise ValueError(f"unknown stage {stage!r}")
 
-    def explain(self, file=None) -> str:
+    def explain(self, file=None) -> "Explanation":
+        """Every stage of this op as text: the graph, the fusion groups and bytes moved, the
+        level-2 plan, the Triton source. Returned, not printed (a REPL shows it once, as text);
+        ``print(op.explain())`` prints it; ``explain(file=f)`` also writes it to f."""
         parts = [f"== {self.namespace}::{self.name} on {describe()} =="]
         for stage in ("graph", "fused", "tile", "triton"):
             parts.append(f"== {stage} ==\n{self.stage_text(stage)}")
-        text = "\n\n".join(parts)
-        print(text, file=file)
-        return text
+        return Explanation("\n\n".join(parts)).written_to(file)
 
     def __repr__(self) -> str:
         return f"<opforge op {self.namespace}::{self.name}: {self.kernel_count} kernel(s)>"
@@ -178,9 +195,9 @@ class CompiledModule:
     def __dir__(self):
         return list(self.ops) + ["ops", "namespace", "explain"]
 
-    def explain(self) -> None:
-        for op in self.ops.values():
-            op.explain()
+    def explain(self, file=None) -> "Explanation":
+        """Every op's explain(), one after another."""
+        return Explanation("\n\n".join(op.explain() for op in self.ops.values())).written_to(file)
 
     def __repr__(self) -> str:
         return f"<opforge module {self.namespace}: {', '.join(self.ops)}>"
