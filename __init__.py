@@ -15,11 +15,19 @@ if __name__ != "opforge":
     import sys as _sys
     _sys.modules[__name__] = _importlib.import_module("opforge")
 else:
-    from .frontend.diagnostics import SpecError
-    from .runtime.binding import CallError
-
     __version__ = "0.1.0"
     __all__ = ["compile", "load", "SpecError", "CallError", "__version__"]
+
+    def __getattr__(name: str):
+        """SpecError and CallError on first use: importing them loads the front end and torch,
+        which ``import opforge`` (and so ``opforge --help``) does not need."""
+        if name == "SpecError":
+            from .frontend.diagnostics import SpecError
+            return SpecError
+        if name == "CallError":
+            from .runtime.binding import CallError
+            return CallError
+        raise AttributeError(f"module 'opforge' has no attribute '{name}'")
 
     def load(path_or_source, namespace: str | None = None):
         """Parse and check a spec: the level-1 Program (no kernels)."""

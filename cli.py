@@ -14,11 +14,14 @@ import functools
 import sys
 
 import click
-from rich.console import Console
 
-# soft_wrap: error reports and printed IR must keep their lines whatever the terminal width
-console = Console(highlight=False, soft_wrap=True)
-errors = Console(stderr=True, highlight=False, soft_wrap=True)
+from .runtime.console import make_console
+
+# the terminal's width on a terminal, no width limit when piped; soft_wrap: error reports and
+# printed IR keep their lines. Commands import what they need (torch) when they run, so
+# ``opforge --help`` starts without it.
+console = make_console()
+errors = make_console(stderr=True)
 
 STAGES = ("graph", "fused", "tile", "triton")
 

@@ -6,7 +6,6 @@ runs the op compiled for those packed layouts (its own torch op, ``<op>__<weight
 """
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import torch
@@ -79,15 +78,16 @@ class BoundOp(torch.nn.Module):
             out[name] = unpack(layout, parts, dense[0], dense[1])
         return out
 
-    def explain(self, file=None) -> str:
+    def explain(self, file=None):
+        """The layouts chosen (with @auto's table of candidates), then the packed op's stages;
+        returned as an Explanation (see CompiledOp.explain), written to ``file`` if given."""
+        from .module import Explanation
         lines = [f"== bound {self.op_name}: layouts =="]
         for name, layout in self.layouts.items():
             lines.append(f"  {name}: {layout if layout is not None else 'dense'}")
             for row in self.report.get(name, []):
                 lines.append("    " + row)
-        text = "\n".join(lines) + "\n\n" + self._packed.explain(file=io.StringIO())
-        print(text, file=file)
-        return text
+        return Explanation("\n".join(lines) + "\n\n" + self._packed.explain()).written_to(file)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v if v is not None else 'dense'}" for k, v in self.layouts.items())

@@ -2,7 +2,8 @@
 
 The interpreter is chosen when no GPU is present (or OPFORGE_INTERPRET=1). It must be chosen
 before a generated module is imported, because triton.jit reads TRITON_INTERPRET when it
-decorates a function.
+decorates a function. Choosing it also installs opforge's bf16 corrections to the
+interpreter (runtime/interpreter_patches.py).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ def interpreting() -> bool:
         on = not torch.cuda.is_available()
     if on:
         os.environ["TRITON_INTERPRET"] = "1"
+        from . import interpreter_patches
+        interpreter_patches.apply()
     return on
 
 

@@ -123,7 +123,7 @@ class PlanRunner:
         fn, _ = self.kernel(one)
         if self.wrap is not None:
             fn = self.wrap(fn)
-        with quiet_padding():
+        with quiet_padding(), interpreter_errors(kernel.name):
             fn[grid](*args, **cfg.as_dict(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     @staticmethod
@@ -175,6 +175,23 @@ def quiet_padding():
         import numpy as np
         return np.errstate(all="ignore")
     return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def interpreter_errors(kernel_name: str):
+    """A bf16 operation the interpreter cannot run right (runtime/interpreter_patches.py)
+    reaches the caller as a CallError that names the kernel, not as Triton's InterpreterError."""
+    try:
+        yield
+    except Exception as e:
+        if not interpreting():
+            raise
+        from .interpreter_patches import interpreter_cause
+        cause = interpreter_cause(e)
+        if cause is None:
+            raise
+        raise CallError(f"{kernel_name}: {cause}; bf16 cannot run correctly on the CPU here. Run it on a GPU, "
+                        f"or compile it for f16 or f32 (dtype='f32')") from e
 
 
 def _hashable(x):

@@ -26,6 +26,22 @@ from .executor import PlanRunner
 from .library import register, registration_mode
 
 
+class Explanation(str):
+    """What ``explain()`` returns: the text itself, whose repr is the text, so a REPL shows it
+    once and readable (not a quoted string with \\n), and ``print`` prints it."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+    def _repr_pretty_(self, p, cycle) -> None:      # IPython
+        p.text(str(self))
+
+    def written_to(self, file) -> "Explanation":
+        if file is not None:
+            print(self, file=file)
+        return self
+
+
 class CompiledOp:
     def __init__(self, namespace: str, graph: Graph, fused: FusedGraph, cache: KernelCache, mode: str,
                  plan=None):
@@ -69,9 +85,21 @@ class CompiledOp:
         if device.type != want.type:
             raise CallError(f"{self.name}(): the inputs are on {device}, but the kernels run on {want.type} here "
                             f"({describe()}); move them with .to('{want.type}')")
+        if interpreting():
+            self._check_interpreter_dtypes()
         check_indices(self.graph, values, bindings)
         outs = self.runner(values, bindings, device)
         return tuple(outs) if self.graph.tuple_result else outs[0]
+
+    def _check_interpreter_dtypes(self) -> None:
+        """bf16 runs under the interpreter only with opforge's corrections in place
+        (runtime/interpreter_patches.py); without them it would return wrong numbers."""
+        from ..ir.types import DType
+        from .interpreter_patches import bf16_problem
+        from .tolerances import graph_dtypes
+        if DType.bf16 in graph_dtypes(self.fused.graph) and (problem := bf16_problem()):
+            raise CallError(f"{self.name}(): bf16 cannot run correctly on the CPU here: {problem}. "
+                            f"Run it on a GPU, or compile it for f16 or f32 (dtype='f32')")
 
     def fake(self, *args):
         values, bindings, device = self._bind(args)
@@ -129,13 +157,14 @@ class CompiledOp:
             return render_module(self.plan.kernels)
         raise ValueError(f"unknown stage {stage!r}")
 
-    def explain(self, file=None) -> str:
+    def explain(self, file=None) -> "Explanation":
+        """Every stage of this op as text: the graph, the fusion groups and bytes moved, the
+        level-2 plan, the Triton source. Returned, not printed (a REPL shows it once, as text);
+        ``print(op.explain())`` prints it; ``explain(file=f)`` also writes it to f."""
         parts = [f"== {self.namespace}::{self.name} on {describe()} =="]
         for stage in ("graph", "fused", "tile", "triton"):
             parts.append(f"== {stage} ==\n{self.stage_text(stage)}")
-        text = "\n\n".join(parts)
-        print(text, file=file)
-        return text
+        return Explanation("\n\n".join(parts)).written_to(file)
 
     def __repr__(self) -> str:
         return f"<opforge op {self.namespace}::{self.name}: {self.kernel_count} kernel(s)>"
@@ -168,9 +197,9 @@ class CompiledModule:
     def __dir__(self):
         return list(self.ops) + ["ops", "namespace", "explain"]
 
-    def explain(self) -> None:
-        for op in self.ops.values():
-            op.explain()
+    def explain(self, file=None) -> "Explanation":
+        """Every op's explain(), one after another."""
+        return Explanation("\n\n".join(op.explain() for op in self.ops.values())).written_to(file)
 
     def __repr__(self) -> str:
         return f"<opforge module {self.namespace}: {', '.join(self.ops)}>"

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..frontend import get_op, load_program
 from ..passes.pipeline import canonical_graph, prepared_graph
+from .console import make_console
 from .inputs import random_inputs
 from .reference import run_graph
 from .sizes import file_shapes, resolve_shapes
@@ -39,7 +40,7 @@ def _prepare(file, op_name, shape, dtype):
 
 def run_op(file, op_name, shape=None, *, dtype=None, seed=0, reference_only=False, bench=False,
            console: Console | None = None):
-    console = console or Console()
+    console = console or make_console()
     program, g, bindings = _prepare(file, op_name, shape, dtype)
     device = torch.device("cpu") if reference_only else default_device()
     inputs = random_inputs(g, bindings, seed=seed, device=str(device))
@@ -65,7 +66,7 @@ def run_op(file, op_name, shape=None, *, dtype=None, seed=0, reference_only=Fals
     tol = tolerance_for(g)
     table = Table(title=f"{op_name}  ({sizes})", title_justify="left")
     for col in ("result", "shape", "dtype", "vs float64 reference", "status"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     all_ok = True
     for i, (o, r) in enumerate(zip(outs, ref)):
         c = compare(o, r, tol)
@@ -88,14 +89,15 @@ def example_files() -> list[Path]:
 
 def demo(files=None, *, reference_only=False, console: Console | None = None) -> bool:
     """Every op of every example: compile, run on seeded inputs, compare with the reference."""
-    console = console or Console()
+    console = console or make_console()
     files = [Path(f) for f in files] if files else example_files()
     path = "reference executor" if reference_only else execution_path()
     console.print(f"opforge demo: {len(files)} spec file(s), running via {path}")
     table = Table(title_justify="left")
     for col in ("spec", "op", "sizes", "kernels", "time", "vs float64 reference", "status"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")     # a narrow terminal wraps names, never cuts them
     all_ok = True
+    matched, mismatched, skipped = [], [], []
     for f in files:
         program = load_program(f)
         shapes = file_shapes(str(f))
@@ -104,6 +106,7 @@ def demo(files=None, *, reference_only=False, console: Console | None = None) ->
             missing = [s for s in g.symbols if s not in shapes]
             if missing:
                 table.add_row(f.name, name, f"no sizes for {', '.join(missing)}", "", "", "", "[yellow]skipped[/]")
+                skipped.append(name)
                 continue
             bindings = {s: shapes[s] for s in g.symbols}
             sizes = ",".join(f"{k}={v}" for k, v in bindings.items())
@@ -115,6 +118,7 @@ def demo(files=None, *, reference_only=False, console: Console | None = None) ->
                     op = getattr(compile_module(f, ops=[name]), name)
                 except SpecError as e:
                     table.add_row(f.name, name, sizes, "", "", "", f"[yellow]not compiled: {e.message}[/]")
+                    skipped.append(name)
                     continue
                 kernels = str(op.kernel_count)
             device = "cpu" if reference_only else str(default_device())
@@ -141,9 +145,25 @@ def demo(files=None, *, reference_only=False, console: Console | None = None) ->
             cs = [compare(o, r, tol) for o, r in zip(outs, ref)]
             ok = all(c.ok for c in cs)
             all_ok &= ok
+            (matched if ok else mismatched).append(name)
             worst = max(cs, key=lambda c: c.rel_err)
             table.add_row(f.name, name, sizes, kernels, f"{elapsed * 1e3:.0f} ms", f"rel err {worst.rel_err:.1e}",
                           "[green]ok[/]" if ok else f"[red]{worst.message}[/]")
     console.print(table)
-    console.print("all ops match the reference" if all_ok else "[red]some ops do not match the reference[/]")
+    console.print(demo_summary(matched, mismatched, skipped))
     return all_ok
+
+
+def demo_summary(matched: list, mismatched: list, skipped: list) -> str:
+    """The demo's last line: how many ops ran and matched, and every op that was not run (a
+    full match is claimed only when every op ran)."""
+    total = len(matched) + len(mismatched) + len(skipped)
+    if not mismatched and not skipped:
+        return "the 1 op matches the reference" if total == 1 else f"all {total} ops match the reference"
+    parts = []
+    if mismatched:
+        parts.append(f"[red]{len(mismatched)} of {total} ops do not match the reference: {', '.join(mismatched)}[/]")
+    parts.append(f"{len(matched)} of {total} ops match the reference")
+    if skipped:
+        parts.append(f"[yellow]{len(skipped)} skipped (not run): {', '.join(skipped)}[/]")
+    return "; ".join(parts)

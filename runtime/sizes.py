@@ -35,9 +35,35 @@ def file_shapes(path) -> dict[str, int]:
 
 
 def resolve_shapes(graph, path, given: str | None) -> dict[str, int]:
-    sizes = {**file_shapes(path), **parse_shapes(given)}
+    """The op's sizes: --shape over the file's ``# shapes:`` line. A --shape symbol the op does
+    not have is an error naming the closest one (the file's line may hold other ops' sizes)."""
+    explicit = parse_shapes(given)
+    unknown = [s for s in explicit if s not in graph.symbols]
+    if unknown:
+        from ..frontend.diagnostics import closest
+        have = ", ".join(graph.symbols) or "none"
+        s = unknown[0]
+        near = closest(s, graph.symbols) or _nearest(s, graph.symbols)
+        hint = f"; did you mean '{near}'?" if near else ""
+        raise CallError(f"{graph.name}: --shape {s}={explicit[s]}: the op has no size '{s}'{hint} "
+                        f"(its sizes: {have})")
+    sizes = {**file_shapes(path), **explicit}
     missing = [s for s in graph.symbols if s not in sizes]
     if missing:
         raise CallError(f"{graph.name}: give the sizes {', '.join(missing)} with --shape "
                         f"{','.join(f'{s}=...' for s in graph.symbols)}")
     return {s: sizes[s] for s in graph.symbols}
+
+
+def _nearest(name: str, candidates) -> str | None:
+    """The candidate with the fewest edits from ``name`` (ties: the first), for names too short
+    for difflib's cutoff (Q against B, S, D)."""
+    def edits(a: str, b: str) -> int:
+        row = list(range(len(b) + 1))
+        for i, ca in enumerate(a, 1):
+            prev, row[0] = row[0], i
+            for j, cb in enumerate(b, 1):
+                prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca.lower() != cb.lower()))
+        return row[-1]
+    cands = list(candidates)
+    return min(cands, key=lambda c: edits(name, c)) if cands else None

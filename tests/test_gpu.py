@@ -1,5 +1,6 @@
 """The native GPU path (skipped without a CUDA GPU, so never run by CI): kernels compiled by
-Triton for the device instead of interpreted, bf16 (which the interpreter lacks), fp8 through
+Triton for the device instead of interpreted, bf16 natively (the interpreter runs it only with
+opforge's corrections), fp8 through
 the GPU's own conversions and tensor cores, ``triton_op`` registration under torch.compile.
 
 Inputs are made on the CPU (seeded, as everywhere else), moved to the GPU, and the outputs are

@@ -1,7 +1,8 @@
 """Every built-in of DSL.md's table, and the operators, through the compiled kernels (Triton's
 interpreter here) against the float64 reference executor.
 
-Each case is a small spec template (``$T`` is the working float dtype) run in f32 and f16 at
+Each case is a small spec template (``$T`` is the working float dtype) run in f32, f16 and
+bf16 (through opforge's bf16 corrections of the interpreter, runtime/interpreter_patches.py) at
 awkward sizes (1, 7, 33, 130 where the spec allows). Outputs start poisoned (NaN, or sentinels
 for integers and bools, see kernel_helpers), so every element must be written; integer and bool
 results must match exactly, floats within ``tolerance_for(graph)``.
@@ -20,7 +21,7 @@ import torch
 
 from .kernel_helpers import compiled, run_case, typed
 
-DTYPES = ("f32", "f16")
+DTYPES = ("f32", "f16", "bf16")
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Every op of every example spec (examples/*.opf) through the compiled kernels, against the
 float64 reference: at the file's ``# shapes:`` sizes, at an awkward set (odd sizes, derived
 sizes such as D / E kept whole) and at the smallest sizes the spec allows, in the file's dtypes
-and retyped to f32; plus ``torch.library.opcheck`` of every registered op.
+and retyped to f32 and to bf16 (``--dtype bf16``: under the interpreter with opforge's bf16
+corrections, runtime/interpreter_patches.py, within the bf16 tolerance); plus
+``torch.library.opcheck`` of every registered op.
 
 Ops with a layout annotation (@quant, @sparse, @lowrank, @auto) are called here with the dense
 weight, which runs the dense mathematics (with a one-time warning that suggests bind()); their
@@ -19,6 +21,7 @@ import opforge
 from opforge.frontend import load_program
 from opforge.runtime.inputs import random_inputs
 from opforge.runtime.sizes import file_shapes
+from opforge.runtime.tolerances import graph_dtypes
 
 from .kernel_helpers import call_args, compile_spec, compiled, run_case
 
@@ -97,6 +100,16 @@ def test_example_retyped_to_f32(stem, name):
     op = _op(stem, name, dtype="f32")
     assert all(not t.dtype.is_float or str(t.dtype) == "f32" for t in op.graph.result_types)
     run_case(op, _sizes(op, AWKWARD[stem]), seed=2, what=" (f32)")
+
+
+@pytest.mark.parametrize("which", ["file", "awkward"])
+@pytest.mark.parametrize("stem, name", IDS)
+def test_example_retyped_to_bf16(stem, name, which):
+    op = _op(stem, name, dtype="bf16")
+    dtypes = {str(d) for d in graph_dtypes(op.graph)}
+    assert "bf16" in dtypes and "f16" not in dtypes, dtypes      # the spec's f32 stays f32
+    sizes = file_shapes(EXAMPLES / f"{stem}.opf") if which == "file" else AWKWARD[stem]
+    run_case(op, _sizes(op, sizes), seed=4, what=f" (bf16, {which} shapes)")
 
 
 @pytest.mark.parametrize("stem, name", IDS)

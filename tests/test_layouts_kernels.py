@@ -69,7 +69,17 @@ CASES = [
     Case("lowrank-full", "@lowrank(rank=37)", k=45),
     Case("lowrank-tol", "@lowrank(tol=0.3)", k=45),
     Case("lowrank-tol-nobias", "@lowrank(tol=0.05)", k=40, n=21, bias=False),
-    # f32 specs (the interpreter has no bf16)
+    # bf16 activations and weights (the interpreter with opforge's bf16 corrections)
+    Case("int8-bf16", "@quant(int8)", k=45, dtype="bf16"),
+    Case("int4-g32-bf16", "@quant(int4, group=32)", k=160, dtype="bf16"),
+    Case("int4-g64-bf16", "@quant(int4, group=64)", k=192, bias=False, dtype="bf16"),
+    Case("fp8-bf16", "@quant(fp8)", k=45, dtype="bf16"),
+    Case("w8a8-bf16", "@quant(int8, act=int8)", k=70, n=21, dtype="bf16"),
+    Case("w8a8fp8-bf16", "@quant(fp8, act=fp8)", k=45, bias=False, dtype="bf16"),
+    Case("s24-bf16", "@sparse(2:4)", k=52, dtype="bf16"),
+    Case("bsr16-bf16", "@sparse(block=16)", k=40, dtype="bf16", zero_blocks=16),
+    Case("lowrank5-bf16", "@lowrank(rank=5)", k=45, dtype="bf16"),
+    # f32 specs
     Case("int4-g32-f32", "@quant(int4, group=32)", k=96, dtype="f32"),
     Case("w8a8-f32", "@quant(int8, act=int8)", k=45, dtype="f32", bias=False),
     Case("w8a8fp8-f32", "@quant(fp8, act=fp8)", k=45, dtype="f32"),
@@ -78,7 +88,7 @@ CASES = [
     Case("lowrank-f32", "@lowrank(rank=6)", k=45, dtype="f32"),
 ]
 
-TORCH = {"f16": F16, "f32": F32}
+TORCH = {"f16": F16, "f32": F32, "bf16": torch.bfloat16}
 
 
 def make_weight(case: Case, seed: int = 0) -> torch.Tensor:
