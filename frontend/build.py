@@ -310,6 +310,14 @@ class OpBuilder:
                     raise SpecError(f"the tensor parameter '{name}' cannot have a default", p.default.span,
                                     "only scalar parameters (attributes) take defaults")
                 default, has_default = self.scalar_default(p.default, dtype), True
+            first_default = next((q for q in out if q.has_default), None)
+            if first_default is not None and not has_default:
+                # a torch schema, like a Python signature, takes positional parameters first
+                what = "tensor parameter" if isinstance(ty, TensorType) else "parameter"
+                raise SpecError(f"the {what} '{name}' has no default but follows '{first_default.name}', "
+                                f"which has one", p.name.span,
+                                f"parameters with defaults come last (as in Python): move '{name}' before "
+                                f"'{first_default.name}'")
             v = Value(ty, name)
             self.env[name] = (v, p.name.span)
             out.append(Param(name, v, default, has_default, layout, p.span))

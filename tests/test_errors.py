@@ -249,6 +249,11 @@ CASES = [
          "parameter 'x' is declared twice", 1, 28, "x"),
     Case("tensor-parameter-default", "op f(x: f16[M] = 1.0) -> f16[M] {\n    return x\n}\n",
          "the tensor parameter 'x' cannot have a default", 1, 18, "1.0", "only scalar parameters"),
+    Case("default-before-tensor", "op f(s: f32 = 1.0, x: f32[M]) -> f32[M] {\n    return x * s\n}\n",
+         "the tensor parameter 'x' has no default but follows 's', which has one", 1, 20, "x",
+         "parameters with defaults come last (as in Python): move 'x' before 's'"),
+    Case("default-before-scalar", "op f(x: f32[M], s: f32 = 1.0, t: i64) -> f32[M] {\n    return x * s\n}\n",
+         "the parameter 't' has no default but follows 's', which has one", 1, 31, "t", "move 't' before 's'"),
     Case("default-does-not-fit", "op f(x: i32[M], n: i32 = 3000000000) -> i32[M] {\n    return x * n\n}\n",
          "default 3000000000 does not fit in i32", 1, 26, "3000000000", "i32 holds -2**31 to 2**31 - 1"),
     Case("bool-default-not-bool", "op f(x: f32[4], b: bool = 1) -> f32[4] {\n    return x\n}\n",
@@ -457,3 +462,16 @@ def test_too_deep_nesting_is_a_spec_error_at_its_statement():
         load_program(src)
     assert "nests expressions too deeply" in info.value.message
     assert (info.value.line, info.value.col) == (3, 5)
+
+
+def test_check_and_compile_agree_on_a_default_before_a_parameter_without_one():
+    """The front end refuses it (a torch schema, like a Python signature, cannot have a
+    positional parameter after a defaulted one), so compile gives the same SpecError instead of
+    Python's 'non-default argument follows default argument' from the op's registration."""
+    src = "op f(s: f32 = 1.0, x: f32[M]) -> f32[M] {\n    return x * s\n}\n"
+    with pytest.raises(SpecError) as checked:
+        load_program(src)
+    with pytest.raises(SpecError) as compiled:
+        opforge.compile(src, namespace="errors_default_order")
+    assert str(compiled.value) == str(checked.value)
+    assert str(checked.value).startswith("<string>:1:20: error: the tensor parameter 'x' has no default")
