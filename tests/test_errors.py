@@ -374,10 +374,31 @@ def test_unusable_path_is_a_spec_error(bad: str):
 
 
 def test_file_that_is_not_utf8(tmp_path: Path):
+    """FILE:LINE:COL of the first bad byte, the line (bad bytes shown as U+FFFD), a caret."""
     path = tmp_path / "bin.opf"
     path.write_bytes(b"op f(x: f16[M]) -> f16[M] {\n    return x\xff\n}\n")
-    with pytest.raises(SpecError, match="is not UTF-8 text"):
+    with pytest.raises(SpecError, match="is not UTF-8 text") as info:
         load_program(path)
+    assert str(info.value).split("\n") == [
+        f"{path}:2:13: error: the file is not UTF-8 text: byte ff cannot be decoded",
+        "    return x\ufffd",
+        "            ^",
+        "hint: save the spec as UTF-8"]
+
+
+def test_file_that_is_not_utf8_after_multibyte_characters(tmp_path: Path):
+    """Columns count characters, as every other error does: the caret lines up after an 'é'
+    (two bytes) and a Latin-1 byte further on is the one reported, on its own line."""
+    path = tmp_path / "latin.opf"
+    path.write_bytes("# caf\u00e9 ok\nop f(x: f16[M]) -> f16[M] {\n    # na\u00efve, then \u00e9 in Latin-1: ".encode()
+                     + b"\xe9t\xe9\n    return x\n}\n")
+    with pytest.raises(SpecError) as info:
+        load_program(path)
+    e = info.value
+    assert (e.line, e.col) == (3, 33)
+    lines = str(e).split("\n")
+    assert lines[1] == "    # na\u00efve, then \u00e9 in Latin-1: \ufffdt\ufffd"
+    assert lines[2] == " " * 32 + "^"
 
 
 # -- where the caret lands on awkward lines --------------------------------------------------------
