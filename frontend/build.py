@@ -265,7 +265,7 @@ class OpBuilder:
                         inner = ", ".join(snippet(x.span) for x in stmt.values[0].items)
                         raise SpecError("several results are returned without parentheses",
                                         stmt.values[0].span, f"return {inner}")
-                    outputs = [self.value(e) for e in stmt.values]
+                    outputs, exprs = self.returned(stmt)
                     ret = stmt
         except RecursionError:
             raise SpecError("this statement nests expressions too deeply to check", at,
@@ -273,7 +273,7 @@ class OpBuilder:
         if outputs is None:
             raise SpecError(f"op '{self.decl.name.text}' has no return statement", self.decl.body_span,
                             "end the body with: return EXPR")
-        results = self.check_results(outputs, ret)
+        results = self.check_results(outputs, exprs, ret)
         g = Graph(self.decl.name.text, tuple(params), tuple(self.nodes), tuple(outputs), tuple(results),
                   self.decl.tuple_result or len(results) > 1, self.decl.span)
         return g
@@ -383,7 +383,19 @@ class OpBuilder:
                             f"but {n} names are assigned", e.span)
         raise SpecError(f"{n} names are assigned from one value", e.span)
 
-    def check_results(self, outputs: list[Value], ret: A.Return) -> list[Type]:
+    def returned(self, stmt: A.Return) -> tuple[list[Value], list[A.Expr]]:
+        """The returned values, each with the expression it comes from: a call of a built-in or
+        an op with several results returns all of them (``return topk(x, k=2)``, also among
+        other values: ``return y, topk(x, k=2)``)."""
+        outputs: list[Value] = []
+        exprs: list[A.Expr] = []
+        for e in stmt.values:
+            outs = self.call(e) if isinstance(e, A.Call) else [self.value(e)]
+            outputs += outs
+            exprs += [e] * len(outs)
+        return outputs, exprs
+
+    def check_results(self, outputs: list[Value], exprs: list[A.Expr], ret: A.Return) -> list[Type]:
         declared = self.decl.results
         if len(outputs) != len(declared):
             n, m = len(declared), len(outputs)
@@ -391,12 +403,19 @@ class OpBuilder:
                    f"{m} value{'s' * (m != 1)}")
             decl_text = ", ".join(snippet(d.span) for d in declared)
             if m > n:
-                raise SpecError(msg, ret.values[n].span,
+                e = exprs[n]
+                k = exprs.count(e)
+                if k > 1:
+                    names = ", ".join("abcdefgh"[:k]) if k <= 8 else "a, b, ..."
+                    raise SpecError(msg, e.span, f"'{e.func.text}' gives {k} values and returning it returns "
+                                                 f"all of them: declare each, or write {names} = "
+                                                 f"{snippet(e.span)} and return the ones you want")
+                raise SpecError(msg, e.span,
                                 f"return {n} value{'s' * (n != 1)}, or declare more results: "
                                 f"-> ({decl_text}, ...)")
             raise SpecError(msg, ret.span, f"the op declares -> {'(' * (n > 1)}{decl_text}{')' * (n > 1)}")
         types = []
-        for i, (v, d, e) in enumerate(zip(outputs, declared, ret.values)):
+        for i, (v, d, e) in enumerate(zip(outputs, declared, exprs)):
             dtype = parse_dtype(d.dtype)
             if d.dims is None:
                 raise SpecError("an op returns tensors; declare a shape, e.g. f32[] for a 0-d result",
@@ -414,8 +433,11 @@ class OpBuilder:
                 raise SpecError(f"{which} is the scalar {v.type}, but the op declares {want}", e.span,
                                 "ops return tensors")
             if v.type.dtype != want.dtype:
-                raise SpecError(f"{which} is {v.type}, but the op declares {want}", e.span,
-                                f"cast it: {cast_text(e, want.dtype)}")
+                k = exprs.count(e)
+                hint = f"cast it: {cast_text(e, want.dtype)}" if k == 1 else \
+                    f"'{e.func.text}' gives {k} values: assign them ({', '.join('abcdefgh'[:k])} = ...) and " \
+                    f"return cast({'abcdefgh'[i - exprs.index(e)]}, {want.dtype})" if k <= 8 else None
+                raise SpecError(f"{which} is {v.type}, but the op declares {want}", e.span, hint)
             if tuple(v.type.shape) != want.shape:
                 raise SpecError(f"{which} has shape {format_shape(v.type.shape)}, but the op declares "
                                 f"{format_shape(want.shape)}", e.span)

@@ -204,6 +204,13 @@ CASES = [
          "\"fast\" is not a choice of 'approximate' in 'gelu'", 2, 32, "\"fast\"", "\"none\" or \"tanh\""),
     Case("tuple-result-in-expression", "op f(x: f16[M, N]) -> f16[M, 2] {\n    return topk(x, k=2) * 2.0\n}\n",
          "'topk' gives 2 values; unpack them first", 2, 12, "topk(x, k=2)", "a, b = topk(x, k=2)"),
+    Case("returned-tuple-result-too-many", "op f(x: f16[M, N]) -> f16[M, 2] {\n    return topk(x, k=2)\n}\n",
+         "op 'f' declares 1 result but returns 2 values", 2, 12, "topk(x, k=2)",
+         "'topk' gives 2 values and returning it returns all of them: declare each, or write a, b = topk(x, k=2)"),
+    Case("returned-tuple-result-dtype", "op f(x: f16[M, N]) -> (f16[M, N], f16[M, 2], f16[M, 2]) {\n"
+         "    return x, topk(x, k=2)\n}\n",
+         "result 2 is i32[M, 2], but the op declares f16[M, 2]", 2, 15, "topk(x, k=2)",
+         "'topk' gives 2 values: assign them (a, b = ...) and return cast(b, f16)"),
     Case("unpack-wrong-count", "op f(x: f16[M, N]) -> f16[M, 2] {\n    a, b, c = topk(x, k=2)\n    return a\n}\n",
          "'topk' gives 2 values, but 3 names are assigned", 2, 15, "topk(x, k=2)"),
     Case("unpack-single-value", "op f(x: f16[M]) -> f16[M] {\n    a, b = exp(x)\n    return a\n}\n",
