@@ -10,6 +10,7 @@ import os
 from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from ..ir.dims import Dim, evaluate, format_shape
@@ -39,7 +40,70 @@ def bind_args(g: Graph, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[
             if not p.has_default:
                 raise CallError(f"{g.name}() is missing the argument '{p.name}' ({p.value.type})")
             out[p.name] = p.default
+        else:
+            check_kind(g, p, out[p.name])
     return out
+
+
+def _shown(x) -> str:
+    """An argument as an error message shows it: its type, and its value if it is short."""
+    if x is None:
+        return "None"
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {list(x.shape)} and dtype {from_torch(x.dtype) or x.dtype}"
+    text = repr(x)
+    name = type(x).__name__
+    return f"{name} {text}" if len(text) <= 40 else name
+
+
+def _number_kind(x) -> str | None:
+    """'bool', 'int' or 'float' for a number a scalar parameter may take (Python, NumPy, a
+    torch.Sym* under tracing, or a 0-d tensor); None for anything else."""
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 0 or x.is_complex():
+            return None
+        return "bool" if x.dtype == torch.bool else "float" if x.dtype.is_floating_point else "int"
+    if isinstance(x, (bool, np.bool_, torch.SymBool)):
+        return "bool"
+    if isinstance(x, (int, np.integer, torch.SymInt)):
+        return "int"
+    if isinstance(x, (float, np.floating, torch.SymFloat)):
+        return "float"
+    return None
+
+
+SCALAR_ACCEPTS = {"bool": ("bool",), "int": ("int",), "float": ("int", "float")}
+SCALAR_HINT = {"bool": "pass True or False", "int": "pass a Python int",
+               "float": "pass a Python float (or int)"}
+
+
+def check_kind(g: Graph, p, x) -> None:
+    """A tensor parameter takes a dense torch.Tensor; a scalar parameter a number of its kind:
+    a float parameter an int or a float, an integer one an int that fits its dtype, a bool one
+    True or False (bool is not taken for a number, nor a number for a bool: each is more
+    likely a mistake than meant). NumPy numbers and 0-d tensors count as numbers."""
+    want = p.value.type
+    if isinstance(want, TensorType):
+        if not isinstance(x, torch.Tensor):
+            hint = "; pass a torch.Tensor, e.g. torch.tensor(...)" if isinstance(x, (int, float, list, tuple)) \
+                or type(x).__module__ == "numpy" else ""
+            raise CallError(f"{g.name}(): '{p.name}' expects a tensor {want}, got {_shown(x)}{hint}")
+        if x.layout != torch.strided:
+            raise CallError(f"{g.name}(): '{p.name}' is a {str(x.layout).replace('torch.', '')} tensor; opforge ops "
+                            f"take dense (strided) tensors: convert it with .to_dense()")
+        return
+    dtype = want.dtype
+    kind = "float" if dtype.is_float else "bool" if dtype.is_bool else "int"
+    if isinstance(x, torch.Tensor) and x.dim() != 0:
+        raise CallError(f"{g.name}(): '{p.name}' is a scalar {want}, got a tensor of shape {list(x.shape)}")
+    got = _number_kind(x)
+    if got not in SCALAR_ACCEPTS[kind]:
+        raise CallError(f"{g.name}(): '{p.name}' is a scalar {want}, got {_shown(x)}; {SCALAR_HINT[kind]}")
+    if kind == "int" and isinstance(x, (int, np.integer)):
+        from ..frontend.build import fits, int_range_text
+        if not fits(int(x), dtype):
+            raise CallError(f"{g.name}(): '{p.name}' is a scalar {want}, got {int(x)}, which does not fit: "
+                            f"{int_range_text(dtype)}")
 
 
 def bind_sizes(g: Graph, values: Mapping[str, Any], *, check_dtype: bool = True,
