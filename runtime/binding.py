@@ -186,14 +186,32 @@ def check_derived_sizes(g: Graph, items: tuple[tuple[str, int], ...]) -> None:
                 size = evaluate(n.inputs[0].type.shape[n.attrs["axis"]], b)
                 if n.attrs["k"] > size:
                     raise ValueError(f"topk with k={n.attrs['k']} over an axis of size {size}")
+            if n.op in ("max", "min"):
+                check_reduced_axes(g, n, b)
             if n.op == "slice":
                 for k, (s0, s1, d) in enumerate(zip(n.attrs["starts"], n.attrs["stops"], n.inputs[0].type.shape)):
                     s0, s1, d = evaluate(s0, b), evaluate(s1, b), evaluate(d, b)
                     if not (0 <= s0 <= d and 0 <= s1 <= d):  # s1 < s0 is an empty slice
                         raise ValueError(f"slice {s0}:{s1} of axis {k} with size {d}")
+        except CallError:
+            raise
         except (ValueError, ZeroDivisionError) as e:  # D / H with H = 0 divides by zero
             where = f" ({n.span.source.name}:{n.span.line}:{n.span.col})" if n.span else ""
             raise CallError(f"{g.name}(): sizes {_fmt(b)} do not fit the spec{where}: {e}") from None
+
+
+def check_reduced_axes(g: Graph, n, b: Mapping[str, int]) -> None:
+    """max and min over an axis of size 0 have no value: a CallError, as torch raises one (sum
+    and mean of no elements are 0 and NaN, as in torch, and need no check)."""
+    shape = n.inputs[0].type.shape
+    for axis in n.attrs["axis"]:
+        d = shape[axis]
+        if evaluate(d, b) == 0:
+            where = f" ({n.span.source.name}:{n.span.line}:{n.span.col})" if n.span else ""
+            size = f"{d} = 0" if not isinstance(d, int) else "0"
+            raise CallError(f"{g.name}(): {n.op} over axis {axis}{where}, of size {size} (sizes {_fmt(b)}): the "
+                            f"{'maximum' if n.op == 'max' else 'minimum'} of no elements has no value (torch raises "
+                            f"too; sum gives 0 and mean NaN)")
 
 
 def _numel(shape: Sequence[Dim], b) -> int:

@@ -217,3 +217,44 @@ def test_reference_executor_rejects_the_same_calls_in_the_same_words(mod, name, 
     reference_msg = raises_call_error(run_reference, op.graph, *args)
     assert compiled_msg == reference_msg
 
+
+
+# -- reductions over an axis of size 0 ----------------------------------------------------------
+EMPTY = """
+op mx(x: f32[M, N]) -> f32[M] { return max(x, axis=-1) }
+op mn(x: f32[M, N]) -> f32[1, N] { return min(exp(x), axis=0, keepdim=true) }
+op inner(x: f32[A, B]) -> f32[B] { return max(x, axis=(0,)) }
+op outer(x: f32[M, N]) -> f32[N] { return inner(x * 2) + 1 }
+op sm(x: f32[M, N]) -> (f32[M], f32[M], f32[M, N]) { return sum(x, axis=-1), mean(x, axis=-1), softmax(x, axis=-1) }
+"""
+
+
+@pytest.mark.parametrize("name, shape, message", [
+    ("mx", (3, 0), "mx(): max over axis 1 (<string>:2:40), of size N = 0 (sizes M=3, N=0): the maximum of no "
+                   "elements has no value (torch raises too; sum gives 0 and mean NaN)"),
+    ("mx", (0, 0), "mx(): max over axis 1 (<string>:2:40), of size N = 0 (sizes M=0, N=0)"),
+    ("mn", (0, 4), "mn(): min over axis 0 (<string>:3:43), of size M = 0 (sizes M=0, N=4): the minimum"),
+    ("outer", (0, 2), "outer(): max over axis 0 (<string>:4:43), of size M = 0 (sizes M=0, N=2)"),
+])
+def test_max_and_min_over_an_empty_axis_are_call_errors(name, shape, message, no_launch):
+    """docs/language.md: as torch raises, so do the compiled op and the reference executor, in
+    the same words, naming the op, the axis and where the reduction is (a compiled kernel
+    would have returned -inf)."""
+    op = getattr(compiled(EMPTY, "empty_axis"), name)
+    x = torch.randn(shape)
+    msg = raises_call_error(op, x)
+    assert msg.startswith(message)
+    assert raises_call_error(run_reference, op.graph, x) == msg
+    with pytest.raises((IndexError, RuntimeError)):
+        torch.amax(x, dim=-1 if name == "mx" else 0)
+
+
+def test_sum_mean_and_softmax_over_an_empty_axis_are_torchs():
+    mod = compiled(EMPTY, "empty_axis")
+    x = torch.randn(3, 0)
+    s, m, p = mod.sm(x)
+    torch.testing.assert_close(s, torch.zeros(3))
+    assert torch.isnan(m).all() and m.shape == (3,)
+    assert p.shape == (3, 0)
+    # an empty axis that is not reduced is no error
+    assert mod.mx(torch.randn(0, 5)).shape == (0,)
