@@ -17,9 +17,10 @@ if __name__ != "opforge":
 else:
     from .frontend.diagnostics import SpecError
     from .runtime.binding import CallError
+    from .runtime.cache import CacheError, CacheWarning
 
     __version__ = "0.1.0"
-    __all__ = ["compile", "load", "SpecError", "CallError", "__version__"]
+    __all__ = ["compile", "load", "SpecError", "CallError", "CacheWarning", "CacheError", "__version__"]
 
     def load(path_or_source, namespace: str | None = None):
         """Parse and check a spec: the level-1 Program (no kernels)."""
