@@ -292,7 +292,10 @@ def _callback(rule, method, inline: bool):
                 kept += [None] * nones
             c = children[i]
             if splice:
-                kept += c[0]
+                if kept:
+                    kept += c[0]
+                else:      # a left-recursive list (statements, ops): extend it, do not copy it
+                    kept = c[0]
             else:
                 kept.append(c[0] if type(c) is tuple else c)
         if trailing:
@@ -303,7 +306,7 @@ def _callback(rule, method, inline: bool):
             x = kept[0]
             return x if isinstance(x, Token) else (x, ext)
         if inline:
-            return _Splice(kept), ext
+            return (kept if type(kept) is _Splice else _Splice(kept)), ext
         if method is None:
             raise AssertionError(f"parser.py: no ToAst method for the grammar rule {rule}")
         return method(ext, kept), ext

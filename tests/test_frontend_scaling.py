@@ -13,21 +13,13 @@ import pstats
 import pytest
 
 import opforge
-from opforge.benchmarks.frontend_bench import generate
+from opforge.benchmarks.frontend_bench import chain, generate
 from opforge.frontend import load_program
 from opforge.passes.context import PassContext
 from opforge.passes.pipeline import canonical_graph
 
 # linear: 4x the spec, about 4x the calls (less: fixed costs); quadratic gave ~12x at these sizes
 SLACK = 6.0
-
-
-def chain(n: int, cycle: bool = False) -> str:
-    """Op f{i} calls f{i-1}; with ``cycle``, f0 calls the last one."""
-    first = f"f{n - 1}(x) * 2.0" if cycle else "x * 2.0"
-    lines = [f"op f0(x: f32[M]) -> f32[M] {{ return {first} }}"]
-    lines += [f"op f{i}(x: f32[M]) -> f32[M] {{ return f{i - 1}(x) + 1.0 }}" for i in range(1, n)]
-    return "\n".join(lines) + "\n"
 
 
 def calls(fn) -> int:
