@@ -161,7 +161,7 @@ def bad_call(rng: random.Random, g, op: str) -> Call:
     elif kind == "rank":
         p = rng.choice(tp)
         x = values[p.name]
-        values[p.name] = x[None] if rng.random() < 0.5 or x.dim() == 0 else x.reshape(-1)[None, None]
+        values[p.name] = x[None] if rng.random() < 0.5 or x.dim() <= 1 else x.reshape(-1)   # rank +1 or 1
         c.error = p.name
     elif kind == "too-many":
         c.args = tuple(values.values()) + (1.0,)
