@@ -399,7 +399,7 @@ def test_a_compile_killed_while_writing_leaves_nothing_that_stops_the_next(tmp_p
         assert time.time() - t0 < 240
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     dead = Path(flag.read_text())
     assert dead.is_dir() and leftovers(root)
     t1 = time.time()
