@@ -16,10 +16,10 @@ if __name__ != "opforge":
     _sys.modules[__name__] = _importlib.import_module("opforge")
 else:
     __version__ = "0.1.0"
-    __all__ = ["compile", "load", "SpecError", "CallError", "__version__"]
+    __all__ = ["compile", "load", "SpecError", "CallError", "CacheWarning", "CacheError", "__version__"]
 
     def __getattr__(name: str):
-        """SpecError and CallError on first use: importing them loads the front end and torch,
+        """SpecError, CallError, CacheError and CacheWarning on first use: importing them loads the front end and torch,
         which ``import opforge`` (and so ``opforge --help``) does not need."""
         if name == "SpecError":
             from .frontend.diagnostics import SpecError
@@ -27,6 +27,9 @@ else:
         if name == "CallError":
             from .runtime.binding import CallError
             return CallError
+        if name in ("CacheError", "CacheWarning"):
+            from .runtime import cache
+            return getattr(cache, name)
         raise AttributeError(f"module 'opforge' has no attribute '{name}'")
 
     def load(path_or_source, namespace: str | None = None):

@@ -1,6 +1,6 @@
 """Front-end speed: parse, check+build and canonicalisation of a large generated spec.
 
-    .venv/bin/python -m opforge.benchmarks.frontend_bench [--statements 1000] [--repeat 5]
+    .venv/bin/python -m opforge.benchmarks.frontend_bench [--statements 1000] [--repeat 5] [--chain N]
 
 The generated spec has a small helper op and one large op whose body is N statements (the
 last one the return), a realistic mix of what specs write: elementwise arithmetic, casts,
@@ -8,6 +8,9 @@ reductions with keepdim, matmuls with .T, slicing and concat, reshape, compariso
 where(), softmax, and calls of the helper op (inlined by canonicalisation). Every phase is
 timed separately with time.perf_counter, best of several runs. The target (the issue that
 asked for this) is parse + check + build of 1,000 statements in under one second.
+
+``--chain N`` times another shape of spec: N small ops, each calling the one before (check the
+file, then inline the last op, which holds the whole chain). Both must grow linearly.
 """
 from __future__ import annotations
 
@@ -75,6 +78,24 @@ def generate(statements: int = 1000) -> str:
     return "\n".join(lines) + "\n"
 
 
+def chain(n: int, cycle: bool = False) -> str:
+    """N ops, op f{i} calling f{i-1}; with ``cycle``, f0 calls the last one."""
+    first = f"f{n - 1}(x) * 2.0" if cycle else "x * 2.0"
+    lines = [f"op f0(x: f32[M]) -> f32[M] {{ return {first} }}"]
+    lines += [f"op f{i}(x: f32[M]) -> f32[M] {{ return f{i - 1}(x) + 1.0 }}" for i in range(1, n)]
+    return "\n".join(lines) + "\n"
+
+
+def run_chain(n: int, repeat: int = 3) -> dict:
+    """Times (seconds, best of ``repeat``) to check a chain of ``n`` ops and to inline its last."""
+    text = chain(n)
+    source = Source("<chain>", text)
+    parse(Source("<warm-up>", chain(2)))
+    t_check, program = _best(lambda: build_program(parse(source), source, "chain"), repeat)
+    t_inline, graph = _best(lambda: canonical_graph(program, f"f{n - 1}"), repeat)
+    return {"ops": n, "check": t_check, "inline": t_inline, "nodes": len(graph.nodes)}
+
+
 def _best(fn: Callable[[], object], repeat: int) -> tuple[float, object]:
     best, out = float("inf"), None
     for _ in range(repeat):
@@ -108,7 +129,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--statements", type=int, default=1000, help="statements in the large op")
     ap.add_argument("--repeat", type=int, default=5, help="runs per phase; the best is reported")
+    ap.add_argument("--chain", type=int, nargs="*", metavar="N",
+                    help="instead, time chains of N ops calling ops (check, inline the last)")
     args = ap.parse_args(argv)
+    if args.chain:
+        print(f"front end, chains of ops calling ops, best of {args.repeat}:")
+        print(f"  {'ops':>6}{'check ms':>12}{'inline ms':>12}{'nodes':>8}")
+        for n in args.chain:
+            r = run_chain(n, args.repeat)
+            print(f"  {n:>6}{r['check'] * 1e3:>12.1f}{r['inline'] * 1e3:>12.1f}{r['nodes']:>8}")
+        return 0
     r = run(args.statements, args.repeat)
     print(f"front end, {r['statements']} statements ({r['lines']} lines, {r['nodes']} graph nodes, "
           f"{r['canonical_nodes']} after canonicalisation), best of {args.repeat}:")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..ir.graph import Program, Source
+from ..ir.graph import Program, Source, Span
 from .build import build_program
 from .diagnostics import SpecError
 from .parser import parse
@@ -25,13 +25,27 @@ def load_source(path_or_source: str | Path) -> tuple[Source, str]:
             raise SpecError(f"no such spec file: {_shorten(str(path))}", None,
                             "pass a path to a .opf file, or the spec text itself")
         try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise SpecError(f"{path} is not UTF-8 text (byte {e.start})", None) from None
+            raw = path.read_bytes()
         except OSError as e:
             raise SpecError(f"cannot read {path}: {e.strerror or e}", None) from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _not_utf8(str(path_or_source), raw, e) from None
         return Source(str(path_or_source), text), _identifier(path.stem)
     return Source("<string>", path_or_source), "opforge_spec"
+
+
+def _not_utf8(name: str, raw: bytes, e: UnicodeDecodeError) -> SpecError:
+    """FILE:LINE:COL of the first byte that is not UTF-8, with the line shown (each bad byte as
+    U+FFFD) and a caret under it."""
+    line = raw.count(b"\n", 0, e.start) + 1
+    start = raw.rfind(b"\n", 0, e.start) + 1
+    col = len(raw[start:e.start].decode("utf-8")) + 1      # the bytes before it are valid
+    source = Source(name, raw.decode("utf-8", errors="replace"))
+    bad = raw[e.start:e.end]
+    return SpecError(f"the file is not UTF-8 text: byte{'s' * (len(bad) > 1)} {bad.hex(' ')} cannot be decoded",
+                     Span(source, line, col, line, col + 1), "save the spec as UTF-8")
 
 
 def _shorten(text: str, n: int = 200) -> str:

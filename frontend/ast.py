@@ -159,6 +159,7 @@ class OpDecl:
     body: tuple[Assign | Return, ...]
     span: Span
     body_span: Span
+    calls: tuple[Ident, ...] = ()     # the function of every call in the body, innermost first
 
 
 @dataclass(frozen=True)

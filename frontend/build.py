@@ -13,12 +13,10 @@ import re
 import sys
 from typing import Any
 
-import networkx as nx
-
 from ..ir import registry
 from ..ir.dims import Dim, Sym, div, format_shape, subst
 from ..ir.prims_shape import slice_size
-from ..ir.graph import Attrs, Graph, Node, Param, Program, Source, Span, Value
+from ..ir.graph import Attrs, Graph, Node, Param, Program, Source, Span, Value, collector_paused
 from ..ir.registry import Arg, RuleError
 from ..ir.types import SPEC_DTYPES, DType, ScalarType, TensorType, Type
 from . import ast as A
@@ -144,64 +142,52 @@ def build_program(module: A.ModuleDecl, source: Source, namespace: str) -> Progr
     if limit < RECURSION_LIMIT:
         sys.setrecursionlimit(RECURSION_LIMIT)
     try:
-        for name in order:
-            graphs[name] = OpBuilder(decls[name], graphs, decls).build()
+        with collector_paused():
+            for name in order:
+                graphs[name] = OpBuilder(decls[name], graphs, decls).build()
     finally:
         if limit < RECURSION_LIMIT:
             sys.setrecursionlimit(limit)
     return Program(namespace, source, {n: graphs[n] for n in decls})
 
 
-def _calls(e) -> list[A.Call]:
-    """Every Call node inside an expression or statement."""
-    out: list[A.Call] = []
-    stack = [e]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, A.Call):
-            out.append(x)
-        if isinstance(x, (A.Assign,)):
-            stack.append(x.value)
-        elif isinstance(x, A.Return):
-            stack.extend(x.values)
-        elif isinstance(x, A.BinOp):
-            stack.extend((x.lhs, x.rhs))
-        elif isinstance(x, A.Neg):
-            stack.append(x.operand)
-        elif isinstance(x, A.Call):
-            stack.extend(x.args)
-            stack.extend(k.value for k in x.kwargs)
-        elif isinstance(x, A.Attribute):
-            stack.append(x.value)
-        elif isinstance(x, A.Index):
-            stack.append(x.value)
-            stack.extend(x.items)
-        elif isinstance(x, A.SliceItem):
-            stack.extend(v for v in (x.start, x.stop, x.step) if v is not None)
-        elif isinstance(x, (A.TupleLit, A.ListLit)):
-            stack.extend(x.items)
-    return out
-
-
 def call_order(decls: dict[str, A.OpDecl]) -> list[str]:
-    """Callees before callers; a cycle of calls is an error at the call that closes it."""
-    g = nx.DiGraph()
-    g.add_nodes_from(decls)
+    """Callees before callers; a cycle of calls is an error at the call that closes it.
+
+    One depth-first search over the call graph (linear in ops and calls; networkx's find_cycle
+    was quadratic in the length of a chain of ops calling ops)."""
+    callees: dict[str, list[str]] = {}
     sites: dict[tuple[str, str], Span] = {}
     for name, op in decls.items():
-        for stmt in op.body:
-            for c in reversed(_calls(stmt)):
-                if c.func.text in decls:
-                    g.add_edge(name, c.func.text)
-                    sites.setdefault((name, c.func.text), c.func.span)
-    try:
-        cycle = nx.find_cycle(g)
-    except nx.NetworkXNoCycle:
-        return list(reversed(list(nx.topological_sort(g))))
-    path = " -> ".join([cycle[0][0]] + [b for _, b in cycle])
-    a, b = cycle[-1]
-    raise SpecError(f"ops call each other in a cycle: {path}", sites[(a, b)],
-                    "an op may call other ops of the file, which are inlined; recursion cannot be")
+        out = callees[name] = []
+        for func in op.calls:
+            if func.text in decls and (name, func.text) not in sites:
+                out.append(func.text)
+                sites[(name, func.text)] = func.span
+    order: list[str] = []
+    state: dict[str, int] = {}          # 1: on the search path, 2: done
+    for root in decls:
+        if root in state:
+            continue
+        path = [root]
+        state[root] = 1
+        todo = [iter(callees[root])]
+        while todo:
+            nxt = next(todo[-1], None)
+            if nxt is None:
+                todo.pop()
+                done = path.pop()
+                state[done] = 2
+                order.append(done)
+            elif state.get(nxt) == 1:
+                cycle = path[path.index(nxt):] + [nxt]
+                raise SpecError(f"ops call each other in a cycle: {' -> '.join(cycle)}", sites[(path[-1], nxt)],
+                                "an op may call other ops of the file, which are inlined; recursion cannot be")
+            elif nxt not in state:
+                state[nxt] = 1
+                path.append(nxt)
+                todo.append(iter(callees[nxt]))
+    return order
 
 
 _BUILTINS: tuple[int, dict] = (-1, {})
@@ -279,7 +265,7 @@ class OpBuilder:
                         inner = ", ".join(snippet(x.span) for x in stmt.values[0].items)
                         raise SpecError("several results are returned without parentheses",
                                         stmt.values[0].span, f"return {inner}")
-                    outputs = [self.value(e) for e in stmt.values]
+                    outputs, exprs = self.returned(stmt)
                     ret = stmt
         except RecursionError:
             raise SpecError("this statement nests expressions too deeply to check", at,
@@ -287,7 +273,7 @@ class OpBuilder:
         if outputs is None:
             raise SpecError(f"op '{self.decl.name.text}' has no return statement", self.decl.body_span,
                             "end the body with: return EXPR")
-        results = self.check_results(outputs, ret)
+        results = self.check_results(outputs, exprs, ret)
         g = Graph(self.decl.name.text, tuple(params), tuple(self.nodes), tuple(outputs), tuple(results),
                   self.decl.tuple_result or len(results) > 1, self.decl.span)
         return g
@@ -324,6 +310,14 @@ class OpBuilder:
                     raise SpecError(f"the tensor parameter '{name}' cannot have a default", p.default.span,
                                     "only scalar parameters (attributes) take defaults")
                 default, has_default = self.scalar_default(p.default, dtype), True
+            first_default = next((q for q in out if q.has_default), None)
+            if first_default is not None and not has_default:
+                # a torch schema, like a Python signature, takes positional parameters first
+                what = "tensor parameter" if isinstance(ty, TensorType) else "parameter"
+                raise SpecError(f"the {what} '{name}' has no default but follows '{first_default.name}', "
+                                f"which has one", p.name.span,
+                                f"parameters with defaults come last (as in Python): move '{name}' before "
+                                f"'{first_default.name}'")
             v = Value(ty, name)
             self.env[name] = (v, p.name.span)
             out.append(Param(name, v, default, has_default, layout, p.span))
@@ -389,7 +383,19 @@ class OpBuilder:
                             f"but {n} names are assigned", e.span)
         raise SpecError(f"{n} names are assigned from one value", e.span)
 
-    def check_results(self, outputs: list[Value], ret: A.Return) -> list[Type]:
+    def returned(self, stmt: A.Return) -> tuple[list[Value], list[A.Expr]]:
+        """The returned values, each with the expression it comes from: a call of a built-in or
+        an op with several results returns all of them (``return topk(x, k=2)``, also among
+        other values: ``return y, topk(x, k=2)``)."""
+        outputs: list[Value] = []
+        exprs: list[A.Expr] = []
+        for e in stmt.values:
+            outs = self.call(e) if isinstance(e, A.Call) else [self.value(e)]
+            outputs += outs
+            exprs += [e] * len(outs)
+        return outputs, exprs
+
+    def check_results(self, outputs: list[Value], exprs: list[A.Expr], ret: A.Return) -> list[Type]:
         declared = self.decl.results
         if len(outputs) != len(declared):
             n, m = len(declared), len(outputs)
@@ -397,12 +403,19 @@ class OpBuilder:
                    f"{m} value{'s' * (m != 1)}")
             decl_text = ", ".join(snippet(d.span) for d in declared)
             if m > n:
-                raise SpecError(msg, ret.values[n].span,
+                e = exprs[n]
+                k = exprs.count(e)
+                if k > 1:
+                    names = ", ".join("abcdefgh"[:k]) if k <= 8 else "a, b, ..."
+                    raise SpecError(msg, e.span, f"'{e.func.text}' gives {k} values and returning it returns "
+                                                 f"all of them: declare each, or write {names} = "
+                                                 f"{snippet(e.span)} and return the ones you want")
+                raise SpecError(msg, e.span,
                                 f"return {n} value{'s' * (n != 1)}, or declare more results: "
                                 f"-> ({decl_text}, ...)")
             raise SpecError(msg, ret.span, f"the op declares -> {'(' * (n > 1)}{decl_text}{')' * (n > 1)}")
         types = []
-        for i, (v, d, e) in enumerate(zip(outputs, declared, ret.values)):
+        for i, (v, d, e) in enumerate(zip(outputs, declared, exprs)):
             dtype = parse_dtype(d.dtype)
             if d.dims is None:
                 raise SpecError("an op returns tensors; declare a shape, e.g. f32[] for a 0-d result",
@@ -420,8 +433,11 @@ class OpBuilder:
                 raise SpecError(f"{which} is the scalar {v.type}, but the op declares {want}", e.span,
                                 "ops return tensors")
             if v.type.dtype != want.dtype:
-                raise SpecError(f"{which} is {v.type}, but the op declares {want}", e.span,
-                                f"cast it: {cast_text(e, want.dtype)}")
+                k = exprs.count(e)
+                hint = f"cast it: {cast_text(e, want.dtype)}" if k == 1 else \
+                    f"'{e.func.text}' gives {k} values: assign them ({', '.join('abcdefgh'[:k])} = ...) and " \
+                    f"return cast({'abcdefgh'[i - exprs.index(e)]}, {want.dtype})" if k <= 8 else None
+                raise SpecError(f"{which} is {v.type}, but the op declares {want}", e.span, hint)
             if tuple(v.type.shape) != want.shape:
                 raise SpecError(f"{which} has shape {format_shape(v.type.shape)}, but the op declares "
                                 f"{format_shape(want.shape)}", e.span)

@@ -1,22 +1,25 @@
 """Parsing: spec text -> AST with spans (frontend/ast.py), syntax errors -> SpecError.
 
-The grammar is LALR(1) (fast enough for large generated specs); a lark Transformer turns the
-parse tree into the AST, with each node's span taken from lark's position metadata. The
-transformer is lark's non-recursive one, so a deeply nested or very long expression (a chain
-of thousands of '+') cannot overflow Python's stack. A post-lexer drops newlines inside
-parentheses and brackets, so calls and shapes may span lines while statements end at a newline.
+The grammar is LALR(1). The AST is built while lark parses, with no parse tree in between: each
+grammar rule's reduction calls a method of :class:`ToAst` with the rule's children and their
+extent, and the LALR loop is not recursive, so a deeply nested or very long expression (a chain
+of thousands of '+') cannot overflow Python's stack. Spans follow lark's ``propagate_positions``
+rule (a node spans its first to its last child, tokens such as '(' included; a parenthesised
+expression keeps its own span, while the parentheses count for the node that contains it), but
+are computed here, once per reduction: building lark's tree with positions and then transforming
+it cost three times the parse itself. A post-lexer drops newlines inside parentheses and
+brackets, so calls and shapes may span lines while statements end at a newline.
 """
 from __future__ import annotations
 
-import gc
 import re
 import threading
 from pathlib import Path
 
-from lark import Lark, Token, Transformer_NonRecursive, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+from lark import Lark, Token
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
 
-from ..ir.graph import Source, Span
+from ..ir.graph import Source, Span, collector_paused
 from . import ast as A
 from .diagnostics import SpecError
 
@@ -47,14 +50,17 @@ COMPARE = {"<": "lt", "<=": "le", ">": "gt", ">=": "ge", "==": "eq", "!=": "ne"}
 MAX_INT_DIGITS = 100   # far beyond any size or literal; int() of 4,300+ digits raises in Python
 
 
-@v_args(meta=True)
-class ToAst(Transformer_NonRecursive):
-    """Builds the AST. ``source`` is set for each parse (under the parser's lock)."""
+class ToAst:
+    """Builds the AST, one method per grammar rule (or alias): ``method(ext, children)``, where
+    ``children`` are the rule's kept children (placeholders None) and ``ext`` is the extent
+    (line, column, end line, end column) of everything the rule matched. ``source`` is set for
+    each parse (under the parser's lock)."""
 
     source: Source
+    calls: list   # the functions called since the last op's definition (OpDecl.calls)
 
-    def _span(self, meta) -> Span:
-        return Span(self.source, meta.line, meta.column, meta.end_line, meta.end_column)
+    def _span(self, ext) -> Span:
+        return Span(self.source, *ext)
 
     def _tok(self, tok: Token) -> A.Ident:
         return A.Ident(str(tok), self._tok_span(tok))
@@ -70,157 +76,261 @@ class ToAst(Transformer_NonRecursive):
         return int(text)
 
     # -- declarations --------------------------------------------------------------------------
-    def start(self, meta, children):
+    def start(self, ext, children):
         return A.ModuleDecl(tuple(children))
 
-    def op_def(self, meta, children):
+    def op_def(self, ext, children):
         name, *rest = children
         *params, result, body = rest
         params = tuple(p for p in params if p is not None)
         results, is_tuple = result
         stmts, body_span = body
-        return A.OpDecl(self._tok(name), params, results, is_tuple, stmts, self._span(meta), body_span)
+        calls, self.calls = tuple(self.calls), []
+        return A.OpDecl(self._tok(name), params, results, is_tuple, stmts, self._span(ext), body_span, calls)
 
-    def param(self, meta, children):
+    def param(self, ext, children):
         name, dtype, shape, layout, default = children
         type_span = Span(self.source, dtype.line, dtype.column,
                          *(shape[1] if shape else (dtype.end_line, dtype.end_column)))
         ty = A.TypeDecl(self._tok(dtype), shape[0] if shape else None, type_span)
-        return A.ParamDecl(self._tok(name), ty, layout, default, self._span(meta))
+        return A.ParamDecl(self._tok(name), ty, layout, default, self._span(ext))
 
-    def shape(self, meta, children):
-        return tuple(c for c in children if c is not None), (meta.end_line, meta.end_column)
+    def shape(self, ext, children):
+        return tuple(c for c in children if c is not None), (ext[2], ext[3])
 
-    def dim(self, meta, children):
+    def dim(self, ext, children):
         (tok,) = children
-        return A.DimDecl(self._int(tok) if tok.type == "INT" else str(tok), self._span(meta))
+        return A.DimDecl(self._int(tok) if tok.type == "INT" else str(tok), self._span(ext))
 
-    def neg_dim(self, meta, children):
-        return A.DimDecl(-self._int(children[0]), self._span(meta))
+    def neg_dim(self, ext, children):
+        return A.DimDecl(-self._int(children[0]), self._span(ext))
 
-    def layout(self, meta, children):
+    def layout(self, ext, children):
         kind, *args = children
-        return A.LayoutDecl(self._tok(kind), tuple(a for a in args if a is not None), self._span(meta))
+        return A.LayoutDecl(self._tok(kind), tuple(a for a in args if a is not None), self._span(ext))
 
-    def layout_arg(self, meta, children):
+    def layout_arg(self, ext, children):
         name, value = children
-        return A.LayoutArg(self._tok(name) if name is not None else None, value, self._span(meta))
+        return A.LayoutArg(self._tok(name) if name is not None else None, value, self._span(ext))
 
-    def lname(self, meta, children):
+    def lname(self, ext, children):
         return str(children[0])
 
-    def lint(self, meta, children):
+    def lint(self, ext, children):
         return self._int(children[0])
 
-    def lfloat(self, meta, children):
+    def lfloat(self, ext, children):
         return float(children[0])
 
-    def lratio(self, meta, children):
+    def lratio(self, ext, children):
         return (self._int(children[0]), self._int(children[1]))
 
-    def result(self, meta, children):
+    def result(self, ext, children):
         return (children[0],), False
 
-    def tuple_result(self, meta, children):
+    def tuple_result(self, ext, children):
         return tuple(c for c in children if c is not None), True
 
-    def result_type(self, meta, children):
+    def result_type(self, ext, children):
         dtype, shape = children
-        return A.TypeDecl(self._tok(dtype), shape, self._span(meta))
+        return A.TypeDecl(self._tok(dtype), shape, self._span(ext))
 
-    def result_shape(self, meta, children):
+    def result_shape(self, ext, children):
         return tuple(c for c in children if c is not None)
 
-    def body(self, meta, children):
-        span = Span(self.source, meta.end_line, meta.end_column - 1, meta.end_line, meta.end_column)
+    def body(self, ext, children):
+        span = Span(self.source, ext[2], ext[3] - 1, ext[2], ext[3])
         return tuple(c for c in children if c is not None), span
 
-    def assign(self, meta, children):
+    def assign(self, ext, children):
         *targets, value = children
-        return A.Assign(tuple(self._tok(t) for t in targets), value, self._span(meta))
+        return A.Assign(tuple(self._tok(t) for t in targets), value, self._span(ext))
 
-    def return_stmt(self, meta, children):
-        return A.Return(tuple(children), self._span(meta))
+    def return_stmt(self, ext, children):
+        return A.Return(tuple(children), self._span(ext))
 
     # -- expressions ---------------------------------------------------------------------------
     def _bin(op):
-        def f(self, meta, children):
-            return A.BinOp(self._span(meta), op, children[0], children[1])
+        def f(self, ext, children):
+            return A.BinOp(self._span(ext), op, children[0], children[1])
         return f
 
     add, sub, mul, div = _bin("add"), _bin("sub"), _bin("mul"), _bin("div")
     floordiv, matmul, pow = _bin("floordiv"), _bin("matmul"), _bin("pow")
 
-    def compare(self, meta, children):
+    def compare(self, ext, children):
         lhs, op, rhs = children
-        return A.BinOp(self._span(meta), COMPARE[str(op)], lhs, rhs)
+        return A.BinOp(self._span(ext), COMPARE[str(op)], lhs, rhs)
 
-    def neg(self, meta, children):
-        return A.Neg(self._span(meta), children[0])
+    def neg(self, ext, children):
+        return A.Neg(self._span(ext), children[0])
 
-    def call(self, meta, children):
+    def call(self, ext, children):
         name, *args = children
         pos = tuple(a for a in args if a is not None and not isinstance(a, A.Keyword))
         kws = tuple(a for a in args if isinstance(a, A.Keyword))
-        return A.Call(self._span(meta), self._tok(name), pos, kws)
+        func = self._tok(name)
+        self.calls.append(func)
+        return A.Call(self._span(ext), func, pos, kws)
 
-    def kwarg(self, meta, children):
+    def kwarg(self, ext, children):
         name, value = children
-        return A.Keyword(self._tok(name), value, self._span(meta))
+        return A.Keyword(self._tok(name), value, self._span(ext))
 
-    def attribute(self, meta, children):
+    def attribute(self, ext, children):
         value, name = children
-        return A.Attribute(self._span(meta), value, self._tok(name))
+        return A.Attribute(self._span(ext), value, self._tok(name))
 
-    def index(self, meta, children):
+    def index(self, ext, children):
         value, *items = children
-        return A.Index(self._span(meta), value, tuple(items))
+        return A.Index(self._span(ext), value, tuple(items))
 
-    def slice(self, meta, children):
+    def slice(self, ext, children):
         start, stop, step = (children + [None, None, None])[:3]
-        return A.SliceItem(self._span(meta), start, stop, step)
+        return A.SliceItem(self._span(ext), start, stop, step)
 
-    def ellipsis(self, meta, children):
-        return A.EllipsisItem(self._span(meta))
+    def ellipsis(self, ext, children):
+        return A.EllipsisItem(self._span(ext))
 
-    def name(self, meta, children):
-        return A.Name(self._span(meta), str(children[0]))
+    def name(self, ext, children):
+        return A.Name(self._span(ext), str(children[0]))
 
-    def int_lit(self, meta, children):
-        return A.Num(self._span(meta), self._int(children[0]))
+    def int_lit(self, ext, children):
+        return A.Num(self._span(ext), self._int(children[0]))
 
-    def float_lit(self, meta, children):
-        return A.Num(self._span(meta), float(children[0]))
+    def float_lit(self, ext, children):
+        return A.Num(self._span(ext), float(children[0]))
 
-    def str_lit(self, meta, children):
-        return A.Str(self._span(meta), str(children[0])[1:-1])
+    def str_lit(self, ext, children):
+        return A.Str(self._span(ext), str(children[0])[1:-1])
 
-    def true_lit(self, meta, children):
-        return A.Bool(self._span(meta), True)
+    def true_lit(self, ext, children):
+        return A.Bool(self._span(ext), True)
 
-    def false_lit(self, meta, children):
-        return A.Bool(self._span(meta), False)
+    def false_lit(self, ext, children):
+        return A.Bool(self._span(ext), False)
 
-    def inf_lit(self, meta, children):
-        return A.Num(self._span(meta), float("inf"))
+    def inf_lit(self, ext, children):
+        return A.Num(self._span(ext), float("inf"))
 
-    def tuple_lit(self, meta, children):
-        return A.TupleLit(self._span(meta), tuple(c for c in children if c is not None))
+    def tuple_lit(self, ext, children):
+        return A.TupleLit(self._span(ext), tuple(c for c in children if c is not None))
 
-    def list_lit(self, meta, children):
-        return A.ListLit(self._span(meta), tuple(c for c in children if c is not None))
+    def list_lit(self, ext, children):
+        return A.ListLit(self._span(ext), tuple(c for c in children if c is not None))
 
 
 _lock = threading.Lock()
 _parser: Lark | None = None
-_transformer = ToAst()
+_builder = ToAst()
+
+
+class _Splice(list):
+    """The children of an inlined rule (``_sep``, lark's helper rules for ``*``), spliced into
+    the rule that uses it."""
+
+
+def _extent(children):
+    """(line, column, end line, end column) from the first to the last child with a position;
+    None for a rule that matched nothing. Children are tokens or (value, extent) pairs."""
+    first = last = None
+    for c in children:
+        if type(c) is tuple:
+            if c[1] is not None:
+                first = c[1]
+                break
+        else:
+            first = c
+            break
+    if first is None:
+        return None
+    for c in reversed(children):
+        if type(c) is tuple:
+            if c[1] is not None:
+                last = c[1]
+                break
+        else:
+            last = c
+            break
+    start = (first.line, first.column) if type(first) is not tuple else first[:2]
+    end = (last.end_line, last.end_column) if type(last) is not tuple else last[2:]
+    return start + end
+
+
+def _kept(rule) -> tuple[list, int]:
+    """Which children of a reduction the rule keeps, as lark's child filter decides:
+    [(index, splice, placeholders before)], placeholders after (maybe_placeholders: an
+    optional part that did not match gives None)."""
+    empty = rule.options.empty_indices
+    if empty:
+        bits = "".join(str(int(b)) for b in empty)
+        nones = [len(ones) for ones in bits.split("0")]
+    else:
+        nones = [0] * (len(rule.expansion) + 1)
+    keep, pending = [], 0
+    for i, sym in enumerate(rule.expansion):
+        pending += nones[i]
+        if rule.options.keep_all_tokens or not (sym.is_term and sym.filter_out):
+            keep.append((i, not sym.is_term and sym.name.startswith("_"), pending))
+            pending = 0
+    return keep, pending + nones[len(rule.expansion)]
+
+
+def _callback(rule, method, inline: bool):
+    """The function lark's LALR loop calls at a reduction of ``rule``: it takes the children
+    from the value stack (tokens and (value, extent) pairs) and returns a pair."""
+    keep, trailing = _kept(rule)
+    expand1 = rule.options.expand1 and not rule.alias
+    if expand1 and len(rule.expansion) == 1 and keep == [(0, False, 0)] and not trailing:
+        return lambda children: children[0]     # a precedence level passing its one operand on
+
+    def callback(children):
+        ext = _extent(children)
+        kept = []
+        for i, splice, nones in keep:
+            if nones:
+                kept += [None] * nones
+            c = children[i]
+            if splice:
+                if kept:
+                    kept += c[0]
+                else:      # a left-recursive list (statements, ops): extend it, do not copy it
+                    kept = c[0]
+            else:
+                kept.append(c[0] if type(c) is tuple else c)
+        if trailing:
+            kept += [None] * trailing
+        if expand1 and len(kept) == 1:
+            # lark's ?rule: the one child stands for the rule; a token stays a token, a value
+            # keeps its own span and takes this rule's extent for the node that contains it
+            x = kept[0]
+            return x if isinstance(x, Token) else (x, ext)
+        if inline:
+            return (kept if type(kept) is _Splice else _Splice(kept)), ext
+        if method is None:
+            raise AssertionError(f"parser.py: no ToAst method for the grammar rule {rule}")
+        return method(ext, kept), ext
+
+    return callback
 
 
 def _get_parser() -> Lark:
     global _parser
     if _parser is None:
-        _parser = Lark(GRAMMAR.read_text(), parser="lalr", lexer="contextual", postlex=BracketNewlines(),
-                       propagate_positions=True, maybe_placeholders=True)
+        parser = Lark(GRAMMAR.read_text(), parser="lalr", lexer="contextual", postlex=BracketNewlines(),
+                      propagate_positions=False, maybe_placeholders=True)
+        callbacks = {}
+        for rule in parser.rules:
+            name = rule.alias or rule.options.template_source or rule.origin.name
+            method = getattr(_builder, name, None)
+            inline = name.startswith("_")
+            if method is None and not inline and not (rule.options.expand1 and not rule.alias):
+                raise AssertionError(f"parser.py: no ToAst method for the grammar rule {name}")
+            callbacks[rule] = _callback(rule, method, inline)
+        # lark's LALR loop reads its callbacks from this dict (the one built for its parse tree)
+        parser._callbacks.clear()
+        parser._callbacks.update(callbacks)
+        _parser = parser
     return _parser
 
 
@@ -388,23 +498,11 @@ def _syntax_error(e: UnexpectedInput, source: Source, parser: Lark) -> SpecError
 
 def parse(source: Source) -> A.ModuleDecl:
     parser = _get_parser()
-    # Parsing allocates many small objects and frees none; Python's cyclic collector would walk
-    # them again and again (a third of the time for a 1,000-statement spec), for nothing.
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        with _lock:
-            _transformer.source = source
-            try:
-                tree = parser.parse(source.text)
-            except UnexpectedInput as e:
-                raise _syntax_error(e, source, parser) from None
-            try:
-                return _transformer.transform(tree)
-            except VisitError as e:
-                if isinstance(e.orig_exc, SpecError):
-                    raise e.orig_exc from None
-                raise
-    finally:
-        if gc_was_enabled:
-            gc.enable()
+    with _lock, collector_paused():
+        _builder.source = source
+        _builder.calls = []
+        try:
+            result = parser.parse(source.text)
+        except UnexpectedInput as e:
+            raise _syntax_error(e, source, parser) from None
+        return result[0] if type(result) is tuple else result

@@ -22,3 +22,6 @@ class PassContext:
     # of a GEMM's operand tiles at its smallest preset (64 x 32 tiles of 2 bytes, 3 stages)
     max_live_tiles: int = 24
     max_shared_bytes: int = 160 * 1024
+    # results passes may reuse for every graph compiled with this context (inline.py keeps the
+    # templates of inlined callees here); not an option, so not compared or hashed
+    memo: dict = field(default_factory=dict, compare=False, repr=False)

@@ -5,7 +5,7 @@ lowering work on. With checks on (tests, OPFORGE_CHECKS=1) the verifier runs aft
 """
 from __future__ import annotations
 
-from ..ir.graph import Graph, Program
+from ..ir.graph import Graph, Program, collector_paused
 from ..ir.verifier import verify
 from .canonicalize import canonicalize
 from .context import PassContext
@@ -20,16 +20,17 @@ REWRITE_PASSES = [rewrite_flash_attention, rewrite_router, rewrite_expert_dispat
 
 
 def run_passes(g: Graph, passes, ctx: PassContext) -> Graph:
-    if ctx.verify:
-        verify(g)
-    for p in passes:
-        g = p(g, ctx)
+    with collector_paused():
         if ctx.verify:
-            try:
-                verify(g)
-            except AssertionError as e:
-                raise AssertionError(f"after pass {p.__name__}: {e}") from None
-    return g
+            verify(g)
+        for p in passes:
+            g = p(g, ctx)
+            if ctx.verify:
+                try:
+                    verify(g)
+                except AssertionError as e:
+                    raise AssertionError(f"after pass {p.__name__}: {e}") from None
+        return g
 
 
 def canonical_graph(program: Program, op: str, ctx: PassContext | None = None) -> Graph:
@@ -40,10 +41,11 @@ def canonical_graph(program: Program, op: str, ctx: PassContext | None = None) -
     return run_passes(program[op], GRAPH_PASSES, ctx)
 
 
-def prepared_graph(program: Program, op: str, dtype=None) -> Graph:
-    """The canonical graph, its main float dtype changed to ``dtype`` if given (--dtype)."""
+def prepared_graph(program: Program, op: str, dtype=None, ctx: PassContext | None = None) -> Graph:
+    """The canonical graph, its main float dtype changed to ``dtype`` if given (--dtype). One
+    ``ctx`` for the ops of a program lets inlining reuse its callees' templates."""
     from .retype import main_float_dtype, retype
-    g = canonical_graph(program, op)
+    g = canonical_graph(program, op, ctx)
     if dtype:
         from ..ir.types import SPEC_DTYPES
         old = main_float_dtype(g)

@@ -152,9 +152,8 @@ class Autotuner:
         memo_key = (str(entry), key)
         if memo_key in self._memo:
             return self._memo[memo_key]
-        stored = self.cache.read_json(entry, TUNED).get(key)
-        if stored:
-            cfg = Config(tuple((n, int(x)) for n, x in stored["values"]), stored["num_warps"], stored["num_stages"])
+        cfg = stored_config(k, self.cache.read_json(entry, TUNED).get(key))
+        if cfg is not None:
             self._memo[memo_key] = cfg
             return cfg
         if _tracing(args):
@@ -178,10 +177,10 @@ class Autotuner:
         memo_key = (str(entry), key)
         if memo_key in self._memo:
             return self._memo[memo_key]
-        stored = self.cache.read_json(entry, TUNED).get(key)
-        if stored is not None and 0 <= int(stored["index"]) < len(launches):
-            self._memo[memo_key] = int(stored["index"])
-            return self._memo[memo_key]
+        index = stored_index(self.cache.read_json(entry, TUNED).get(key), len(launches))
+        if index is not None:
+            self._memo[memo_key] = index
+            return index
         times = []
         for i, lnch in enumerate(launches):
             try:
@@ -226,6 +225,35 @@ class Autotuner:
             return None, report
         report.best_ms, report.best = min(timings, key=lambda t: t[0])
         return report.best, report
+
+
+def _count(x, lo: int, hi: int) -> int | None:
+    return x if type(x) is int and lo <= x <= hi else None
+
+
+def stored_config(k: TileKernel, stored) -> Config | None:
+    """A persisted winner, if it is one this kernel can run: every tunable named once with a
+    positive integer, warps and stages in range. Anything else (a tuned.json edited or damaged
+    into other valid JSON) is ignored, so the kernel is tuned again and the entry rewritten."""
+    if not isinstance(stored, dict):
+        return None
+    try:
+        values = tuple((n, _count(x, 1, 1 << 20)) for n, x in stored["values"])
+        warps, stages = _count(stored["num_warps"], 1, 32), _count(stored["num_stages"], 1, 16)
+    except (KeyError, TypeError, ValueError):
+        return None
+    names = [n for n, _ in values]
+    if not all(isinstance(n, str) for n in names) or warps is None or stages is None or any(x is None for _, x in values) or \
+            sorted(names) != sorted(t.name for t in k.tunables) or warps & (warps - 1):
+        return None
+    return Config(values, warps, stages)
+
+
+def stored_index(stored, n: int) -> int | None:
+    """A persisted choice among a step's ``n`` alternatives, if it is one."""
+    if not isinstance(stored, dict):
+        return None
+    return _count(stored.get("index"), 0, n - 1)
 
 
 def _launcher(fn, grid, args, cfg: Config, reset=None):

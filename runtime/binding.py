@@ -10,6 +10,7 @@ import os
 from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from ..ir.dims import Dim, evaluate, format_shape
@@ -39,7 +40,70 @@ def bind_args(g: Graph, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[
             if not p.has_default:
                 raise CallError(f"{g.name}() is missing the argument '{p.name}' ({p.value.type})")
             out[p.name] = p.default
+        else:
+            check_kind(g, p, out[p.name])
     return out
+
+
+def _shown(x) -> str:
+    """An argument as an error message shows it: its type, and its value if it is short."""
+    if x is None:
+        return "None"
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {list(x.shape)} and dtype {from_torch(x.dtype) or x.dtype}"
+    text = repr(x)
+    name = type(x).__name__
+    return f"{name} {text}" if len(text) <= 40 else name
+
+
+def _number_kind(x) -> str | None:
+    """'bool', 'int' or 'float' for a number a scalar parameter may take (Python, NumPy, a
+    torch.Sym* under tracing, or a 0-d tensor); None for anything else."""
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 0 or x.is_complex():
+            return None
+        return "bool" if x.dtype == torch.bool else "float" if x.dtype.is_floating_point else "int"
+    if isinstance(x, (bool, np.bool_, torch.SymBool)):
+        return "bool"
+    if isinstance(x, (int, np.integer, torch.SymInt)):
+        return "int"
+    if isinstance(x, (float, np.floating, torch.SymFloat)):
+        return "float"
+    return None
+
+
+SCALAR_ACCEPTS = {"bool": ("bool",), "int": ("int",), "float": ("int", "float")}
+SCALAR_HINT = {"bool": "pass True or False", "int": "pass a Python int",
+               "float": "pass a Python float (or int)"}
+
+
+def check_kind(g: Graph, p, x) -> None:
+    """A tensor parameter takes a dense torch.Tensor; a scalar parameter a number of its kind:
+    a float parameter an int or a float, an integer one an int that fits its dtype, a bool one
+    True or False (bool is not taken for a number, nor a number for a bool: each is more
+    likely a mistake than meant). NumPy numbers and 0-d tensors count as numbers."""
+    want = p.value.type
+    if isinstance(want, TensorType):
+        if not isinstance(x, torch.Tensor):
+            hint = "; pass a torch.Tensor, e.g. torch.tensor(...)" if isinstance(x, (int, float, list, tuple)) \
+                or type(x).__module__ == "numpy" else ""
+            raise CallError(f"{g.name}(): '{p.name}' expects a tensor {want}, got {_shown(x)}{hint}")
+        if x.layout != torch.strided:
+            raise CallError(f"{g.name}(): '{p.name}' is a {str(x.layout).replace('torch.', '')} tensor; opforge ops "
+                            f"take dense (strided) tensors: convert it with .to_dense()")
+        return
+    dtype = want.dtype
+    kind = "float" if dtype.is_float else "bool" if dtype.is_bool else "int"
+    if isinstance(x, torch.Tensor) and x.dim() != 0:
+        raise CallError(f"{g.name}(): '{p.name}' is a scalar {want}, got a tensor of shape {list(x.shape)}")
+    got = _number_kind(x)
+    if got not in SCALAR_ACCEPTS[kind]:
+        raise CallError(f"{g.name}(): '{p.name}' is a scalar {want}, got {_shown(x)}; {SCALAR_HINT[kind]}")
+    if kind == "int" and isinstance(x, (int, np.integer)):
+        from ..frontend.build import fits, int_range_text
+        if not fits(int(x), dtype):
+            raise CallError(f"{g.name}(): '{p.name}' is a scalar {want}, got {int(x)}, which does not fit: "
+                            f"{int_range_text(dtype)}")
 
 
 def bind_sizes(g: Graph, values: Mapping[str, Any], *, check_dtype: bool = True,
@@ -122,14 +186,32 @@ def check_derived_sizes(g: Graph, items: tuple[tuple[str, int], ...]) -> None:
                 size = evaluate(n.inputs[0].type.shape[n.attrs["axis"]], b)
                 if n.attrs["k"] > size:
                     raise ValueError(f"topk with k={n.attrs['k']} over an axis of size {size}")
+            if n.op in ("max", "min"):
+                check_reduced_axes(g, n, b)
             if n.op == "slice":
                 for k, (s0, s1, d) in enumerate(zip(n.attrs["starts"], n.attrs["stops"], n.inputs[0].type.shape)):
                     s0, s1, d = evaluate(s0, b), evaluate(s1, b), evaluate(d, b)
                     if not (0 <= s0 <= d and 0 <= s1 <= d):  # s1 < s0 is an empty slice
                         raise ValueError(f"slice {s0}:{s1} of axis {k} with size {d}")
+        except CallError:
+            raise
         except (ValueError, ZeroDivisionError) as e:  # D / H with H = 0 divides by zero
             where = f" ({n.span.source.name}:{n.span.line}:{n.span.col})" if n.span else ""
             raise CallError(f"{g.name}(): sizes {_fmt(b)} do not fit the spec{where}: {e}") from None
+
+
+def check_reduced_axes(g: Graph, n, b: Mapping[str, int]) -> None:
+    """max and min over an axis of size 0 have no value: a CallError, as torch raises one (sum
+    and mean of no elements are 0 and NaN, as in torch, and need no check)."""
+    shape = n.inputs[0].type.shape
+    for axis in n.attrs["axis"]:
+        d = shape[axis]
+        if evaluate(d, b) == 0:
+            where = f" ({n.span.source.name}:{n.span.line}:{n.span.col})" if n.span else ""
+            size = f"{d} = 0" if not isinstance(d, int) else "0"
+            raise CallError(f"{g.name}(): {n.op} over axis {axis}{where}, of size {size} (sizes {_fmt(b)}): the "
+                            f"{'maximum' if n.op == 'max' else 'minimum'} of no elements has no value (torch raises "
+                            f"too; sum gives 0 and mean NaN)")
 
 
 def _numel(shape: Sequence[Dim], b) -> int:

@@ -17,6 +17,7 @@ from ..ir.graph import Graph
 from ..ir.printer import print_graph
 from ..ir.tile_printer import print_plan
 from ..passes.fusion import FusedGraph, fuse, print_fused
+from ..passes.context import PassContext
 from ..passes.pipeline import kernel_graph, prepared_graph
 from ..passes.plan import build_plan, fuse_and_plan
 from .binding import CallError, bind_args, bind_sizes, check_indices, output_shapes
@@ -212,9 +213,10 @@ def compile_module(path_or_source, namespace: str | None = None, *, dtype: str |
     cache = KernelCache(Path(cache_dir) if cache_dir else None)
     mode = registration_mode(registration)
     compiled: dict[str, Any] = {}
+    ctx = PassContext(program=program)
     for name in ops or list(program.graphs):
         get_op(program, name)
-        g = prepared_graph(program, name, dtype)
+        g = prepared_graph(program, name, dtype, ctx)
         fused, plan = fuse_and_plan(kernel_graph(g))
         compiled[name] = CompiledOp(program.namespace, g, fused, cache, mode, plan)
     return CompiledModule(program.namespace, compiled, program.source.name)

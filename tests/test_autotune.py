@@ -535,3 +535,56 @@ def test_a_failing_alternative_is_skipped(tmp_path, capsys):
     t = Autotuner(KernelCache(tmp_path), timer=lambda run: (run(), 1.0)[1], progress=False)
     assert t.choose_alternative(step, entry, {"M": 1, "N": 64, "K": 4096}, make_run) == 0
     assert "skipped" in capsys.readouterr().err
+
+
+# -- a tuned.json that is garbage (issue 9): tuned again, never trusted, never fatal --------------
+GARBAGE_TUNED = [
+    b"\x00 not json",
+    b"[1, 2]",
+    b'"a string"',
+    b'{"K=1024,M=1024,N=4096": [1, 2]}',
+    b'{"K=1024,M=1024,N=4096": {"values": "BLOCK_M"}}',
+    b'{"K=1024,M=1024,N=4096": {"values": [["BLOCK_M", 64]], "num_warps": 4, "num_stages": 3}}',
+    b'{"K=1024,M=1024,N=4096": {"values": [["BLOCK_M", 1e9], ["BLOCK_N", 64], ["BLOCK_K", 32], '
+    b'["GROUP_M", 8]], "num_warps": 4, "num_stages": 3}}',
+    b'{"K=1024,M=1024,N=4096": {"values": [["BLOCK_M", 64], ["BLOCK_N", 64], ["BLOCK_K", 32], '
+    b'["GROUP_M", 8]], "num_warps": 3, "num_stages": 3}}',
+    b'{"K=1024,M=1024,N=4096": {"values": [["NOPE", 64]], "num_warps": 4, "num_stages": true}}',
+]
+
+
+@pytest.mark.parametrize("garbage", GARBAGE_TUNED, ids=range(len(GARBAGE_TUNED)))
+def test_a_garbage_tuned_json_is_tuned_again_and_rewritten(tmp_path, garbage):
+    op = op_of(LINEAR, "at_lin")
+    sizes = dict(M=700, N=3000, K=1000)
+    _, want = tune_once(op, KernelCache(tmp_path / "clean"), sizes, timer=Timer(FakeKernel(), prefer_big))
+    cache = KernelCache(tmp_path / "c")
+    path = entry_of(op, cache) / TUNED
+    path.write_bytes(garbage)
+    timer = Timer(FakeKernel(), prefer_big)
+    _, cfg = tune_once(op, cache, sizes, timer=timer)
+    assert timer.count == len(GEMM_PRESETS)          # tuned again, not read back
+    assert cfg == want
+    assert tune_once(op, KernelCache(tmp_path / "c"), sizes, timer=never)[1] == cfg   # rewritten
+
+
+@pytest.mark.parametrize("stored", ['[0]', '{"alternative K=4096,M=1,N=64": {"index": "1"}}',
+                                    '{"alternative K=4096,M=1,N=64": {"index": 7}}',
+                                    '{"alternative K=4096,M=1,N=64": [1]}'])
+def test_a_garbage_alternative_choice_is_timed_again(tmp_path, stored):
+    src = "op mm3(x: f16[M, K], w: f16[N, K]) -> f16[M, N] { return x @ w.T }"
+    op = compiled(src, "alt_garbage").mm3
+    step = list(op.plan.steps[0])
+    cache = KernelCache(tmp_path)
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    (entry / TUNED).write_text(stored)
+    times = []
+
+    def timer(run):
+        times.append(1)
+        return float(len(times))          # the first alternative is the faster
+    t = Autotuner(cache, timer=timer, progress=False)
+    assert t.choose_alternative(step, entry, {"M": 1, "N": 64, "K": 4096}, lambda lnch: lambda: None) == 0
+    assert len(times) == 2
+    assert cache.read_json(entry, TUNED)["alternative K=4096,M=1,N=64"]["index"] == 0

@@ -24,6 +24,9 @@ op tail(x: f32[M, N]) -> f32[M, N - 2] { return x[:, 2:] + 1 }
 op evens(x: f32[M, N]) -> f32[M, N / 2] { return x[:, ::2] }
 op fixed(x: f32[M, 4], y: i32[M]) -> f32[M, 4] { return x * cast(y, f32)[:, None] }
 op mm(a: f16[M, K], b: f16[K, N]) -> f16[M, N] { return a @ b }
+op kinds(x: f32[M], n: i32 = 2, flag: bool = false, s: f32 = 1.0) -> f32[M] {
+    return where(flag, x, x * s) + cast(n, f32)
+}
 """
 LINE = {name: i + 1 for i, line in enumerate(SPEC.split("\n")) for name in re.findall(r"^op (\w+)", line)}
 
@@ -133,7 +136,7 @@ def test_good_calls_of_the_same_ops_still_work(mod):
     ((X, W, 1.0, 2.0), {}, "f() takes 3 arguments (x, w, eps), got 4"),
     ((X,), {}, "f() is missing the argument 'w' (f32[D])"),
     ((X, W, torch.tensor([1.0, 2.0])), {}, "f(): 'eps' is a scalar f32, got a tensor of shape [2]"),
-    ((X, 3.0), {}, "f(): 'w' expects a tensor f32[D], got float"),
+    ((X, 3.0), {}, "f(): 'w' expects a tensor f32[D], got float 3.0; pass a torch.Tensor, e.g. torch.tensor(...)"),
 ])
 def test_wrong_arguments_through_run(mod, no_launch, args, kwargs, message):
     """CompiledOp.run, the implementation behind the registered op, binds positionally."""
@@ -150,6 +153,43 @@ def test_wrong_arguments_through_the_op(mod, no_launch, args, kwargs, message):
     """mod.f(...) checks the arguments before the torch dispatcher sees them, so a mistake is
     an opforge.CallError, not a schema error."""
     assert raises_call_error(mod.f, *args, **kwargs) == message
+
+
+V = torch.randn(4)
+
+
+@pytest.mark.parametrize("args, kwargs, message", [
+    # Python values for a tensor: an opforge message, not torch's schema RuntimeError
+    ((1.5, W), {}, "f(): 'x' expects a tensor f32[M, D], got float 1.5; pass a torch.Tensor, e.g. torch.tensor(...)"),
+    (([[1.0, 2.0]], W), {}, "f(): 'x' expects a tensor f32[M, D], got list [[1.0, 2.0]]; pass a torch.Tensor, "
+                             "e.g. torch.tensor(...)"),
+    ((X, None), {}, "f(): 'w' expects a tensor f32[D], got None"),
+    ((X, "w"), {}, "f(): 'w' expects a tensor f32[D], got str 'w'"),
+    ((X.to_sparse(), W), {}, "f(): 'x' is a sparse_coo tensor; opforge ops take dense (strided) tensors: "
+                             "convert it with .to_dense()"),
+    # scalars: a float parameter takes an int or a float; an integer one an int that fits; a bool one a bool
+    ((X, W, "0.5"), {}, "f(): 'eps' is a scalar f32, got str '0.5'; pass a Python float (or int)"),
+    ((X, W, None), {}, "f(): 'eps' is a scalar f32, got None; pass a Python float (or int)"),
+    ((X, W, True), {}, "f(): 'eps' is a scalar f32, got bool True; pass a Python float (or int)"),
+    ((V,), {"n": 2.0}, "kinds(): 'n' is a scalar i32, got float 2.0; pass a Python int"),
+    ((V,), {"n": True}, "kinds(): 'n' is a scalar i32, got bool True; pass a Python int"),
+    ((V,), {"n": 2 ** 31}, "kinds(): 'n' is a scalar i32, got 2147483648, which does not fit: "
+                           "i32 holds -2**31 to 2**31 - 1"),
+    ((V,), {"flag": 1}, "kinds(): 'flag' is a scalar bool, got int 1; pass True or False"),
+    ((V,), {"flag": "yes"}, "kinds(): 'flag' is a scalar bool, got str 'yes'; pass True or False"),
+    ((V,), {"s": torch.ones(2)}, "kinds(): 's' is a scalar f32, got a tensor of shape [2]"),
+])
+def test_wrong_kinds_of_arguments_through_the_op(mod, no_launch, args, kwargs, message):
+    assert raises_call_error(getattr(mod, message.split("(")[0]), *args, **kwargs) == message
+
+
+def test_scalars_of_the_accepted_kinds(mod):
+    """int for a float parameter, NumPy numbers and 0-d tensors of the parameter's kind."""
+    import numpy as np
+    for n, flag, s in [(3, True, 2), (np.int32(3), np.bool_(True), np.float32(2.0)),
+                       (torch.tensor(3), torch.tensor(True), torch.tensor(2.0)), (-(2 ** 31), False, 0.5)]:
+        want = (V if bool(flag) else V * float(s)) + float(n)
+        torch.testing.assert_close(mod.kinds(V, n=n, flag=flag, s=s), want)
 
 
 def test_keyword_arguments_through_the_op(mod):
@@ -177,3 +217,44 @@ def test_reference_executor_rejects_the_same_calls_in_the_same_words(mod, name, 
     reference_msg = raises_call_error(run_reference, op.graph, *args)
     assert compiled_msg == reference_msg
 
+
+
+# -- reductions over an axis of size 0 ----------------------------------------------------------
+EMPTY = """
+op mx(x: f32[M, N]) -> f32[M] { return max(x, axis=-1) }
+op mn(x: f32[M, N]) -> f32[1, N] { return min(exp(x), axis=0, keepdim=true) }
+op inner(x: f32[A, B]) -> f32[B] { return max(x, axis=(0,)) }
+op outer(x: f32[M, N]) -> f32[N] { return inner(x * 2) + 1 }
+op sm(x: f32[M, N]) -> (f32[M], f32[M], f32[M, N]) { return sum(x, axis=-1), mean(x, axis=-1), softmax(x, axis=-1) }
+"""
+
+
+@pytest.mark.parametrize("name, shape, message", [
+    ("mx", (3, 0), "mx(): max over axis 1 (<string>:2:40), of size N = 0 (sizes M=3, N=0): the maximum of no "
+                   "elements has no value (torch raises too; sum gives 0 and mean NaN)"),
+    ("mx", (0, 0), "mx(): max over axis 1 (<string>:2:40), of size N = 0 (sizes M=0, N=0)"),
+    ("mn", (0, 4), "mn(): min over axis 0 (<string>:3:43), of size M = 0 (sizes M=0, N=4): the minimum"),
+    ("outer", (0, 2), "outer(): max over axis 0 (<string>:4:43), of size M = 0 (sizes M=0, N=2)"),
+])
+def test_max_and_min_over_an_empty_axis_are_call_errors(name, shape, message, no_launch):
+    """docs/language.md: as torch raises, so do the compiled op and the reference executor, in
+    the same words, naming the op, the axis and where the reduction is (a compiled kernel
+    would have returned -inf)."""
+    op = getattr(compiled(EMPTY, "empty_axis"), name)
+    x = torch.randn(shape)
+    msg = raises_call_error(op, x)
+    assert msg.startswith(message)
+    assert raises_call_error(run_reference, op.graph, x) == msg
+    with pytest.raises((IndexError, RuntimeError)):
+        torch.amax(x, dim=-1 if name == "mx" else 0)
+
+
+def test_sum_mean_and_softmax_over_an_empty_axis_are_torchs():
+    mod = compiled(EMPTY, "empty_axis")
+    x = torch.randn(3, 0)
+    s, m, p = mod.sm(x)
+    torch.testing.assert_close(s, torch.zeros(3))
+    assert torch.isnan(m).all() and m.shape == (3,)
+    assert p.shape == (3, 0)
+    # an empty axis that is not reduced is no error
+    assert mod.mx(torch.randn(0, 5)).shape == (0,)

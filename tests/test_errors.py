@@ -204,6 +204,13 @@ CASES = [
          "\"fast\" is not a choice of 'approximate' in 'gelu'", 2, 32, "\"fast\"", "\"none\" or \"tanh\""),
     Case("tuple-result-in-expression", "op f(x: f16[M, N]) -> f16[M, 2] {\n    return topk(x, k=2) * 2.0\n}\n",
          "'topk' gives 2 values; unpack them first", 2, 12, "topk(x, k=2)", "a, b = topk(x, k=2)"),
+    Case("returned-tuple-result-too-many", "op f(x: f16[M, N]) -> f16[M, 2] {\n    return topk(x, k=2)\n}\n",
+         "op 'f' declares 1 result but returns 2 values", 2, 12, "topk(x, k=2)",
+         "'topk' gives 2 values and returning it returns all of them: declare each, or write a, b = topk(x, k=2)"),
+    Case("returned-tuple-result-dtype", "op f(x: f16[M, N]) -> (f16[M, N], f16[M, 2], f16[M, 2]) {\n"
+         "    return x, topk(x, k=2)\n}\n",
+         "result 2 is i32[M, 2], but the op declares f16[M, 2]", 2, 15, "topk(x, k=2)",
+         "'topk' gives 2 values: assign them (a, b = ...) and return cast(b, f16)"),
     Case("unpack-wrong-count", "op f(x: f16[M, N]) -> f16[M, 2] {\n    a, b, c = topk(x, k=2)\n    return a\n}\n",
          "'topk' gives 2 values, but 3 names are assigned", 2, 15, "topk(x, k=2)"),
     Case("unpack-single-value", "op f(x: f16[M]) -> f16[M] {\n    a, b = exp(x)\n    return a\n}\n",
@@ -249,6 +256,11 @@ CASES = [
          "parameter 'x' is declared twice", 1, 28, "x"),
     Case("tensor-parameter-default", "op f(x: f16[M] = 1.0) -> f16[M] {\n    return x\n}\n",
          "the tensor parameter 'x' cannot have a default", 1, 18, "1.0", "only scalar parameters"),
+    Case("default-before-tensor", "op f(s: f32 = 1.0, x: f32[M]) -> f32[M] {\n    return x * s\n}\n",
+         "the tensor parameter 'x' has no default but follows 's', which has one", 1, 20, "x",
+         "parameters with defaults come last (as in Python): move 'x' before 's'"),
+    Case("default-before-scalar", "op f(x: f32[M], s: f32 = 1.0, t: i64) -> f32[M] {\n    return x * s\n}\n",
+         "the parameter 't' has no default but follows 's', which has one", 1, 31, "t", "move 't' before 's'"),
     Case("default-does-not-fit", "op f(x: i32[M], n: i32 = 3000000000) -> i32[M] {\n    return x * n\n}\n",
          "default 3000000000 does not fit in i32", 1, 26, "3000000000", "i32 holds -2**31 to 2**31 - 1"),
     Case("bool-default-not-bool", "op f(x: f32[4], b: bool = 1) -> f32[4] {\n    return x\n}\n",
@@ -369,10 +381,31 @@ def test_unusable_path_is_a_spec_error(bad: str):
 
 
 def test_file_that_is_not_utf8(tmp_path: Path):
+    """FILE:LINE:COL of the first bad byte, the line (bad bytes shown as U+FFFD), a caret."""
     path = tmp_path / "bin.opf"
     path.write_bytes(b"op f(x: f16[M]) -> f16[M] {\n    return x\xff\n}\n")
-    with pytest.raises(SpecError, match="is not UTF-8 text"):
+    with pytest.raises(SpecError, match="is not UTF-8 text") as info:
         load_program(path)
+    assert str(info.value).split("\n") == [
+        f"{path}:2:13: error: the file is not UTF-8 text: byte ff cannot be decoded",
+        "    return x\ufffd",
+        "            ^",
+        "hint: save the spec as UTF-8"]
+
+
+def test_file_that_is_not_utf8_after_multibyte_characters(tmp_path: Path):
+    """Columns count characters, as every other error does: the caret lines up after an 'é'
+    (two bytes) and a Latin-1 byte further on is the one reported, on its own line."""
+    path = tmp_path / "latin.opf"
+    path.write_bytes("# caf\u00e9 ok\nop f(x: f16[M]) -> f16[M] {\n    # na\u00efve, then \u00e9 in Latin-1: ".encode()
+                     + b"\xe9t\xe9\n    return x\n}\n")
+    with pytest.raises(SpecError) as info:
+        load_program(path)
+    e = info.value
+    assert (e.line, e.col) == (3, 33)
+    lines = str(e).split("\n")
+    assert lines[1] == "    # na\u00efve, then \u00e9 in Latin-1: \ufffdt\ufffd"
+    assert lines[2] == " " * 32 + "^"
 
 
 # -- where the caret lands on awkward lines --------------------------------------------------------
@@ -457,3 +490,16 @@ def test_too_deep_nesting_is_a_spec_error_at_its_statement():
         load_program(src)
     assert "nests expressions too deeply" in info.value.message
     assert (info.value.line, info.value.col) == (3, 5)
+
+
+def test_check_and_compile_agree_on_a_default_before_a_parameter_without_one():
+    """The front end refuses it (a torch schema, like a Python signature, cannot have a
+    positional parameter after a defaulted one), so compile gives the same SpecError instead of
+    Python's 'non-default argument follows default argument' from the op's registration."""
+    src = "op f(s: f32 = 1.0, x: f32[M]) -> f32[M] {\n    return x * s\n}\n"
+    with pytest.raises(SpecError) as checked:
+        load_program(src)
+    with pytest.raises(SpecError) as compiled:
+        opforge.compile(src, namespace="errors_default_order")
+    assert str(compiled.value) == str(checked.value)
+    assert str(checked.value).startswith("<string>:1:20: error: the tensor parameter 'x' has no default")

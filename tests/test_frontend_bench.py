@@ -49,3 +49,12 @@ def test_run_reports_each_phase():
     for key in ("parse", "build", "canonicalize"):
         assert r[key] > 0
     assert abs(r["total"] - (r["parse"] + r["build"] + r["canonicalize"])) < 1e-9
+
+
+def test_chain_option_prints_each_size(capsys):
+    assert frontend_bench.main(["--chain", "3", "12", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^ +3 +\d+\.\d +\d+\.\d +\d+$", out, re.M), out
+    assert re.search(r"^ +12 +\d+\.\d +\d+\.\d +\d+$", out, re.M), out
+    r = frontend_bench.run_chain(20, repeat=1)
+    assert r["ops"] == 20 and r["nodes"] > 20

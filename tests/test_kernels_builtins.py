@@ -356,6 +356,10 @@ op tkd5(x: $T[B, M, N]) -> ($T[B, M, 5], i32[B, M, 5]) {
     v, i = topk(x, k=5)
     return v, i
 }
+op tkd_returned(x: $T[B, M, N]) -> ($T[B, M, 2], i32[B, M, 2]) { return topk(x, k=2) }
+op tkd_returned_among(x: $T[B, M, N]) -> ($T[B, M, N], $T[B, M, 3], i32[B, M, 3], $T[B, M]) {
+    return x * 2, topk(exp(x), k=3), sum(x, axis=-1)
+}
 """, [dict(B=1, M=1, N=5), dict(B=2, M=7, N=130)]),
     Case("causal", """
 op ca_where(x: $T[S, T]) -> $T[S, T] { return where(causal(S, T), x, 0.0) }

@@ -251,6 +251,46 @@ op f(x: f32[M, N], e: f32[H]) -> f32[M, N / H, H] { return heads(norm(x), e) * 2
     torch.testing.assert_close(run_reference(g, x, e), want.float())
 
 
+def test_nested_calls_compose_their_sizes(compile_op):
+    """Sizes substituted through three levels of calls (each renaming and dividing them), and a
+    callee called twice at different sizes: inlining composes the mappings."""
+    g = compile_op("""
+op split(v: f32[R, C], k: f32[K]) -> f32[R, C / K, K] { return reshape(v, [R, -1, K]) * k }
+op mid(u: f32[A, B], k: f32[G]) -> f32[A, B / G, G] { return split(exp(u), k) + 1 }
+op top(x: f32[M, N], e: f32[H], d: f32[2]) -> f32[M, N / H, H] {
+    y = mid(x, e)
+    z = split(x[:, :2], d)
+    return y + sum(z, axis=-1, keepdim=true)[:, :1, :]
+}
+""")
+    assert not any(n.op == "call" for n in g.nodes)
+    assert str(g.result_types[0]) == "f32[M, N/H, H]"
+    x, e, d = randn(3, 8), randn(4, seed=1), randn(2, seed=2)
+    xd = x.double()
+    y = (xd.exp().reshape(3, 2, 4) * e.double()) + 1
+    z = (xd[:, :2].reshape(3, 1, 2) * d.double()).sum(-1, keepdim=True)
+    torch.testing.assert_close(run_reference(g, x, e, d, check=True), y + z, rtol=1e-12, atol=1e-12)
+
+
+def test_returning_calls_with_several_results_returns_all_of_them(compile_op):
+    """docs/language.md: `return f(...)` of a built-in or op with several results returns all
+    of them, alone or among other values."""
+    g = compile_op("""
+op pair(x: f32[M, N]) -> (f32[M, N], f32[M, N]) { return x + 1, x - 1 }
+op f(x: f32[M, N]) -> (f32[M, N], f32[M, N], f32[M, 2], i32[M, 2], f32[M, N]) {
+    return pair(x), topk(x, k=2), exp(x)
+}
+""")
+    x = randn(4, 6)
+    a, b, v, i, c = run_reference(g, x)
+    torch.testing.assert_close(a, x + 1)
+    torch.testing.assert_close(b, x - 1)
+    want = torch.topk(x, 2)
+    torch.testing.assert_close(v, want.values)
+    assert i.dtype == torch.int32 and torch.equal(i.long(), want.indices)
+    torch.testing.assert_close(c, x.exp())
+
+
 def test_run_graph_takes_bound_values_and_checks_shapes(compile_op):
     g = compile_op("op f(x: f32[M, K], w: f32[N, K]) -> f32[M, N] { return x @ w.T }")
     x, w = randn(3, 4), randn(5, 4, seed=9)
