@@ -3,6 +3,7 @@ callee's signature (its size symbols unified with the arguments'), removed by pa
 from __future__ import annotations
 
 from .registry import Kind, primitive
+from .vjp import NoGrad
 
 
 def _call_infer(types, attrs):
@@ -13,5 +14,6 @@ def _call_ref(ctx, inputs, attrs, out_types, in_types):
     raise RuntimeError("calls are inlined before execution (passes.inline)")
 
 
-primitive("call", Kind.CALL, internal=True, doc="a call of another op of the same file")(
+primitive("call", Kind.CALL, internal=True, doc="a call of another op of the same file",
+          vjp=NoGrad("calls are inlined before gradients are derived"))(
     infer=_call_infer, reference=_call_ref)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import rules
+from . import vjp as V
 from .dims import format_shape
 from .registry import Arg, Kind, RuleError, primitive
 from .types import DType, TensorType, accumulator
@@ -39,8 +40,38 @@ def _matmul_ref(ctx, inputs, attrs, out_types, in_types):
     return torch.matmul(a.to(acc), b.to(acc)).to(ctx.dt(out_types[0].dtype))
 
 
+def _t(e, x):
+    r = x.type.rank
+    return e("transpose", [x], {"a": r - 2, "b": r - 1})
+
+
+def _matmul_vjp(e, node, cts):
+    """dA = dC @ B^T, dB = A^T @ dC, each summed over the batch axes its operand was broadcast
+    along; vector operands as matrices with one row (A) or one column (B)."""
+    (dc,) = cts
+    a, b = node.inputs
+    if dc is None or not node.out.type.dtype.is_float:
+        return [None, None]
+    A = a if a.type.rank > 1 else e("reshape", [a], {"shape": (1,) + tuple(a.type.shape)})
+    B = b if b.type.rank > 1 else e("reshape", [b], {"shape": tuple(b.type.shape) + (1,)})
+    batch = tuple(dc.type.shape[: dc.type.rank - (a.type.rank > 1) - (b.type.rank > 1)])
+    M = A.type.shape[-2]
+    N = B.type.shape[-1]
+    dC = dc if a.type.rank > 1 and b.type.rank > 1 else e("reshape", [dc], {"shape": batch + (M, N)})
+    da = db = None
+    if V.differentiable(a):
+        da = V.unbroadcast(e, e("matmul", [dC, _t(e, B)]), A)
+        if a.type.rank == 1:
+            da = e("reshape", [da], {"shape": tuple(a.type.shape)})
+    if V.differentiable(b):
+        db = V.unbroadcast(e, e("matmul", [_t(e, A), dC]), B)
+        if b.type.rank == 1:
+            db = e("reshape", [db], {"shape": tuple(b.type.shape)})
+    return [da, db]
+
+
 primitive("matmul", Kind.CONTRACTION, [Arg("a", "tensor"), Arg("b", "tensor")], internal=True,
-          doc="a @ b (torch.matmul)")(infer=_matmul_infer, reference=_matmul_ref)
+          doc="a @ b (torch.matmul)", vjp=_matmul_vjp)(infer=_matmul_infer, reference=_matmul_ref)
 
 
 def _expert_infer(types, attrs):
@@ -85,6 +116,53 @@ def _expert_ref(ctx, inputs, attrs, out_types, in_types):
     return out.to(ctx.dt(out_types[0].dtype))
 
 
+def _expert_vjp(e, node, cts):
+    """dx[t(, j)] = dout[t, j] @ w[idx[t, j]] (the same grouped product over the transposed
+    experts, summed over the k choices for a shared x); dw[e] = sum of dout[t, j]^T x[t(, j)]
+    over the slots routed to e (expert_wgrad)."""
+    (dout,) = cts
+    x, w, idx = node.inputs
+    if dout is None or not node.out.type.dtype.is_float:
+        return [None, None, None]
+    dx = dw = None
+    if V.differentiable(x):
+        wt = e("transpose", [w], {"a": 1, "b": 2})                    # [E, K, N]
+        dx = e("expert_matmul", [dout, wt, idx])                     # [T, k, K]
+        if x.type.rank == 2:
+            dx = e("sum", [dx], {"axis": (1,), "keepdim": False})
+    if V.differentiable(w):
+        dw = e("expert_wgrad", [x, dout, idx], {"experts": w.type.shape[0]})
+    return [dx, dw, None]
+
+
 primitive("expert_matmul", Kind.MOE, [Arg("x", "tensor"), Arg("w", "tensor"), Arg("idx", "tensor")],
-          doc="out[t, j] = x[t(, j)] @ w[idx[t, j]].T for mixture-of-experts layers")(
+          doc="out[t, j] = x[t(, j)] @ w[idx[t, j]].T for mixture-of-experts layers", vjp=_expert_vjp)(
     infer=_expert_infer, reference=_expert_ref)
+
+
+def _wgrad_infer(types, attrs):
+    x, dout, idx = types
+    return [TensorType(x.dtype, (attrs["experts"], dout.shape[2], x.shape[-1]))]
+
+
+def _wgrad_ref(ctx, inputs, attrs, out_types, in_types):
+    from .dims import evaluate
+    x, dout, idx = inputs
+    experts = evaluate(attrs["experts"], ctx.bindings)
+    dt = in_types[0].dtype
+    acc = ctx.dt(accumulator(dt))
+    t, k = idx.shape
+    xs = x[:, None, :].expand(t, k, x.shape[-1]) if x.dim() == 2 else x
+    out = torch.zeros(experts, dout.shape[2], x.shape[-1], dtype=acc, device=x.device)
+    flat = idx.reshape(-1).long()
+    xs, ds = xs.reshape(t * k, -1).to(acc), dout.reshape(t * k, -1).to(acc)
+    for ex in torch.unique(flat).tolist():
+        sel = flat == ex
+        out[ex] = ds[sel].T @ xs[sel]
+    return out.to(ctx.dt(out_types[0].dtype))
+
+
+primitive("expert_wgrad", Kind.MOE, [Arg("x", "tensor"), Arg("dout", "tensor"), Arg("idx", "tensor")],
+          internal=True, doc="dw[e] = sum over the slots routed to e of dout^T x (expert_matmul's weight gradient)",
+          vjp=V.no_grad("a gradient's gradient (double backward) is not supported"))(
+    infer=_wgrad_infer, reference=_wgrad_ref)

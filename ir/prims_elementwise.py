@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from . import rules
+from . import vjp as V
 from .registry import Arg, Kind, RuleError, primitive
 from .types import DType, ScalarType, TensorType
 
@@ -119,15 +120,79 @@ UNARY_TILE = {
     "softplus": _t_softplus,
 }
 
+# -- gradients: dx from (emitter, x, y = f(x), dy) --------------------------------------------
+def _e(e, op, *xs, **attrs):
+    """One node: operands may be Values or Python numbers (f32 literals)."""
+    return e(op, [x if not isinstance(x, (int, float)) else V.const(e, x) for x in xs], attrs or None)
+
+
+def _d_abs(e, x, y, dy):
+    return _e(e, "where", _e(e, "gt", x, 0.0), dy, _e(e, "where", _e(e, "lt", x, 0.0), _e(e, "neg", dy), 0.0))
+
+
+def _d_sigmoid_of(e, x):
+    return _e(e, "sigmoid", x)
+
+
+UNARY_VJP = {
+    "abs": _d_abs,
+    "neg": lambda e, x, y, dy: _e(e, "neg", dy),
+    "exp": lambda e, x, y, dy: _e(e, "mul", dy, y),
+    "log": lambda e, x, y, dy: _e(e, "div", dy, x),
+    "sqrt": lambda e, x, y, dy: _e(e, "div", _e(e, "mul", dy, 0.5), y),
+    "rsqrt": lambda e, x, y, dy: _e(e, "mul", _e(e, "mul", dy, -0.5), _e(e, "mul", y, _e(e, "mul", y, y))),
+    "sin": lambda e, x, y, dy: _e(e, "mul", dy, _e(e, "cos", x)),
+    "cos": lambda e, x, y, dy: _e(e, "neg", _e(e, "mul", dy, _e(e, "sin", x))),
+    "tanh": lambda e, x, y, dy: _e(e, "mul", dy, _e(e, "sub", 1.0, _e(e, "mul", y, y))),
+    "sigmoid": lambda e, x, y, dy: _e(e, "mul", dy, _e(e, "mul", y, _e(e, "sub", 1.0, y))),
+    "relu": lambda e, x, y, dy: _e(e, "where", _e(e, "gt", x, 0.0), dy, 0.0),
+    # x * s(x): s + x s (1 - s)
+    "silu": lambda e, x, y, dy: _e(e, "mul", dy, _e(e, "mul", _d_sigmoid_of(e, x),
+                                                    _e(e, "add", 1.0, _e(e, "mul", x, _e(e, "sub", 1.0, _d_sigmoid_of(e, x)))))),
+    # torch's softplus is x itself above 20
+    "softplus": lambda e, x, y, dy: _e(e, "where", _e(e, "gt", x, 20.0), dy, _e(e, "mul", dy, _d_sigmoid_of(e, x))),
+}
+INV_SQRT_2 = 0.7071067811865476
+INV_SQRT_2PI = 0.3989422804014327
+GELU_K, GELU_C = 0.7978845608028654, 0.044715
+
+
+def _d_gelu(e, x, y, dy, approximate="none"):
+    if approximate == "tanh":
+        # 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 c x^2), t = tanh(k (x + c x^3))
+        x2 = _e(e, "mul", x, x)
+        t = _e(e, "tanh", _e(e, "mul", GELU_K, _e(e, "add", x, _e(e, "mul", GELU_C, _e(e, "mul", x2, x)))))
+        left = _e(e, "mul", 0.5, _e(e, "add", 1.0, t))
+        right = _e(e, "mul", _e(e, "mul", _e(e, "mul", 0.5, x), _e(e, "sub", 1.0, _e(e, "mul", t, t))),
+                   _e(e, "mul", GELU_K, _e(e, "add", 1.0, _e(e, "mul", 3 * GELU_C, x2))))
+        return _e(e, "mul", dy, _e(e, "add", left, right))
+    # Phi(x) + x phi(x)
+    cdf = _e(e, "mul", 0.5, _e(e, "add", 1.0, _e(e, "erf", _e(e, "mul", x, INV_SQRT_2))))
+    pdf = _e(e, "mul", INV_SQRT_2PI, _e(e, "exp", _e(e, "mul", -0.5, _e(e, "mul", x, x))))
+    return _e(e, "mul", dy, _e(e, "add", cdf, _e(e, "mul", x, pdf)))
+
+
 for _name, (_fn, _float_only, _doc) in UNARY.items():
     primitive(_name, Kind.POINTWISE, [X], internal=_name == "neg", doc=_doc,
-              tile=lambda b, args, attrs, _t=UNARY_TILE[_name]: _t(b, args[0]))(
+              tile=lambda b, args, attrs, _t=UNARY_TILE[_name]: _t(b, args[0]),
+              vjp=V.unary(UNARY_VJP[_name]))(
         infer=_unary_rule(_name, _float_only), reference=_unary_ref(_fn))
+
+
+def _gelu_vjp(e, node, cts):
+    return V.unary(lambda e, x, y, dy: _d_gelu(e, x, y, dy, node.attrs.get("approximate", "none")))(e, node, cts)
+
 
 primitive("gelu", Kind.POINTWISE, [X, Arg("approximate", "str", "none", choices=("none", "tanh"))],
           doc='Gaussian error linear unit, exact ("none") or the tanh approximation',
-          tile=lambda b, args, attrs: _t_gelu(b, args[0], attrs.get("approximate", "none")))(
+          tile=lambda b, args, attrs: _t_gelu(b, args[0], attrs.get("approximate", "none")), vjp=_gelu_vjp)(
     infer=_unary_rule("gelu", True), reference=_unary_ref(_gelu))
+
+primitive("erf", Kind.POINTWISE, [X], internal=True, doc="the error function (gelu's gradient)",
+          tile=lambda b, args, attrs: b.unary("erf", args[0]),
+          vjp=V.unary(lambda e, x, y, dy: _e(e, "mul", dy, _e(e, "mul", 2 * INV_SQRT_2PI * 2 ** 0.5,
+                                                                  _e(e, "exp", _e(e, "neg", _e(e, "mul", x, x)))))))(
+    infer=_unary_rule("erf", True), reference=_unary_ref(torch.erf))
 
 
 # -- binary -------------------------------------------------------------------------------------
@@ -194,9 +259,45 @@ BINARY_TILE = {
     "minimum": lambda b, x, y: b.minimum(x, y),
 }
 
+def _binary_cts(e, a, b, y, dy, op):
+    """(da, db) before unbroadcasting."""
+    if op == "add":
+        return dy, dy
+    if op == "sub":
+        return dy, _e(e, "neg", dy)
+    if op == "mul":
+        return _e(e, "mul", dy, b), _e(e, "mul", dy, a)
+    if op == "div":
+        return _e(e, "div", dy, b), _e(e, "neg", _e(e, "div", _e(e, "mul", dy, y), b))
+    if op == "pow":
+        # d/da = b a^(b-1) = b y / a where a != 0; written as b * a^(b - 1) to stay exact at 0
+        da = _e(e, "mul", dy, _e(e, "mul", b, _e(e, "pow", a, _e(e, "sub", b, 1.0))))
+        db = None if V.is_scalar(b) else _e(e, "mul", dy, _e(e, "mul", _e(e, "log", a), y))
+        return da, db
+    # maximum / minimum: the larger (smaller) operand takes the gradient, equal ones half each
+    win = "gt" if op == "maximum" else "lt"
+    tie = _e(e, "eq", a, b)
+    half = _e(e, "mul", dy, 0.5)
+    da = _e(e, "where", tie, half, _e(e, "where", _e(e, win, a, b), dy, 0.0))
+    db = _e(e, "where", tie, half, _e(e, "where", _e(e, win, b, a), dy, 0.0))
+    return da, db
+
+
+def _binary_vjp(op):
+    def rule(e, node, cts):
+        (dy,) = cts
+        a, b = node.inputs
+        if dy is None or not node.out.type.dtype.is_float:
+            return [None, None]
+        da, db = _binary_cts(e, a, b, node.out, dy, op)
+        return [V.like(e, V.unbroadcast(e, da, a) if not V.is_scalar(a) else None, a),
+                V.like(e, V.unbroadcast(e, db, b) if db is not None and not V.is_scalar(b) else None, b)]
+    return rule
+
+
 for _name, _fn in BINARY.items():
     primitive(_name, Kind.POINTWISE, AB, internal=_name in SYMBOLS, doc=f"elementwise {_name}",
-              tile=lambda b, args, attrs, _t=BINARY_TILE[_name]: _t(b, *args))(
+              tile=lambda b, args, attrs, _t=BINARY_TILE[_name]: _t(b, *args), vjp=_binary_vjp(_name))(
         infer=_binary_rule(_name, true_div=_name == "div"), reference=_binary_ref(_fn))
 def _t_compare(b, op, x, y):
     """Compare in the operands' common dtype: a scalar meeting a narrow-float tile is rounded
@@ -210,7 +311,8 @@ def _t_compare(b, op, x, y):
 
 for _name, _fn in COMPARE.items():
     primitive(_name, Kind.POINTWISE, AB, internal=True, doc=f"comparison {SYMBOLS[_name]}, gives bool",
-              tile=lambda b, args, attrs, _op=_name: _t_compare(b, _op, *args))(
+              tile=lambda b, args, attrs, _op=_name: _t_compare(b, _op, *args),
+              vjp=V.no_grad("a comparison gives bool"))(
         infer=_binary_rule(_name, compare=True), reference=_binary_ref(_fn, compare=True))
 
 
@@ -238,8 +340,19 @@ def _where_ref(ctx, inputs, attrs, out_types, in_types):
     return torch.where(c.to(torch.bool), a.to(dt), b.to(dt))
 
 
+def _where_vjp(e, node, cts):
+    (dy,) = cts
+    c, a, b = node.inputs
+    if dy is None or not node.out.type.dtype.is_float:
+        return [None, None, None]
+    da = None if V.is_scalar(a) else V.unbroadcast(e, _e(e, "where", c, dy, 0.0), a)
+    db = None if V.is_scalar(b) else V.unbroadcast(e, _e(e, "where", c, 0.0, dy), b)
+    return [None, V.like(e, da, a), V.like(e, db, b)]
+
+
 primitive("where", Kind.POINTWISE, [Arg("cond", "tensor"), Arg("a", "tensor"), Arg("b", "tensor")],
-          doc="a where cond else b", tile=lambda b, args, attrs: b.where(*args))(infer=_where_infer, reference=_where_ref)
+          doc="a where cond else b", tile=lambda b, args, attrs: b.where(*args), vjp=_where_vjp)(
+    infer=_where_infer, reference=_where_ref)
 
 
 def _cast_infer(types, attrs):
@@ -262,7 +375,16 @@ def _t_cast(b, args, attrs):
     return b.cast(x, target)  # float -> int truncates toward zero in Triton, as in torch
 
 
-primitive("cast", Kind.POINTWISE, [X, Arg("dtype", "dtype")], doc="convert to another dtype", tile=_t_cast)(
+def _cast_vjp(e, node, cts):
+    (dy,) = cts
+    (x,) = node.inputs
+    if dy is None or not V.differentiable(x) or not node.out.type.dtype.is_float:
+        return [None]      # to or from integers and bools: no gradient
+    return [V.like(e, dy, x)]
+
+
+primitive("cast", Kind.POINTWISE, [X, Arg("dtype", "dtype")], doc="convert to another dtype", tile=_t_cast,
+          vjp=_cast_vjp)(
     infer=_cast_infer, reference=_cast_ref)
 
 
@@ -275,7 +397,7 @@ def _const_ref(ctx, inputs, attrs, out_types, in_types):
     return ctx.tensor(attrs["value"], attrs["dtype"])
 
 
-primitive("const", Kind.SOURCE, internal=True, doc="a literal")(infer=_const_infer, reference=_const_ref)
+primitive("const", Kind.SOURCE, internal=True, doc="a literal", vjp=V.no_grad("a literal has no inputs"))(infer=_const_infer, reference=_const_ref)
 
 
 def _dim_infer(types, attrs):
@@ -287,7 +409,8 @@ def _dim_ref(ctx, inputs, attrs, out_types, in_types):
     return ctx.tensor(evaluate(attrs["size"], ctx.bindings), DType.i64)
 
 
-primitive("dim", Kind.SOURCE, internal=True, doc="a symbolic size used as a value")(
+primitive("dim", Kind.SOURCE, internal=True, doc="a symbolic size used as a value",
+          vjp=V.no_grad("a size has no inputs"))(
     infer=_dim_infer, reference=_dim_ref)
 
 INF = math.inf

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import rules
+from . import vjp as V
 from .dims import evaluate, format_shape
 from .registry import Arg, Kind, RuleError, primitive
 from .types import DType, TensorType, accumulator
@@ -47,7 +48,8 @@ def _flash_ref(ctx, inputs, attrs, out_types, in_types):
 
 primitive("flash_attention", Kind.FUSED, [Arg("q", "tensor"), Arg("k", "tensor"), Arg("v", "tensor"),
                                           Arg("scale_and_mask", "tensors")],
-          internal=True, doc="softmax(mask(q @ k.T * scale)) @ v in one kernel, never storing the scores")(
+          internal=True, doc="softmax(mask(q @ k.T * scale)) @ v in one kernel, never storing the scores",
+          vjp=V.no_grad("flash attention's backward is not built yet"))(
     infer=_flash_infer, reference=_flash_ref)
 
 
@@ -82,7 +84,8 @@ def _router_ref(ctx, inputs, attrs, out_types, in_types):
 
 
 primitive("moe_router", Kind.FUSED, [Arg("x", "tensor"), Arg("w", "tensor")], internal=True, n_outputs=2,
-          doc="logits = x @ w.T; top-k experts per token; optionally the softmax of the chosen logits")(
+          doc="logits = x @ w.T; top-k experts per token; optionally the softmax of the chosen logits",
+          vjp=V.no_grad("the MoE router's backward is not built yet"))(
     infer=_router_infer, reference=_router_ref)
 
 
@@ -118,7 +121,8 @@ def _align_ref(ctx, inputs, attrs, out_types, in_types):
 
 
 primitive("moe_align", Kind.MOE, [Arg("idx", "tensor")], internal=True, n_outputs=3,
-          doc="sort the (token, choice) slots by expert, padded per expert to the GEMM block")(
+          doc="sort the (token, choice) slots by expert, padded per expert to the GEMM block",
+          vjp=V.no_grad("it gives integer slots"))(
     infer=_align_infer, reference=_align_ref)
 
 
@@ -135,5 +139,6 @@ def _expert_gemm_ref(ctx, inputs, attrs, out_types, in_types):
 primitive("expert_gemm", Kind.MOE, [Arg("x", "tensor"), Arg("w", "tensor"), Arg("idx", "tensor"),
                                     Arg("sorted_slots", "tensor"), Arg("block_expert", "tensor"),
                                     Arg("num_blocks", "tensor")], internal=True,
-          doc="expert_matmul computed as grouped GEMMs over slots sorted by expert (inputs 4-6: the dispatch)")(
+          doc="expert_matmul computed as grouped GEMMs over slots sorted by expert (inputs 4-6: the dispatch)",
+          vjp=V.no_grad("the grouped expert GEMM's backward is not built yet"))(
     infer=_expert_gemm_infer, reference=_expert_gemm_ref)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import fp8, rules
+from . import vjp as V
 from .dims import evaluate
 from .registry import Arg, Kind, RuleError, primitive
 from .types import DType, TensorType, accumulator
@@ -41,7 +42,7 @@ def unpack_int4_ref(packed: torch.Tensor) -> torch.Tensor:
 
 
 primitive("unpack_int4", Kind.SHAPE, [Arg("packed", "tensor")], internal=True,
-          doc="nibbles of a u8[N, K/2] as u8[N, K] (even k low, odd k high)")(
+          doc="nibbles of a u8[N, K/2] as u8[N, K] (even k low, odd k high)", vjp=V.no_grad("packed weights are frozen once bound (gradients flow to the other inputs)"))(
     infer=_unpack_int4_infer, reference=lambda ctx, ins, attrs, out, it: unpack_int4_ref(ins[0]))
 
 
@@ -65,7 +66,7 @@ def unpack_24_ref(vals: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
 
 
 primitive("unpack_24", Kind.SHAPE, [Arg("values", "tensor"), Arg("meta", "tensor")], internal=True,
-          doc="the dense [N, K] of 2:4 values [N, K/2] and 2-bit positions")(
+          doc="the dense [N, K] of 2:4 values [N, K/2] and 2-bit positions", vjp=V.no_grad("packed weights are frozen once bound (gradients flow to the other inputs)"))(
     infer=_unpack_24_infer, reference=lambda ctx, ins, attrs, out, it: unpack_24_ref(ins[0], ins[1]).to(
         ctx.dt(out[0].dtype)))
 
@@ -81,7 +82,7 @@ def convert_infer(name: str, src: DType, dst: DType, what: str):
 
 
 primitive("fp8_bits", Kind.SHAPE, [Arg("bits", "tensor")], internal=True,
-          doc="float8 e4m3 values from their bit patterns")(
+          doc="float8 e4m3 values from their bit patterns", vjp=V.no_grad("packed weights are frozen once bound (gradients flow to the other inputs)"))(
     infer=convert_infer("fp8_bits", DType.u8, DType.f32, "u8 bit patterns"),
     reference=lambda ctx, ins, attrs, out, it: ins[0].view(torch.float8_e4m3fn).to(ctx.dt(DType.f32)))
 
@@ -101,7 +102,8 @@ def _t_round(b, args, attrs):
     return b.where(b.and_(halfway, odd), b.sub(r, 1.0), r)
 
 
-primitive("round", Kind.POINTWISE, [Arg("x", "tensor")], internal=True, doc="round half to even", tile=_t_round)(
+primitive("round", Kind.POINTWISE, [Arg("x", "tensor")], internal=True, doc="round half to even", tile=_t_round,
+          vjp=V.zero_grad_inputs)(
     infer=_round_infer,
     reference=lambda ctx, ins, attrs, out, it: torch.round(ins[0].to(ctx.compute_dt(it[0].dtype))).to(ctx.dt(out[0].dtype)))
 
@@ -125,7 +127,8 @@ def _mm32_ref(ctx, inputs, attrs, out_types, in_types):
 
 
 primitive("matmul_i32", Kind.CONTRACTION, [Arg("a", "tensor"), Arg("b", "tensor")], internal=True,
-          doc="int8 @ int8 accumulated and returned in i32")(
+          doc="int8 @ int8 accumulated and returned in i32",
+          vjp=V.no_grad("an integer product (W8A8's gradient is taken of the dense x @ w.T: passes/autodiff.py)"))(
     infer=quantized_matmul_infer("matmul_i32", DType.i8, DType.i32, "int8"), reference=_mm32_ref)
 
 
@@ -135,6 +138,7 @@ def fp8_encode_ref(x: torch.Tensor) -> torch.Tensor:
 
 primitive("fp8_encode", Kind.POINTWISE, [Arg("x", "tensor")], internal=True,
           doc="x rounded to float8 e4m3 (saturating at 448), as bit patterns",
+          vjp=V.no_grad("an encoding to bit patterns"),
           tile=lambda b, args, attrs: fp8.encode(b, args[0]))(
     infer=convert_infer("fp8_encode", DType.f32, DType.u8, "f32 values"), reference=lambda ctx, ins, attrs, out, it: fp8_encode_ref(ins[0]))
 
@@ -145,7 +149,8 @@ def _mmf8_ref(ctx, inputs, attrs, out_types, in_types):
 
 
 primitive("matmul_f8", Kind.CONTRACTION, [Arg("a", "tensor"), Arg("b", "tensor")], internal=True,
-          doc="e4m3 @ e4m3 (bit patterns) accumulated and returned in f32")(
+          doc="e4m3 @ e4m3 (bit patterns) accumulated and returned in f32",
+          vjp=V.no_grad("a product of bit patterns (W8A8's gradient is taken of the dense x @ w.T)"))(
     infer=quantized_matmul_infer("matmul_f8", DType.u8, DType.f32, "e4m3 bit patterns (u8)"), reference=_mmf8_ref)
 
 
@@ -180,7 +185,8 @@ def _bsr_ref(ctx, inputs, attrs, out_types, in_types):
 
 primitive("bsr_matmul", Kind.CONTRACTION, [Arg("x", "tensor"), Arg("blocks", "tensor"), Arg("col_idx", "tensor"),
                                            Arg("row_ptr", "tensor")], internal=True,
-          doc="x @ W.T for W stored as block-CSR (only the non-zero blocks are read)")(
+          doc="x @ W.T for W stored as block-CSR (only the non-zero blocks are read)",
+          vjp=V.no_grad("the gradient through a block-sparse weight is not built yet"))(
     infer=_bsr_infer, reference=_bsr_ref)
 
 
@@ -189,6 +195,16 @@ def _lowrank_infer(types, attrs):
     if v.shape[1] != x.shape[-1] or u.shape[1] != v.shape[0]:
         raise RuleError(f"lowrank_matmul: x {x}, v {v}, u {u} do not fit")
     return [TensorType(x.dtype, tuple(x.shape[:-1]) + (u.shape[0],))]
+
+
+def _lowrank_vjp(e, node, cts):
+    """dx = (dy @ u) @ v: the same two-step product over the transposed factors (frozen)."""
+    (dy,) = cts
+    x, v, u = node.inputs
+    if dy is None or not V.differentiable(x):
+        return [None, None, None]
+    return [e("lowrank_matmul", [dy, e("transpose", [u], {"a": 0, "b": 1}), e("transpose", [v], {"a": 0, "b": 1})]),
+            None, None]
 
 
 def _lowrank_ref(ctx, inputs, attrs, out_types, in_types):
@@ -200,5 +216,5 @@ def _lowrank_ref(ctx, inputs, attrs, out_types, in_types):
 
 
 primitive("lowrank_matmul", Kind.CONTRACTION, [Arg("x", "tensor"), Arg("v", "tensor"), Arg("u", "tensor")],
-          internal=True, doc="(x @ v.T) @ u.T in one kernel, the rank-R product kept on chip")(
+          internal=True, doc="(x @ v.T) @ u.T in one kernel, the rank-R product kept on chip", vjp=_lowrank_vjp)(
     infer=_lowrank_infer, reference=_lowrank_ref)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import rules
+from . import vjp as V
 from .dims import evaluate
 from .registry import Arg, Kind, RuleError, primitive
 from .types import DType, TensorType
@@ -35,9 +36,59 @@ def _topk_ref(ctx, inputs, attrs, out_types, in_types):
     return [vals.narrow(axis, 0, k).contiguous(), idx.narrow(axis, 0, k).to(torch.int32).contiguous()]
 
 
+def _topk_vjp(e, node, cts):
+    """The values' cotangent goes back to the selected elements; the indices have none."""
+    dv = cts[0]
+    x = node.inputs[0]
+    if dv is None or not V.differentiable(x):
+        return [None]
+    axis = node.attrs["axis"]
+    return [e("scatter_along", [dv, node.outputs[1]], {"axis": axis, "size": x.type.shape[axis]})]
+
+
 primitive("topk", Kind.SELECTION, [Arg("x", "tensor"), Arg("k", "int"), Arg("axis", "int", -1)], n_outputs=2,
-          doc="the k largest values along an axis and their indices (i32); ties pick the lower index")(
-    infer=_topk_infer, reference=_topk_ref)
+          doc="the k largest values along an axis and their indices (i32); ties pick the lower index",
+          vjp=_topk_vjp)(infer=_topk_infer, reference=_topk_ref)
+
+
+def _scatter_along_infer(types, attrs):
+    src, idx = types
+    shape = list(src.shape)
+    shape[attrs["axis"]] = attrs["size"]
+    return [TensorType(src.dtype, tuple(shape))]
+
+
+def _scatter_along_ref(ctx, inputs, attrs, out_types, in_types):
+    src, idx = inputs
+    shape = list(src.shape)
+    shape[attrs["axis"]] = evaluate(attrs["size"], ctx.bindings)
+    out = torch.zeros(shape, dtype=src.dtype, device=src.device)
+    return out.scatter_add_(attrs["axis"], idx.long(), src)
+
+
+# the selections a scatter_along may add up at one position, unrolled as index arithmetic
+SCATTER_ALONG_MAX = 64
+
+primitive("scatter_along", Kind.SHAPE, [Arg("src", "tensor"), Arg("idx", "tensor")], internal=True,
+          doc="out[..., idx[..., j], ...] += src[..., j, ...] along an axis (topk's gradient), zeros elsewhere",
+          vjp=lambda e, n, cts: [None if cts[0] is None else e("take_along", [cts[0], n.inputs[1]], {"axis": n.attrs["axis"]}),
+                                 None])(infer=_scatter_along_infer, reference=_scatter_along_ref)
+
+
+def _take_along_infer(types, attrs):
+    x, idx = types
+    return [TensorType(x.dtype, tuple(idx.shape))]
+
+
+def _take_along_ref(ctx, inputs, attrs, out_types, in_types):
+    return torch.take_along_dim(inputs[0], inputs[1].long(), dim=attrs["axis"])
+
+
+primitive("take_along", Kind.SHAPE, [Arg("x", "tensor"), Arg("idx", "tensor")], internal=True,
+          doc="x[..., idx[..., j], ...] along an axis (torch.take_along_dim)",
+          vjp=lambda e, n, cts: [None if cts[0] is None else e("scatter_along", [cts[0], n.inputs[1]], {
+              "axis": n.attrs["axis"], "size": n.inputs[0].type.shape[n.attrs["axis"]]}), None])(
+    infer=_take_along_infer, reference=_take_along_ref)
 
 
 def _causal_infer(types, attrs):
@@ -52,5 +103,6 @@ def _causal_ref(ctx, inputs, attrs, out_types, in_types):
 
 
 primitive("causal", Kind.SOURCE, [Arg("S", "dim"), Arg("T", "dim")],
-          doc="bool[S, T] mask, true where j <= i + T - S (queries aligned to the end of the keys)")(
+          doc="bool[S, T] mask, true where j <= i + T - S (queries aligned to the end of the keys)",
+          vjp=V.no_grad("a mask has no inputs"))(
     infer=_causal_infer, reference=_causal_ref)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import rules
+from . import vjp as V
 from .dims import Dim, Sym, div, format_shape, free_symbols
 from .registry import Arg, Kind, RuleError, primitive
 from .types import TensorType
@@ -61,7 +62,17 @@ def _reshape_ref(ctx, inputs, attrs, out_types, in_types):
     return inputs[0].reshape(shape)
 
 
-primitive("reshape", Kind.SHAPE, [X, Arg("shape", "dims")], doc="same elements, new shape (-1 infers one size)")(
+def _view_back(fn):
+    """A view's gradient: the inverse view of the cotangent."""
+    def rule(e, node, cts):
+        (dy,) = cts
+        x = node.inputs[0]
+        return [None if dy is None or not V.differentiable(x) else fn(e, node, dy, x)]
+    return rule
+
+
+primitive("reshape", Kind.SHAPE, [X, Arg("shape", "dims")], doc="same elements, new shape (-1 infers one size)",
+          vjp=_view_back(lambda e, n, dy, x: e("reshape", [dy], {"shape": tuple(x.type.shape)})))(
     infer=_reshape_infer, reference=_reshape_ref)
 
 
@@ -80,7 +91,15 @@ def _permute_ref(ctx, inputs, attrs, out_types, in_types):
     return inputs[0].permute(*attrs["perm"])
 
 
-primitive("permute", Kind.SHAPE, [X, Arg("perm", "ints")], doc="reorder axes")(
+def _inverse(perm):
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)
+
+
+primitive("permute", Kind.SHAPE, [X, Arg("perm", "ints")], doc="reorder axes",
+          vjp=_view_back(lambda e, n, dy, x: e("permute", [dy], {"perm": _inverse(n.attrs["perm"])})))(
     infer=_permute_infer, reference=_permute_ref)
 
 
@@ -99,7 +118,8 @@ def _transpose_ref(ctx, inputs, attrs, out_types, in_types):
     return inputs[0].transpose(attrs["a"], attrs["b"])
 
 
-primitive("transpose", Kind.SHAPE, [X, Arg("a", "int"), Arg("b", "int")], doc="swap two axes (x.T swaps the last two)")(
+primitive("transpose", Kind.SHAPE, [X, Arg("a", "int"), Arg("b", "int")], doc="swap two axes (x.T swaps the last two)",
+          vjp=_view_back(lambda e, n, dy, x: e("transpose", [dy], {"a": n.attrs["a"], "b": n.attrs["b"]})))(
     infer=_transpose_infer, reference=_transpose_ref)
 
 
@@ -130,7 +150,26 @@ def _concat_ref(ctx, inputs, attrs, out_types, in_types):
     return torch.cat(list(inputs), dim=attrs["axis"])
 
 
-primitive("concat", Kind.SHAPE, [Arg("xs", "tensors"), Arg("axis", "int", 0)], doc="join tensors along an axis")(
+def _concat_vjp(e, node, cts):
+    """Each operand's part of the cotangent, sliced out."""
+    (dy,) = cts
+    axis = node.attrs["axis"]
+    out, start = [], 0
+    for x in node.inputs:
+        stop = start + x.type.shape[axis]
+        if dy is None or not V.differentiable(x):
+            out.append(None)
+        else:
+            shape = dy.type.shape
+            starts = tuple(start if i == axis else 0 for i in range(len(shape)))
+            stops = tuple(stop if i == axis else d for i, d in enumerate(shape))
+            out.append(e("slice", [dy], {"starts": starts, "stops": stops, "steps": (1,) * len(shape)}))
+        start = stop
+    return out
+
+
+primitive("concat", Kind.SHAPE, [Arg("xs", "tensors"), Arg("axis", "int", 0)], doc="join tensors along an axis",
+          vjp=_concat_vjp)(
     infer=_concat_infer, reference=_concat_ref)
 
 
@@ -148,7 +187,8 @@ def _expand_ref(ctx, inputs, attrs, out_types, in_types):
     return inputs[0].expand(*[evaluate(d, ctx.bindings) for d in attrs["shape"]])
 
 
-primitive("expand", Kind.SHAPE, [X, Arg("shape", "dims")], internal=True, doc="broadcast to a shape")(
+primitive("expand", Kind.SHAPE, [X, Arg("shape", "dims")], internal=True, doc="broadcast to a shape",
+          vjp=_view_back(lambda e, n, dy, x: V.unbroadcast(e, dy, x)))(
     infer=_expand_infer, reference=_expand_ref)
 
 
@@ -182,8 +222,43 @@ def _slice_ref(ctx, inputs, attrs, out_types, in_types):
     return inputs[0][idx]
 
 
-primitive("slice", Kind.SHAPE, [X], internal=True, doc="x[start:stop:step, ...] with static bounds")(
+primitive("slice", Kind.SHAPE, [X], internal=True, doc="x[start:stop:step, ...] with static bounds",
+          vjp=_view_back(lambda e, n, dy, x: e("unslice", [dy], {**dict(n.attrs), "shape": tuple(x.type.shape)})))(
     infer=_slice_infer, reference=_slice_ref)
+
+
+def _unslice_infer(types, attrs):
+    (t,) = types
+    return [TensorType(t.dtype, tuple(attrs["shape"]))]
+
+
+def _unslice_ref(ctx, inputs, attrs, out_types, in_types):
+    from .dims import evaluate
+    b = ctx.bindings
+    out = torch.zeros([evaluate(d, b) for d in attrs["shape"]], dtype=inputs[0].dtype, device=inputs[0].device)
+    idx = tuple(slice(evaluate(a, b), evaluate(z, b), s) for a, z, s in zip(attrs["starts"], attrs["stops"], attrs["steps"]))
+    out[idx] = inputs[0]
+    return out
+
+
+primitive("unslice", Kind.SHAPE, [X], internal=True,
+          doc="a slice's gradient: the values at the slice's positions of a zero tensor of the sliced shape",
+          vjp=_view_back(lambda e, n, dy, x: e("slice", [dy], {k: n.attrs[k] for k in ("starts", "stops", "steps")})))(
+    infer=_unslice_infer, reference=_unslice_ref)
+
+
+def _fill_infer(types, attrs):
+    return [TensorType(attrs["dtype"], tuple(attrs["shape"]))]
+
+
+def _fill_ref(ctx, inputs, attrs, out_types, in_types):
+    from .dims import evaluate
+    return torch.full([evaluate(d, ctx.bindings) for d in attrs["shape"]], attrs["value"],
+                      dtype=ctx.dt(attrs["dtype"]), device=ctx.device)
+
+
+primitive("fill", Kind.SOURCE, internal=True, doc="a tensor of one value (zero gradients): never stored",
+          vjp=V.no_grad("a constant tensor has no inputs"))(infer=_fill_infer, reference=_fill_ref)
 
 
 def _gather_infer(types, attrs):
@@ -202,5 +277,35 @@ def _gather_ref(ctx, inputs, attrs, out_types, in_types):
     return table[ids.long()]
 
 
+def _gather_vjp(e, node, cts):
+    (dy,) = cts
+    table, ids = node.inputs
+    if dy is None or not V.differentiable(table):
+        return [None, None]
+    return [e("scatter_rows", [dy, ids], {"rows": table.type.shape[0]}), None]
+
+
 primitive("gather_rows", Kind.GATHER, [Arg("table", "tensor"), Arg("ids", "tensor")], internal=True,
-          doc="table[ids]: rows of a table picked by an integer tensor")(infer=_gather_infer, reference=_gather_ref)
+          doc="table[ids]: rows of a table picked by an integer tensor", vjp=_gather_vjp)(
+    infer=_gather_infer, reference=_gather_ref)
+
+
+def _scatter_rows_infer(types, attrs):
+    src, ids = types
+    return [TensorType(src.dtype, (attrs["rows"],) + tuple(src.shape[ids.rank:]))]
+
+
+def _scatter_rows_ref(ctx, inputs, attrs, out_types, in_types):
+    from .dims import evaluate
+    src, ids = inputs
+    rows = evaluate(attrs["rows"], ctx.bindings)
+    flat = src.reshape((-1,) + tuple(src.shape[ids.dim():]))
+    out = torch.zeros((rows,) + tuple(flat.shape[1:]), dtype=flat.dtype, device=flat.device)
+    return out.index_add_(0, ids.reshape(-1).long(), flat)
+
+
+primitive("scatter_rows", Kind.GATHER, [Arg("src", "tensor"), Arg("ids", "tensor")], internal=True,
+          doc="out[ids[i]] += src[i]: table[ids]'s gradient (added with atomics: the order of the "
+              "additions into one row is not fixed)",
+          vjp=lambda e, n, cts: [None if cts[0] is None else e("gather_rows", [cts[0], n.inputs[1]]), None])(
+    infer=_scatter_rows_infer, reference=_scatter_rows_ref)

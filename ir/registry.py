@@ -130,3 +130,6 @@ def _load() -> None:
         _loaded = True
         from . import prims_elementwise, prims_reduce, prims_shape, prims_select, prims_contract  # noqa: F401
         from . import prims_call, prims_fused, prims_layout  # noqa: F401
+        missing = sorted(n for n, p in REGISTRY.items() if "vjp" not in p.extra)
+        if missing:
+            raise RuntimeError(f"primitives without a gradient rule (vjp=..., or vjp=no_grad(why)): {missing}")

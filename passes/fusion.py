@@ -35,13 +35,14 @@ from ..ir.types import TensorType
 from .context import PassContext
 
 GLUE_OPS = {"reshape", "permute", "transpose", "slice", "expand", "concat", "gather_rows", "causal",
+            "fill", "unslice", "scatter_along", "take_along",
             "unpack_int4", "unpack_24", "fp8_bits"}
 # glue that keeps canonical indices canonical (so reductions upstream stay evaluable)
 CANONICAL_GLUE = {"expand"}
 ROW_REDUCTIONS = {"sum", "mean", "max", "min", "softmax", "log_softmax"}
 OWN_GROUP = {"matmul": "matmul", "topk": "topk", "cumsum": "scan", "expert_matmul": "expert",
              "flash_attention": "flash", "expert_gemm": "moe", "moe_align": "moe_align",
-             "moe_router": "router", "matmul_i32": "matmul", "matmul_f8": "matmul", "bsr_matmul": "bsr", "lowrank_matmul": "lowrank"}
+             "moe_router": "router", "scatter_rows": "scatter", "expert_wgrad": "wgrad", "matmul_i32": "matmul", "matmul_f8": "matmul", "bsr_matmul": "bsr", "lowrank_matmul": "lowrank"}
 # contractions that take their consumers as epilogues
 JOINS_CONSUMERS = {"matmul", "matmul_i32", "matmul_f8", "expert_gemm", "bsr_matmul", "lowrank_matmul"}
 MATMULS = {"matmul", "matmul_i32", "matmul_f8"}
@@ -513,6 +514,8 @@ def fuse(g: Graph, ctx: PassContext | None = None, alone: frozenset = frozenset(
         if kind == "moe" and axes:
             # the sum over the k choices becomes a scatter-add into a zeroed output
             extra["zeroed"] = tuple(n.out for n in nodes if n.op == "sum")
+        if kind == "scatter":
+            extra["zeroed"] = tuple(n.out for n in nodes)
         groups.append(Group(f"k{k}_{label}", kind, nodes, tuple(stored), tuple(domain), tuple(axes), extra))
     # a result slot whose value no group stores as itself (a parameter, a view, a repeat)
     # gets a copy group with a buffer of its own

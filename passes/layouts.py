@@ -27,7 +27,7 @@ from ..ir.graph import Graph, Layout, Node, Param, Value
 from ..ir.types import DType, TensorType
 from .canonicalize import dead_code
 from .context import PassContext
-from .graph_edit import Emitter
+from ..ir.emit import Emitter
 
 CONTRACTION_LAYOUTS = ("w8a8", "block", "lowrank")
 

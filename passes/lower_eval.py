@@ -317,6 +317,68 @@ def _fp8_bits(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
     return ev.b.let(fp8.decode(ev.b, ev(n.inputs[0], ctx)), "fp8")
 
 
-GLUE = {"unpack_int4": _unpack_int4, "unpack_24": _unpack_24, "fp8_bits": _fp8_bits,
+def _fill(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
+    return ev.b.const(n.attrs["value"], n.attrs["dtype"])
+
+
+def _unslice(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
+    """The slice's values where the index is one the slice took ((i - start) / step for
+    start <= i < stop on the step), zero elsewhere."""
+    b = ev.b
+    idx, inside = [], None
+    for i, start, stop, step, d in zip(ctx.idx, n.attrs["starts"], n.attrs["stops"], n.attrs["steps"],
+                                       n.out.type.shape):
+        if start == 0 and step == 1 and stop == d:
+            idx.append(i)
+            continue
+        i0 = i if i is not None else b.const(0)
+        rel = b.sub(i0, ev.size(start)) if start != 0 else i0
+        ok = b.and_(b.binop("ge", rel, 0), b.lt(i0, ev.size(stop)))
+        if step != 1:
+            ok = b.and_(ok, b.binop("eq", b.mod(rel, step), 0))
+            rel = b.floordiv(rel, step)
+        inside = b.and_(inside, ok)
+        idx.append(rel)
+    if inside is None:
+        return ev(n.inputs[0], ctx.with_idx(idx))
+    inside = b.let(inside, "in_slice")
+    tile = ev(n.inputs[0], Ctx(tuple(idx), b.and_(ctx.mask, inside)))
+    return b.let(b.where(inside, tile, 0.0), "unsliced")
+
+
+def _scatter_along(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
+    """out[.., j, ..] = sum over the k selections of src where idx == j (k unrolled)."""
+    from ..ir.prims_select import SCATTER_ALONG_MAX
+    b = ev.b
+    src, ids = n.inputs
+    axis = n.attrs["axis"]
+    k = src.type.shape[axis]
+    if not isinstance(k, int) or k > SCATTER_ALONG_MAX:
+        raise LoweringError(f"{ev.group.name}: a scatter of {k} selections per position (top-k's gradient) "
+                            f"is unrolled up to {SCATTER_ALONG_MAX}", n)
+    j = ctx.idx[axis] if ctx.idx[axis] is not None else b.const(0)
+    out = None
+    for kk in range(k):
+        sel = list(ctx.idx)
+        sel[axis] = b.const(kk) if k != 1 else None
+        c = Ctx(tuple(sel), ctx.mask)
+        hit = b.binop("eq", b.cast(ev(ids, c), DType.i64), b.cast(j, DType.i64))
+        term = b.where(hit, ev(src, c), 0.0)
+        out = term if out is None else b.add(out, term)
+    return b.let(out, "scattered")
+
+
+def _take_along(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
+    b = ev.b
+    x, ids = n.inputs
+    axis = n.attrs["axis"]
+    at = b.let(b.cast(ev(ids, ctx), DType.i64), "taken")
+    idx = list(ctx.idx)
+    idx[axis] = at
+    return ev(x, ctx.with_idx(idx))
+
+
+GLUE = {"fill": _fill, "unslice": _unslice, "scatter_along": _scatter_along, "take_along": _take_along,
+        "unpack_int4": _unpack_int4, "unpack_24": _unpack_24, "fp8_bits": _fp8_bits,
         "permute": _permute, "transpose": _transpose, "expand": _expand, "slice": _slice,
         "reshape": _reshape, "concat": _concat, "gather_rows": _gather_rows, "causal": _causal}

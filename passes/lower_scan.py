@@ -1,6 +1,7 @@
 """Lowering cumsum: tl.cumsum over a tile per row when the axis fits one tile, else a loop over
 chunks carrying each row's running total. Floats accumulate in f32, integers in i32 (the
-result then wraps to the input dtype, as the reference's does)."""
+result then wraps to the input dtype, as the reference's does). A reverse cumsum (from the end
+of the axis: the gradient of a cumsum) runs the same scan over the mirrored index n - 1 - i."""
 from __future__ import annotations
 
 from ..ir.tile import GridDim, Tunable
@@ -28,8 +29,17 @@ def _lower(fg, group, node, axis, domain, single: bool):
     ev = Evaluator(b, fg, group)
     x, out = node.inputs[0], node.out
     name = fg.buffer(group, out)
+    n = domain[axis]
+
+    def columns(start=None):
+        ctx = frame.columns(start)
+        if not node.attrs.get("reverse") or ctx.idx[axis] is None:
+            return ctx
+        idx = list(ctx.idx)
+        idx[axis] = b.let(b.sub(b.sub(b.size(n), 1), idx[axis]), "mirrored")
+        return ctx.with_idx(idx)
     if single:
-        ctx = frame.columns()
+        ctx = columns()
         tile = b.where(ctx.mask, ev(x, ctx), 0)
         ev.bind(out, ctx, b.let(b.cumsum(tile, 1), "scan"))
         store(ev, name, out, ctx)
@@ -38,7 +48,7 @@ def _lower(fg, group, node, axis, domain, single: bool):
         total = DType.f32 if dt.is_float else DType.i64 if dt == DType.i64 else DType.i32
         carry = b.declare(b.full(("BLOCK_M", 1), 0.0 if dt.is_float else 0, total), "carry")
         with b.loop("start", 0, b.size(frame.n_cols), frame.BN) as start:
-            ctx = frame.columns(start)
+            ctx = columns(start)
             tile = b.let(b.where(ctx.mask, ev(x, ctx), 0), "chunk")
             ev.bind(out, ctx, b.let(b.add(b.cumsum(tile, 1), carry), "scan"))
             store(ev, name, out, ctx)

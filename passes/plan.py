@@ -22,6 +22,7 @@ from .lower_moe import lower_align, lower_moe_gemm, lower_router
 from .lower_matmul import lower_matmul
 from .lower_row import lower_row
 from .lower_scan import lower_scan
+from .lower_scatter import lower_scatter, lower_wgrad
 from .lower_topk import lower_topk
 
 LOWERINGS = {
@@ -37,6 +38,8 @@ LOWERINGS = {
     "router": lower_router,
     "bsr": lower_bsr,
     "lowrank": lower_lowrank,
+    "scatter": lower_scatter,
+    "wgrad": lower_wgrad,
 }
 
 

@@ -121,3 +121,38 @@ def register(namespace: str, g: Graph, compiled, mode: str) -> Callable:
     _IMPLS[qual] = compiled
     _SCHEMAS[qual] = (schema, mode)
     return getattr(getattr(torch.ops, namespace), g.name)
+
+
+_LIBRARIES: list = []     # torch.library.Library objects must stay alive for their registrations
+
+
+def register_composite(namespace: str, g: Graph, compiled) -> Callable:
+    """Register (or re-point) ``namespace::g.name`` as a CompositeImplicitAutograd op whose
+    implementation is ``compiled.gradients.forward`` (runtime/autograd.py): it calls other
+    registered ops (the plain forward, or the forward that saves for the backward), so autograd
+    and torch.compile see through it to ops with autograd formulas and fake implementations."""
+    qual = f"{namespace}::{g.name}"
+    schema = schema_of(g)
+    if qual in _SCHEMAS:
+        old_schema, _ = _SCHEMAS[qual]
+        if old_schema != schema:
+            raise RegistrationError(
+                f"torch.ops.{namespace}.{g.name} is already registered as {old_schema}; the new spec "
+                f"gives {schema}. torch.library cannot redefine an op: pass another namespace= "
+                f"(or restart the process)")
+        _IMPLS[qual] = compiled
+        return getattr(getattr(torch.ops, namespace), g.name)
+    names = [p.name for p in g.params]
+    defaults = {p.name: p.default for p in g.params if p.has_default}
+
+    def impl(*args, **kwargs):
+        full = list(args) + [kwargs[n] if n in kwargs else defaults[n] for n in names[len(args):]]
+        return _IMPLS[qual].gradients.forward(full)
+
+    lib = torch.library.Library(namespace, "FRAGMENT")
+    lib.define(f"{g.name}{schema}")
+    lib.impl(g.name, impl, "CompositeImplicitAutograd")
+    _LIBRARIES.append(lib)
+    _IMPLS[qual] = compiled
+    _SCHEMAS[qual] = (schema, "composite")
+    return getattr(getattr(torch.ops, namespace), g.name)

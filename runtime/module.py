@@ -24,7 +24,7 @@ from .binding import CallError, bind_args, bind_sizes, check_indices, output_sha
 from .cache import KernelCache
 from .device import describe, interpreting, kernel_device
 from .executor import PlanRunner
-from .library import register, registration_mode
+from .library import register, register_composite, registration_mode
 
 
 class Explanation(str):
@@ -45,7 +45,9 @@ class Explanation(str):
 
 class CompiledOp:
     def __init__(self, namespace: str, graph: Graph, fused: FusedGraph, cache: KernelCache, mode: str,
-                 plan=None):
+                 plan=None, *, derived: bool = False, frozen=()):
+        """``derived``: a forward or backward op of another's gradients (registered plainly);
+        ``frozen``: parameters never differentiated (packed weights)."""
         self.namespace = namespace
         self.name = graph.name
         self.graph = graph
@@ -57,14 +59,34 @@ class CompiledOp:
         wrap = torch.library.wrap_triton if mode == "triton_op" else None
         self.runner = PlanRunner(self.plan, fused, cache, tuner=_tuner(cache), wrap=wrap)
         self.runner.load_all()
-        self.torch_op = register(namespace, graph, self, mode)
+        from .autograd import Gradients
+        self.gradients = Gradients(self, fused.graph, frozen)
+        if derived or not self.gradients.differentiable:
+            self.torch_op = self.infer_op = register(namespace, graph, self, mode)
+        else:
+            # ns::op routes to ns::op__infer or to the forward that saves for the backward
+            self.torch_op = register_composite(namespace, graph, self)
+            self.infer_op = register(namespace, graph.replace(name=f"{graph.name}__infer"), self, mode)
+
+    def derived(self, g: Graph, name: str) -> "CompiledOp":
+        """A graph derived from this op (its forward that saves for the backward, or its
+        backward), compiled through the same pipeline and registered as ``ns::name``."""
+        from ..passes.canonicalize import canonicalize
+        from ..passes.context import PassContext
+        from ..passes.pipeline import run_passes
+        g = run_passes(g.replace(name=name), [canonicalize], PassContext())
+        fused, plan = fuse_and_plan(kernel_graph(g))
+        return CompiledOp(self.namespace, g, fused, self.cache, self.mode, plan, derived=True)
 
     # -- calling -------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
         """Through the torch dispatcher (what torch.compile sees); the argument count and names
         are checked first so a mistake is an opforge.CallError, not a schema error."""
         values = bind_args(self.graph, args, kwargs)
-        return self.torch_op(*[values[p.name] for p in self.graph.params])
+        full = [values[p.name] for p in self.graph.params]
+        if self.infer_op is not self.torch_op and not any(self.gradients.mask(full)):
+            return self.infer_op(*full)      # no gradient wanted: the plain forward, one dispatch
+        return self.torch_op(*full)
 
     def _bind(self, args):
         values = bind_args(self.graph, args, {})

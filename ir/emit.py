@@ -2,9 +2,9 @@
 end does, so rewritten graphs verify like built ones."""
 from __future__ import annotations
 
-from ..ir import registry
-from ..ir.graph import Attrs, Node, Value
-from ..ir.types import DType, ScalarType
+from . import registry
+from .graph import Attrs, Node, Value
+from .types import DType, ScalarType
 
 
 class Emitter:
