@@ -25,6 +25,14 @@ class Emitter:
         self.nodes.append(Node(op, tuple(inputs), Attrs(attrs), outs, self.span))
         return outs[0]
 
+    def multi(self, op: str, inputs, attrs=None) -> tuple[Value, ...]:
+        """All outputs of a new node."""
+        prim = registry.get(op)
+        types, attrs = prim.run_infer([v.type for v in inputs], dict(attrs or {}))
+        outs = tuple(Value(t) for t in types)
+        self.nodes.append(Node(op, tuple(inputs), Attrs(attrs), outs, self.span))
+        return outs
+
     def const(self, value, dtype: DType) -> Value:
         v = Value(ScalarType(dtype))
         self.nodes.append(Node("const", (), Attrs({"value": value, "dtype": dtype}), (v,), self.span))

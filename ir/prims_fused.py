@@ -23,34 +23,99 @@ def _flash_infer(types, attrs):
         raise RuleError(f"flash_attention: q {format_shape(q.shape)}, k {format_shape(k.shape)}, "
                         f"v {format_shape(v.shape)} do not fit")
     batch = rules.broadcast_shapes([q.shape[:-2], k.shape[:-2], v.shape[:-2]])
-    return [TensorType(q.dtype, tuple(batch) + (S, Ev))]
+    return [TensorType(q.dtype, tuple(batch) + (S, Ev)), TensorType(accumulator(q.dtype), tuple(batch) + (S,))]
 
 
-def _flash_ref(ctx, inputs, attrs, out_types, in_types):
-    q, k, v = inputs[:3]
-    rest = list(inputs[3:])
-    dt = in_types[0].dtype
+def masked_scores(ctx, attrs, q, k, rest, dt, bindings):
+    """q @ k.T, scaled and masked (-inf where masked), in the dtype the reference computes in."""
     acc = ctx.dt(accumulator(dt))
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)).to(ctx.dt(dt))
+    rest = list(rest)
     if attrs["scale"]:
         s = (s.to(ctx.compute_dt(dt)) * rest.pop(0).to(ctx.compute_dt(dt))).to(ctx.dt(dt))
     if attrs["mask"] == "causal":
-        S, T = (evaluate(d, ctx.bindings) for d in attrs["causal"])
+        S, T = (evaluate(d, bindings) for d in attrs["causal"])
         i = torch.arange(S, device=s.device)[:, None]
         j = torch.arange(T, device=s.device)[None, :]
         s = torch.where(j <= i + (T - S), s, torch.tensor(float("-inf"), dtype=s.dtype, device=s.device))
     elif attrs["mask"] == "tensor":
         m = rest.pop(0).to(torch.bool)
         s = torch.where(m, s, torch.tensor(float("-inf"), dtype=s.dtype, device=s.device))
+    return s
+
+
+def _flash_ref(ctx, inputs, attrs, out_types, in_types):
+    q, k, v = inputs[:3]
+    dt = in_types[0].dtype
+    s = masked_scores(ctx, attrs, q, k, inputs[3:], dt, ctx.bindings)
+    acc = ctx.dt(accumulator(dt))
     p = torch.softmax(s.to(ctx.compute_dt(dt)), dim=-1).to(ctx.dt(dt))
-    return torch.matmul(p.to(acc), v.to(acc)).to(ctx.dt(out_types[0].dtype))
+    out = torch.matmul(p.to(acc), v.to(acc)).to(ctx.dt(out_types[0].dtype))
+    lse = torch.logsumexp(s.to(ctx.dt(accumulator(dt))), dim=-1)
+    return [out, lse]
+
+
+def _flash_vjp(e, node, cts):
+    """FlashAttention-2's backward: delta = rowsum(dO * O) (a row kernel), then dQ, dK, dV from
+    the saved log-sum-exp (flash_attention_bwd: the scores are recomputed per tile, never P);
+    dK and dV summed over the batch axes k and v were broadcast along (grouped-query heads)."""
+    do, dlse = cts
+    if dlse is not None:
+        raise V.NoGradient("the log-sum-exp of flash attention is internal (no gradient)")
+    if do is None:
+        return [None] * len(node.inputs)
+    q, k, v = node.inputs[:3]
+    o, lse = node.outputs
+    f32 = accumulator(q.type.dtype)
+    delta = e("sum", [e("mul", [e("cast", [do], {"dtype": f32}), e("cast", [o], {"dtype": f32})])],
+              {"axis": (o.type.rank - 1,), "keepdim": False})
+    dq = e.multi("flash_attention_bwd", [q, k, v, lse, delta, do] + list(node.inputs[3:]), dict(node.attrs))
+    grads = [V.unbroadcast(e, g, x) if V.differentiable(x) else None for g, x in zip(dq, (q, k, v))]
+    return grads + [None] * (len(node.inputs) - 3)
 
 
 primitive("flash_attention", Kind.FUSED, [Arg("q", "tensor"), Arg("k", "tensor"), Arg("v", "tensor"),
                                           Arg("scale_and_mask", "tensors")],
-          internal=True, doc="softmax(mask(q @ k.T * scale)) @ v in one kernel, never storing the scores",
-          vjp=V.no_grad("flash attention's backward is not built yet"))(
-    infer=_flash_infer, reference=_flash_ref)
+          internal=True, n_outputs=2,
+          doc="softmax(mask(q @ k.T * scale)) @ v in one kernel, never storing the scores; the second "
+              "result is each query row's log-sum-exp of its scores (stored only when the backward reads it)",
+          vjp=_flash_vjp)(infer=_flash_infer, reference=_flash_ref)
+
+
+def _flash_bwd_infer(types, attrs):
+    q, k, v, lse, delta, do = types[:6]
+    batch = tuple(_flash_infer([q, k, v] + list(types[6:]), attrs)[0].shape[:-2])
+    return [TensorType(q.dtype, batch + tuple(q.shape[-2:])), TensorType(k.dtype, batch + tuple(k.shape[-2:])),
+            TensorType(v.dtype, batch + tuple(v.shape[-2:]))]
+
+
+def _flash_bwd_ref(ctx, inputs, attrs, out_types, in_types):
+    q, k, v, lse, delta, do = inputs[:6]
+    rest = inputs[6:]
+    dt = in_types[0].dtype
+    cd = ctx.compute_dt(dt) if not ctx.check else torch.float64
+    s = masked_scores(ctx, attrs, q, k, rest, dt, ctx.bindings).to(cd)
+    scale = rest[0].to(cd) if attrs["scale"] else 1.0
+    p = torch.exp(s - lse.to(cd)[..., None])
+    p = torch.where(torch.isfinite(s), p, torch.zeros((), dtype=cd, device=p.device))
+    q, k, v, do = (x.to(cd) for x in (q, k, v, do))
+    batch = p.shape[:-2]
+    dv = torch.matmul(p.transpose(-2, -1), do)
+    dp = torch.matmul(do, v.transpose(-2, -1))
+    ds = p * (dp - delta.to(cd)[..., None])
+    dq = torch.matmul(ds, k.expand(batch + k.shape[-2:])) * scale
+    dk = torch.matmul(ds.transpose(-2, -1), q.expand(batch + q.shape[-2:])) * scale
+    return [dq.to(ctx.dt(out_types[0].dtype)), dk.to(ctx.dt(out_types[1].dtype)), dv.to(ctx.dt(out_types[2].dtype))]
+
+
+primitive("flash_attention_bwd", Kind.FUSED, [Arg("q", "tensor"), Arg("k", "tensor"), Arg("v", "tensor"),
+                                              Arg("lse", "tensor"), Arg("delta", "tensor"), Arg("do", "tensor"),
+                                              Arg("scale_and_mask", "tensors")],
+          internal=True, n_outputs=3,
+          doc="dQ, dK, dV of flash attention from its log-sum-exp and delta = rowsum(dO * O), the scores "
+              "recomputed per tile (a dK/dV kernel over query blocks, a dQ kernel over key blocks)",
+          vjp=V.no_grad("a gradient's gradient (double backward) is not supported"))(
+    infer=_flash_bwd_infer, reference=_flash_bwd_ref)
 
 
 # -- mixture of experts -------------------------------------------------------------------------
@@ -85,7 +150,7 @@ def _router_ref(ctx, inputs, attrs, out_types, in_types):
 
 primitive("moe_router", Kind.FUSED, [Arg("x", "tensor"), Arg("w", "tensor")], internal=True, n_outputs=2,
           doc="logits = x @ w.T; top-k experts per token; optionally the softmax of the chosen logits",
-          vjp=V.no_grad("the MoE router's backward is not built yet"))(
+          vjp=lambda e, n, cts: _router_vjp(e, n, cts))(
     infer=_router_infer, reference=_router_ref)
 
 
@@ -140,5 +205,41 @@ primitive("expert_gemm", Kind.MOE, [Arg("x", "tensor"), Arg("w", "tensor"), Arg(
                                     Arg("sorted_slots", "tensor"), Arg("block_expert", "tensor"),
                                     Arg("num_blocks", "tensor")], internal=True,
           doc="expert_matmul computed as grouped GEMMs over slots sorted by expert (inputs 4-6: the dispatch)",
-          vjp=V.no_grad("the grouped expert GEMM's backward is not built yet"))(
+          vjp=lambda e, n, cts: _expert_gemm_vjp(e, n, cts))(
     infer=_expert_gemm_infer, reference=_expert_gemm_ref)
+
+
+def _router_vjp(e, node, cts):
+    """Through the chosen logits only: the softmax of the k values (when the router has it),
+    scattered back to the experts' logits, then the logits' matmul: dx = dl @ w, dw = dl^T x."""
+    dvals = cts[0]
+    x, w = node.inputs
+    if dvals is None:
+        return [None, None]
+    vals, idx = node.outputs
+    if node.attrs["softmax"]:
+        s = e("sum", [e("mul", [dvals, vals])], {"axis": (1,), "keepdim": True})
+        dvals = e("mul", [vals, e("sub", [dvals, s])])
+    dl = e("scatter_along", [dvals, idx], {"axis": 1, "size": w.type.shape[0]})
+    dl = V.like(e, dl, x)
+    dx = e("matmul", [dl, w]) if V.differentiable(x) else None
+    dw = e("matmul", [e("transpose", [dl], {"a": 0, "b": 1}), x]) if V.differentiable(w) else None
+    return [dx, dw]
+
+
+def _expert_gemm_vjp(e, node, cts):
+    """dx by the same grouped GEMMs over the transposed experts (the forward's dispatch reused);
+    dw per expert over its slots (expert_wgrad)."""
+    (dout,) = cts
+    x, w, idx = node.inputs[:3]
+    dispatch = list(node.inputs[3:])
+    if dout is None:
+        return [None] * len(node.inputs)
+    dx = dw = None
+    if V.differentiable(x):
+        dx = e("expert_gemm", [dout, e("transpose", [w], {"a": 1, "b": 2}), idx] + dispatch)
+        if x.type.rank == 2:
+            dx = e("sum", [dx], {"axis": (1,), "keepdim": False})
+    if V.differentiable(w):
+        dw = e("expert_wgrad", [x, dout, idx], {"experts": w.type.shape[0]})
+    return [dx, dw] + [None] * (len(node.inputs) - 2)

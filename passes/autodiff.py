@@ -24,6 +24,7 @@ What the backward reads of the forward is saved or recomputed (SAVED below):
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -152,7 +153,7 @@ def derive(g: Graph, wrt: Sequence[str]) -> Derivative:
             sources.append(Source("input", inputs[v]))
         else:
             idx = results[v] if v in results else len(g.outputs) + extra.index(v)
-            params.append(Param(unique(f"saved_{v.name or producer[v].op}"), v))
+            params.append(Param(unique("saved_" + re.sub(r"\W", "_", v.name or producer[v].op)), v))
             sources.append(Source("result", idx))
     # scalar parameters the recomputation needs are forward inputs like any other (above);
     # inputs that only bind sizes the backward uses (a sum's gradient expands to the summed

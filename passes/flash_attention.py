@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 from ..ir.graph import Attrs, Graph, Node, Value
-from ..ir.types import ScalarType, TensorType
+from ..ir.types import ScalarType, TensorType, accumulator
 from .canonicalize import dead_code
 from .context import PassContext
 
@@ -103,7 +103,8 @@ def rewrite_flash_attention(g: Graph, ctx: PassContext | None = None) -> Graph:
             attrs["mask"] = "tensor"
             inputs.append(m["mask"])
         out = m["out"].out
-        replace[m["out"]] = Node("flash_attention", tuple(inputs), Attrs(attrs), (out,), m["out"].span)
+        lse = Value(TensorType(accumulator(out.type.dtype), tuple(out.type.shape[:-1])), "lse")
+        replace[m["out"]] = Node("flash_attention", tuple(inputs), Attrs(attrs), (out, lse), m["out"].span)
     if not replace:
         return g
     nodes = [replace.get(n, n) for n in g.nodes]

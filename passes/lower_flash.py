@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from ..ir.tile import SPLIT_MAX, Alternative, Buffer, GridDim, Guard, TExpr, Tunable
 from ..ir.tile_builder import TileBuilder
-from ..ir.types import DType
+from ..ir.types import DType, accumulator
 from .fusion import FusedGraph, Group
 from .lower_eval import Ctx, Evaluator, address, unflatten
 from .lower_matmul import operand_ctx
 from .lower_row import kernel_name, prod, store
 
 LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
 PRESETS = ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3),
            (16, 64, 4, 3), (16, 128, 4, 2))
 
@@ -38,7 +39,8 @@ class Flash:
         self.scale = rest.pop(0) if n.attrs["scale"] else None
         self.mask = rest.pop(0) if n.attrs["mask"] == "tensor" else None
         self.causal = n.attrs["mask"] == "causal"
-        self.out = n.out
+        self.out, self.lse = n.outputs
+        self.acc = accumulator(self.q.type.dtype)     # f32 (f64 for float64 gradient checks)
         self.S, self.E = self.q.type.shape[-2:]
         self.T = self.k.type.shape[-2]
         self.Ev = self.v.type.shape[-1]
@@ -47,9 +49,9 @@ class Flash:
         self.m_buf, self.l_buf, self.o_buf = (f"{group.name}_{x}" for x in ("m", "l", "o"))
 
     def scratch(self):
-        return (Buffer(self.m_buf, DType.f32, (SPLIT_MAX, self.nb, self.S), "scratch"),
-                Buffer(self.l_buf, DType.f32, (SPLIT_MAX, self.nb, self.S), "scratch"),
-                Buffer(self.o_buf, DType.f32, (SPLIT_MAX, self.nb, self.S, self.Ev), "scratch"))
+        return (Buffer(self.m_buf, self.acc, (SPLIT_MAX, self.nb, self.S), "scratch"),
+                Buffer(self.l_buf, self.acc, (SPLIT_MAX, self.nb, self.S), "scratch"),
+                Buffer(self.o_buf, self.acc, (SPLIT_MAX, self.nb, self.S, self.Ev), "scratch"))
 
     def split_rule(self):
         return ("split_kv", self.S, self.T, self.nb)
@@ -82,10 +84,10 @@ class Flash:
         q_ctx = operand_ctx(q, batch_idx, len(self.batch), (rows, e_cols))
         qt = b.let(b.cast(ev(q, Ctx(q_ctx.idx, b.and_(row_ok, b.lt(e_cols, sE)))), q.type.dtype), "q")
         qk_scale = b.mul(ev(self.scale, Ctx((), None)) if self.scale is not None else 1.0, LOG2E)
-        qk_scale = b.let(b.cast(qk_scale, DType.f32), "qk_scale")
-        m_i = b.declare(b.full(("BLOCK_M", 1), float("-inf"), DType.f32), "m_i")
-        l_i = b.declare(b.full(("BLOCK_M", 1), 0.0, DType.f32), "l_i")
-        acc = b.declare(b.full(("BLOCK_M", "BLOCK_EV"), 0.0, DType.f32), "acc")
+        qk_scale = b.let(b.cast(qk_scale, self.acc), "qk_scale")
+        m_i = b.declare(b.full(("BLOCK_M", 1), float("-inf"), self.acc), "m_i")
+        l_i = b.declare(b.full(("BLOCK_M", 1), 0.0, self.acc), "l_i")
+        acc = b.declare(b.full(("BLOCK_M", "BLOCK_EV"), 0.0, self.acc), "acc")
         if self.causal:
             b.comment("causal: keys past the diagonal of this row block are never loaded")
             last = b.mul(b.add(pid_m, 1), BM)
@@ -101,7 +103,7 @@ class Flash:
             col_ok = b.lt(cols, sT)
             k_ctx = operand_ctx(k, batch_idx, len(self.batch), (cols, e_rows))
             kt = ev(k, Ctx(k_ctx.idx, b.and_(b.lt(e_rows, sE), col_ok)))
-            qk = b.let(b.mul(b.dot(qt, b.cast(kt, k.type.dtype), b.full(("BLOCK_M", "BLOCK_N"), 0.0, DType.f32)),
+            qk = b.let(b.mul(b.dot(qt, b.cast(kt, k.type.dtype), b.full(("BLOCK_M", "BLOCK_N"), 0.0, self.acc)),
                              qk_scale), "qk")
             keep = b.and_(row_ok, col_ok)
             if self.causal:
@@ -125,10 +127,17 @@ class Flash:
             b.assign(m_i, m_new)
         return m_i, l_i, acc
 
-    def store_out(self, b: TileBuilder, ev: Evaluator, batch_idx, rows, row_ok, ev_cols, o) -> None:
+    def store_out(self, b: TileBuilder, ev: Evaluator, batch_idx, rows, row_ok, ev_cols, acc, m, l) -> None:
+        """The output acc / l; and the log-sum-exp of each row's scores (in natural units:
+        m and l are in log2 units) where the backward reads it."""
         out_ctx = Ctx(tuple(batch_idx) + (rows, ev_cols), b.and_(row_ok, b.lt(ev_cols, b.size(self.Ev))))
-        ev.bind(self.out, out_ctx, o)
-        store(ev, self.fg.buffer(self.group, self.out), self.out, out_ctx)
+        if self.out in self.group.outputs:
+            ev.bind(self.out, out_ctx, b.let(b.truediv(acc, l), "o"))
+            store(ev, self.fg.buffer(self.group, self.out), self.out, out_ctx)
+        if self.lse in self.group.outputs:
+            lse_ctx = Ctx(tuple(batch_idx) + (rows,), row_ok)
+            ev.bind(self.lse, lse_ctx, b.let(b.mul(b.add(m, b.unary("log2", l)), LN2), "lse"))
+            store(ev, self.fg.buffer(self.group, self.lse), self.lse, lse_ctx)
 
     def grid(self, split: bool = False):
         g = [GridDim.of(self.S, "BLOCK_M")]
@@ -152,13 +161,13 @@ def full_kernel(fl: Flash):
     ev = Evaluator(b, fl.fg, fl.group)
     m_i, l_i, acc = fl.key_loop(b, ev, pid_m, batch_idx, rows, row_ok, ev_cols, 0, lambda hi: hi)
     b.comment("epilogue: normalise and store")
-    fl.store_out(b, ev, batch_idx, rows, row_ok, ev_cols, b.let(b.truediv(acc, l_i), "o"))
+    fl.store_out(b, ev, batch_idx, rows, row_ok, ev_cols, acc, m_i, l_i)
     return b.kernel(fl.grid(), doc=fl.doc("flash attention: online softmax over key blocks"),
                     warps=(4, 8), stages=(2, 3, 4), presets=_presets())
 
 
-def _scratch_ptr(b: TileBuilder, name: str, idx) -> TExpr:
-    return address(b, name, DType.f32, idx)
+def _scratch_ptr(b: TileBuilder, name: str, idx, dtype=DType.f32) -> TExpr:
+    return address(b, name, dtype, idx)
 
 
 def split_kernel(fl: Flash):
@@ -174,9 +183,9 @@ def split_kernel(fl: Flash):
                                 lambda hi: b.let(b.minimum(b.add(start, chunk), hi), "kv_stop"))
     b.comment("this split's running max, sum and unnormalised output, for the combine kernel")
     live = b.let(b.and_(row_ok, b.lt(s, split)), "live")
-    b.store(_scratch_ptr(b, fl.m_buf, (s, pid_b, rows)), m_i, live)
-    b.store(_scratch_ptr(b, fl.l_buf, (s, pid_b, rows)), l_i, live)
-    b.store(_scratch_ptr(b, fl.o_buf, (s, pid_b, rows, ev_cols)), acc, b.and_(live, b.lt(ev_cols, b.size(fl.Ev))))
+    b.store(_scratch_ptr(b, fl.m_buf, (s, pid_b, rows), fl.acc), m_i, live)
+    b.store(_scratch_ptr(b, fl.l_buf, (s, pid_b, rows), fl.acc), l_i, live)
+    b.store(_scratch_ptr(b, fl.o_buf, (s, pid_b, rows, ev_cols), fl.acc), acc, b.and_(live, b.lt(ev_cols, b.size(fl.Ev))))
     return b.kernel(fl.grid(split=True), doc=fl.doc("flash-decoding: one split of the keys"),
                     warps=(4, 8), stages=(2, 3), presets=_presets())
 
@@ -186,14 +195,14 @@ def combine_kernel(fl: Flash):
     split = b.tunable(Tunable("SPLIT_KV", rule=fl.split_rule()))
     ev = Evaluator(b, fl.fg, fl.group)
     ev_ok = b.let(b.and_(row_ok, b.lt(ev_cols, b.size(fl.Ev))), "ev_mask")
-    m_run = b.declare(b.full(("BLOCK_M", 1), float("-inf"), DType.f32), "m_run")
-    l_run = b.declare(b.full(("BLOCK_M", 1), 0.0, DType.f32), "l_run")
-    o_run = b.declare(b.full(("BLOCK_M", "BLOCK_EV"), 0.0, DType.f32), "o_run")
+    m_run = b.declare(b.full(("BLOCK_M", 1), float("-inf"), fl.acc), "m_run")
+    l_run = b.declare(b.full(("BLOCK_M", 1), 0.0, fl.acc), "l_run")
+    o_run = b.declare(b.full(("BLOCK_M", "BLOCK_EV"), 0.0, fl.acc), "o_run")
     b.comment("merge the splits: rescale each to the common max")
     with b.loop("s", 0, split, 1) as s:
-        m_s = b.let(b.load(_scratch_ptr(b, fl.m_buf, (s, pid_b, rows)), row_ok, float("-inf")), "m_s")
-        l_s = b.let(b.load(_scratch_ptr(b, fl.l_buf, (s, pid_b, rows)), row_ok), "l_s")
-        o_s = b.let(b.load(_scratch_ptr(b, fl.o_buf, (s, pid_b, rows, ev_cols)), ev_ok), "o_s")
+        m_s = b.let(b.load(_scratch_ptr(b, fl.m_buf, (s, pid_b, rows), fl.acc), row_ok, float("-inf")), "m_s")
+        l_s = b.let(b.load(_scratch_ptr(b, fl.l_buf, (s, pid_b, rows), fl.acc), row_ok), "l_s")
+        o_s = b.let(b.load(_scratch_ptr(b, fl.o_buf, (s, pid_b, rows, ev_cols), fl.acc), ev_ok), "o_s")
         m_new = b.let(b.maximum(m_run, m_s), "m_new")
         m_safe = b.let(b.where(b.binop("eq", m_new, float("-inf")), 0.0, m_new), "m_safe")
         alpha = b.let(b.unary("exp2", b.sub(m_run, m_safe)), "alpha")
@@ -201,7 +210,7 @@ def combine_kernel(fl: Flash):
         b.assign(l_run, b.add(b.mul(l_run, alpha), b.mul(l_s, beta)))
         b.assign(o_run, b.add(b.mul(o_run, alpha), b.mul(o_s, beta)))
         b.assign(m_run, m_new)
-    fl.store_out(b, ev, batch_idx, rows, row_ok, ev_cols, b.let(b.truediv(o_run, l_run), "o"))
+    fl.store_out(b, ev, batch_idx, rows, row_ok, ev_cols, o_run, m_run, l_run)
     return b.kernel(fl.grid(), doc=fl.doc("flash-decoding: combine the splits"), warps=(4,), stages=(1,),
                     presets=tuple(((("BLOCK_M", bm), ("BLOCK_N", 16)), 4, 1) for bm in (16, 32, 64)))
 

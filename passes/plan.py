@@ -17,6 +17,7 @@ from .fusion import FusedGraph, fuse, last_joined
 from .lower_eval import LoweringError
 from .lower_expert import lower_expert
 from .lower_flash import lower_flash
+from .lower_flash_bwd import lower_flash_bwd
 from .lower_lowrank import lower_bsr, lower_lowrank
 from .lower_moe import lower_align, lower_moe_gemm, lower_router
 from .lower_matmul import lower_matmul
@@ -33,6 +34,7 @@ LOWERINGS = {
     "scan": lower_scan,
     "expert": lower_expert,
     "flash": lower_flash,
+    "flash_bwd": lower_flash_bwd,
     "moe": lower_moe_gemm,
     "moe_align": lower_align,
     "router": lower_router,

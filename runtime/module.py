@@ -53,7 +53,7 @@ class CompiledOp:
         self.graph = graph
         self.cache, self.mode = cache, mode
         self._variants: dict = {}
-        self._warned = False
+        self._warned = derived      # derived ops never warn (their op did)
         self.fused = fused
         self.plan = plan if plan is not None else build_plan(fused)
         wrap = torch.library.wrap_triton if mode == "triton_op" else None

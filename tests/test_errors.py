@@ -195,7 +195,7 @@ CASES = [
     Case("keyword-used-as-comparison", "op f(x: f16[M]) -> f16[M] {\n    return where(x = 0.0, x, -x)\n}\n",
          "'where' has no argument 'x'", 2, 18, "x", "to compare, write x == 0.0"),
     Case("missing-required-argument", "op f(x: f16[M, N]) -> f16[M, N] {\n    return cumsum(x)\n}\n",
-         "'cumsum' needs the argument 'axis'", 2, 12, "cumsum(x)", "cumsum(x, axis)"),
+         "'cumsum' needs the argument 'axis'", 2, 12, "cumsum(x)", "cumsum(x, axis, reverse)"),
     Case("keyword-given-twice", "op f(x: f16[M, N]) -> f16[M] {\n    return sum(x, axis=1, axis=1)\n}\n",
          "'sum' gets 'axis' twice", 2, 27, "axis", "sum(x, axis, keepdim)"),
     Case("keyword-after-positional", "op f(x: f16[M, N]) -> f16[M] {\n    return sum(x, 1, axis=1)\n}\n",

@@ -18,7 +18,7 @@ import opforge
 from opforge.ir.types import DType
 from opforge.runtime.inputs import random_inputs
 from opforge.runtime.reference import run_graph
-from opforge.runtime.tolerances import assert_close, tolerance_for
+from opforge.runtime.tolerances import assert_close, gradient_tolerance_for
 
 from .kernel_helpers import as_list, call_args, typed, unique_namespace
 from .test_kernels_builtins import CASES
@@ -121,7 +121,7 @@ def _check_against_reference(op, sizes, prepare=None, seed=0):
     want = torch.autograd.grad(refs, [values[p.name] for p in op.graph.params
                                       if isinstance(values[p.name], torch.Tensor) and values[p.name].requires_grad],
                                cots, allow_unused=True)
-    tol = tolerance_for(op.graph)
+    tol = gradient_tolerance_for(op.graph)
     for p, g, w in zip([p for p in op.graph.params if p.name in op.gradients.params], got, want):
         if w is None:
             assert g is None or not g.any(), p.name
@@ -142,3 +142,114 @@ def test_builtin_gradients_against_the_reference(case, name, dtype):
     op = getattr(compiled_in(case.template, dtype, f"gr_{case.name}"), name)
     assert op.gradients.differentiable
     _check_against_reference(op, small(case.sizes), prepare_of(case))
+
+
+# -- the examples -------------------------------------------------------------------------------
+from pathlib import Path  # noqa: E402
+
+from opforge.frontend import load_program  # noqa: E402
+
+from .test_kernels_examples import AWKWARD, FILES  # noqa: E402
+
+EXAMPLE_OPS = [(f, name) for f in FILES for name, g in load_program(f).graphs.items()
+               if any(p.is_tensor and p.value.type.dtype.is_float for p in g.params)]
+
+
+def _example(path: Path, dtype):
+    key = (str(path), str(dtype))
+    if key not in _MODULES:
+        _MODULES[key] = opforge.compile(path, namespace=unique_namespace(f"gx_{path.stem}"), dtype=dtype)
+    return _MODULES[key]
+
+
+@pytest.mark.parametrize("path, name", EXAMPLE_OPS, ids=[f"{f.stem}-{n}" for f, n in EXAMPLE_OPS])
+def test_example_gradcheck_float64(path, name):
+    op = getattr(_example(path, DType.f64), name)
+    if float_dtypes(op.graph) != {DType.f64}:
+        # an explicit f32 (or f16) inside: finite differences through its roundings mean
+        # nothing; the f32 and f16 test below compares this op's gradients with the reference
+        return _check_against_reference(getattr(_example(path, "f32"), name), AWKWARD[path.stem], seed=1)
+    _, args = grad_inputs(op, AWKWARD[path.stem], seed=1)
+    assert torch.autograd.gradcheck(lambda *a: op(*a), tuple(args), eps=1e-6, atol=1e-5, rtol=1e-3,
+                                    fast_mode=True, check_undefined_grad=False)
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("path, name", EXAMPLE_OPS, ids=[f"{f.stem}-{n}" for f, n in EXAMPLE_OPS])
+def test_example_gradients_against_the_reference(path, name, dtype):
+    op = getattr(_example(path, dtype), name)
+    _check_against_reference(op, AWKWARD[path.stem], seed=2)
+
+
+# -- registration ---------------------------------------------------------------------------------
+SPEC = """
+op norm(x: f32[M, D], w: f32[D], eps: f32 = 1e-5) -> f32[M, D] {
+    return x * rsqrt(mean(x * x, axis=-1, keepdim=true) + eps) * w
+}
+op two(x: f32[M, D]) -> (f32[M, D], f32[M]) { return exp(x) * 0.5, sum(x * x, axis=-1) }
+"""
+
+
+@pytest.mark.parametrize("mode", ["custom_op", "triton_op"])
+def test_opcheck_with_inputs_that_require_grad(mode):
+    mod = opforge.compile(SPEC, namespace=unique_namespace(f"gop_{mode}"), registration=mode)
+    x = torch.randn(5, 33, requires_grad=True)
+    w = torch.randn(33, requires_grad=True)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor") + \
+        (("test_aot_dispatch_dynamic",) if mode == "custom_op" else ())
+    res = torch.library.opcheck(mod.norm.torch_op, (x, w), test_utils=tests)
+    assert set(res.values()) == {"SUCCESS"}, res
+    res = torch.library.opcheck(mod.two.torch_op, (x,), test_utils=tests)
+    assert set(res.values()) == {"SUCCESS"}, res
+
+
+def test_torch_compile_of_forward_and_backward_matches_eager():
+    mod = opforge.compile(SPEC, namespace=unique_namespace("gcomp"))
+    torch._dynamo.reset()
+
+    def loss(x, w):
+        y = mod.norm(x, w)
+        a, s = mod.two(y)
+        return (a * y).sum() + s.mean()
+
+    gen = torch.Generator().manual_seed(0)
+    x0, w0 = torch.randn(7, 33, generator=gen), torch.randn(33, generator=gen)
+    grads = []
+    for fn in (loss, torch.compile(loss, fullgraph=True)):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        fn(x, w).backward()
+        grads.append((x.grad, w.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
+def test_only_the_gradients_asked_for_are_computed():
+    mod = opforge.compile(SPEC, namespace=unique_namespace("gmask"))
+    x = torch.randn(5, 33, requires_grad=True)
+    w = torch.randn(33)                              # frozen: no gradient wanted
+    mod.norm(x, w).sum().backward()
+    assert x.grad is not None and w.grad is None
+    (variant,) = mod.norm.gradients._variants.values()
+    assert variant.wrt == ("x",) and len(variant.backward.graph.outputs) == 1
+    with torch.no_grad():                             # no graph: the plain forward
+        mod.norm(x, w)
+    assert len(mod.norm.gradients._variants) == 1
+
+
+def test_double_backward_is_a_clear_error():
+    mod = opforge.compile(SPEC, namespace=unique_namespace("gdouble"))
+    x = torch.randn(5, 33, requires_grad=True)
+    y = mod.norm(x, torch.randn(33))
+    with pytest.raises(opforge.CallError, match=r"norm\(\).*double backward"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
+def test_backward_kernel_counts():
+    """Attention's backward is 3 kernels (delta, dK/dV, dQ); RMSNorm's ... see the note."""
+    mod = _example(FILES[[f.stem for f in FILES].index("llama")], None)
+    q, k, v = (torch.randn(1, 2, 9, 8, dtype=torch.float16, requires_grad=True) for _ in range(3))
+    mod.attention(q, k, v).sum().backward()
+    (var,) = mod.attention.gradients._variants.values()
+    assert var.forward.kernel_count == 1
+    assert sum(len(lnch.kernels) for step in var.backward.plan.steps for lnch in step[-1:]) == 3
