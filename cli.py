@@ -1,7 +1,7 @@
 """The ``opforge`` command line (click for arguments, rich for terminal output).
 
-    opforge check FILE
-    opforge show FILE --op NAME --stage graph|fused|tile|triton
+    opforge check FILES... [--target sm_90a [--dtype f16,bf16] [--configs all]]
+    opforge show FILE --op NAME --stage graph|fused|tile|triton|ttgir|ptx|sass [--target sm_90a] [--shape ...]
     opforge run FILE --op NAME --shape M=128,D=256 [--dtype f16] [--bench]
     opforge bench [--out results.json] [--plot roofline.png]
     opforge demo [FILES...]
@@ -43,20 +43,59 @@ def main():
 
 
 @main.command()
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--shape", "shape", default=None, help="sizes to compile at, M=128,D=256 (default: the file's "
+              "'# shapes:' line; --target: its '# decode:' and '# prefill:' lines)")
+@click.option("--target", "targets", multiple=True, help="also compile every kernel natively for this GPU "
+              "(sm_80, sm_89, sm_90a; repeatable) and check its resources")
+@click.option("--dtype", "dtypes", default="f16", show_default=True, help="with --target: float dtypes, f16,bf16")
+@click.option("--configs", type=click.Choice(["heuristic", "first", "all"]), default="all", show_default=True,
+              help="with --target: the heuristic config only, it and the autotuner's first candidate, or every candidate")
+@click.option("--markdown", "markdown", type=click.Path(dir_okay=False), default=None,
+              help="with --target: also write the table as markdown here")
+@click.option("--verbose", "-v", is_flag=True, help="with --target: list every note (ptxas warnings, no wgmma)")
 @friendly_errors
-def check(file):
-    """Parse and check FILE; errors print as FILE:LINE:COL with a caret."""
-    from .frontend import load_program
-    from .passes.pipeline import canonical_graph
-    program = load_program(file)
-    for name in program.graphs:
-        canonical_graph(program, name)
-    for name, g in program.graphs.items():
-        params = ", ".join(f"{p.name}: {p.value.type}" + (f" {p.layout}" if p.layout else "") for p in g.params)
-        results = ", ".join(str(t) for t in g.result_types)
-        console.print(f"  [bold]{name}[/]({params}) -> {results}", markup=True)
-    console.print(f"{file}: {len(program.graphs)} op(s), no errors")
+def check(files, shape, targets, dtypes, configs, markdown, verbose):
+    """Check FILES: parse them, then run the pipeline up to kernels (fusion, lowering, codegen; nothing
+    runs). With --target, compile every kernel of every op for that GPU and report registers, spills,
+    shared memory and tensor-core use; exit 1 if a kernel fails to compile, spills, or needs more shared
+    memory than the GPU has. Errors print as FILE:LINE:COL with a caret."""
+    from .runtime.check_pipeline import check_pipeline
+    ok = True
+    for file in files:
+        ok &= check_pipeline(file, shape, console, errors)
+    if targets and ok:
+        ok &= _native_check(files, shape, targets, dtypes, configs, markdown, verbose)
+    sys.exit(0 if ok else 1)
+
+
+def _native_check(files, shape, targets, dtypes, configs, markdown, verbose) -> bool:
+    from .runtime.check_report import rich_table, markdown_table
+    from .runtime.native_check import native_check
+    from .runtime.sizes import parse_shapes
+    from .runtime.targets import target
+    tgts = [target(t) for t in targets]
+    shapes = {"given": parse_shapes(shape)} if shape else None
+    res = native_check(list(files), tgts, dtypes=tuple(d for d in dtypes.split(",") if d), which=configs,
+                       shapes=shapes, progress=console.is_terminal)
+    console.print(rich_table(res.rows))
+    if markdown:
+        from pathlib import Path
+        Path(markdown).write_text(markdown_table(res.rows))
+    for e in res.errors:
+        errors.print(f"{e.file}: {e.op} ({e.dtype}, {e.shape}): not compiled: {e.message}", markup=False)
+    for p in res.problems:
+        errors.print(f"error: {p}", markup=False)
+    shown = res.notes if verbose else res.notes[:10]
+    for n in shown:
+        console.print(f"note: {n}", markup=False)
+    if len(res.notes) > len(shown):
+        console.print(f"note: ... and {len(res.notes) - len(shown)} more notes (--verbose lists them)")
+    kernels = len({(c.kernel.name, c.dtype) for c in res.cases})
+    console.print(f"{len(res.cases)} compile(s) of {kernels} kernel(s) for {', '.join(t.name for t in tgts)} "
+                  f"({res.compiled} compiled, the rest from the cache): "
+                  + ("no problems" if res.ok else f"{len(res.problems)} problem(s)"))
+    return res.ok
 
 
 @main.command()

@@ -120,6 +120,18 @@ def _block_volume(cfg: Config) -> int:
     return n
 
 
+def tuning_candidates(k: TileKernel, bindings, limits: Limits) -> list[Config]:
+    """The configurations the autotuner times at these sizes: the space, less those that cannot
+    fit and blocks far larger than the problem."""
+    fitting = [c for c in space(k, bindings) if fits(k, c, bindings, limits)[0]]
+    out = [c for c in fitting if useful(k, c, bindings)]
+    if not out and fitting:
+        # every block outgrows the problem (one query row, N <= 16): the smallest still run
+        smallest = min(_block_volume(c) for c in fitting)
+        out = [c for c in fitting if _block_volume(c) == smallest]
+    return out
+
+
 def bucket(bindings) -> str:
     return ",".join(f"{k}={next_pow2(int(v))}" for k, v in sorted(bindings.items()))
 
@@ -199,12 +211,7 @@ class Autotuner:
 
     def tune(self, k: TileKernel, bindings, make_run: Callable[[Config], Callable]) -> tuple[Config | None, TuneReport]:
         report = TuneReport(k.name, bucket(bindings))
-        fitting = [c for c in space(k, bindings) if fits(k, c, bindings, self.limits)[0]]
-        candidates = [c for c in fitting if useful(k, c, bindings)]
-        if not candidates and fitting:
-            # every block outgrows the problem (one query row, N <= 16): the smallest still run
-            smallest = min(_block_volume(c) for c in fitting)
-            candidates = [c for c in fitting if _block_volume(c) == smallest]
+        candidates = tuning_candidates(k, bindings, self.limits)
         report.pruned = len(space(k, bindings)) - len(candidates)
         if not candidates:
             return None, report
