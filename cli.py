@@ -21,6 +21,7 @@ console = Console(highlight=False, soft_wrap=True)
 errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
 STAGES = ("graph", "fused", "tile", "triton")
+NATIVE_STAGES = ("ttgir", "ptx", "sass")
 
 
 def friendly_errors(fn):
@@ -101,11 +102,16 @@ def _native_check(files, shape, targets, dtypes, configs, markdown, verbose) -> 
 @main.command()
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--op", "op_name", required=True, help="the op to show")
-@click.option("--stage", type=click.Choice(STAGES), default="graph", show_default=True)
-@click.option("--shape", "shape", default=None, help="sizes for stages that depend on them, M=128,D=256")
+@click.option("--stage", type=click.Choice(STAGES + NATIVE_STAGES), default="graph", show_default=True)
+@click.option("--shape", "shape", default=None, help="sizes for stages that depend on them, M=128,D=256 (native "
+              "stages default to the file's '# prefill:' line, else its '# shapes:' line)")
+@click.option("--target", "target", default="sm_90a", show_default=True,
+              help="the GPU of the native stages (ttgir, ptx, sass): sm_80, sm_89, sm_90a")
+@click.option("--kernel", "kernel", default=None, help="native stages: only the kernels whose name contains this")
 @friendly_errors
-def show(file, op_name, stage, shape):
-    """Print one stage of the compilation of an op."""
+def show(file, op_name, stage, shape, target, kernel):
+    """Print one stage of the compilation of an op. ttgir, ptx and sass compile the op's kernels for
+    --target at their heuristic config (no GPU needed)."""
     from .frontend import get_op, load_program
     from .passes.pipeline import canonical_graph
     program = load_program(file)
@@ -116,7 +122,37 @@ def show(file, op_name, stage, shape):
         return
     from .runtime.module import compile_module
     mod = compile_module(file, ops=[op_name])
+    if stage in NATIVE_STAGES:
+        _show_native(file, getattr(mod, op_name), stage, shape, target, kernel)
+        return
     console.print(getattr(mod, op_name).stage_text(stage), markup=False, soft_wrap=True)
+
+
+def _show_native(file, op, stage, shape, target, kernel):
+    from .runtime.binding import CallError
+    from .runtime.native import NativeCompiler
+    from .runtime.sizes import file_directive, file_shapes, parse_shapes
+    from .runtime.sweep import op_cases
+    from .runtime.targets import target as target_of
+    sizes = {**file_shapes(file), **file_directive(file, "prefill"), **parse_shapes(shape)}
+    missing = [s for s in op.graph.symbols if s not in sizes]
+    if missing:
+        raise CallError(f"{op.name}: give the sizes {', '.join(missing)} with --shape")
+    cases = [c for c in op_cases(op, {s: sizes[s] for s in op.graph.symbols}, [target_of(target)], which="heuristic")
+             if kernel is None or kernel in c.kernel.name]
+    for c, r in zip(cases, NativeCompiler(op.cache).compile([c.job for c in cases])):
+        head = f"{c.kernel.name} for {r.target} at {c.config} ({', '.join(f'{k}={v}' for k, v in c.bindings)})"
+        console.print(f"// ---- {head} ----", markup=False)
+        if not r.ok:
+            console.print(f"// does not compile: {r.error}", markup=False)
+            continue
+        x = r.resources
+        console.print(f"// {x.registers} registers, {x.spill_stores} B spill stores, {x.spill_loads} B spill loads, "
+                      f"{x.stack} B stack, {x.shared} B shared memory, tensor cores: {x.tensor_core_text()}, "
+                      f"async loads: {', '.join(x.loads) or 'none'}", markup=False)
+        for w in x.warnings:
+            console.print(f"// {w}", markup=False)
+        console.print(r.stage(stage), markup=False, soft_wrap=True)
 
 
 @main.command()

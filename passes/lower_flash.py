@@ -138,6 +138,9 @@ class Flash:
             g.append(GridDim.of(SPLIT_MAX))
         return g
 
+    def extents(self) -> tuple:
+        return (("BLOCK_M", self.S), ("BLOCK_N", self.T))
+
     def doc(self, what: str) -> str:
         return (f"{self.group.name} ({what})" + (", causal" if self.causal else "")
                 + (", masked" if self.mask is not None else ""))
@@ -154,7 +157,7 @@ def full_kernel(fl: Flash):
     b.comment("epilogue: normalise and store")
     fl.store_out(b, ev, batch_idx, rows, row_ok, ev_cols, b.let(b.truediv(acc, l_i), "o"))
     return b.kernel(fl.grid(), doc=fl.doc("flash attention: online softmax over key blocks"),
-                    warps=(4, 8), stages=(2, 3, 4), presets=_presets())
+                    warps=(4, 8), stages=(2, 3, 4), presets=_presets(), extents=fl.extents())
 
 
 def _scratch_ptr(b: TileBuilder, name: str, idx) -> TExpr:
@@ -178,7 +181,7 @@ def split_kernel(fl: Flash):
     b.store(_scratch_ptr(b, fl.l_buf, (s, pid_b, rows)), l_i, live)
     b.store(_scratch_ptr(b, fl.o_buf, (s, pid_b, rows, ev_cols)), acc, b.and_(live, b.lt(ev_cols, b.size(fl.Ev))))
     return b.kernel(fl.grid(split=True), doc=fl.doc("flash-decoding: one split of the keys"),
-                    warps=(4, 8), stages=(2, 3), presets=_presets())
+                    warps=(4, 8), stages=(2, 3), presets=_presets(), extents=fl.extents())
 
 
 def combine_kernel(fl: Flash):

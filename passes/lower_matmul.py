@@ -184,6 +184,9 @@ class Gemm:
             grid.append(GridDim.of(prod(self.batch)))
         return grid
 
+    def extents(self) -> tuple:
+        return (("BLOCK_M", self.M), ("BLOCK_N", self.N), ("BLOCK_K", self.K))
+
     def doc(self, what: str) -> str:
         extra = len(self.group.nodes) - len(self.mms)
         return (f"{self.group.name} ({what}): [{self.M}, {self.K}] @ [{self.K}, {self.N}] tiles, batch {list(self.batch)}"
@@ -215,7 +218,8 @@ def full_gemm(gm: Gemm):
     accs = gm.accumulators(b)
     gm.k_loop(b, ev, batch_idx, rows, cols, accs, 0)
     gm.epilogue(b, ev, batch_idx, rows, cols, accs)
-    return b.kernel(gm.grid(), doc=gm.doc("matmul"), warps=(4, 8), stages=(2, 3, 4), presets=gemm_presets())
+    return b.kernel(gm.grid(), doc=gm.doc("matmul"), warps=(4, 8), stages=(2, 3, 4), presets=gemm_presets(),
+                    extents=gm.extents())
 
 
 def split_partial(gm: Gemm):
@@ -238,7 +242,8 @@ def split_partial(gm: Gemm):
         b.store(address(b, gm.partials, DType.f32, [b.const(i), s] + list(batch_idx) + [rows, cols]), acc, out_mask)
     # SPLIT_MAX programs on the third axis: those past SPLIT_K find an empty K range
     grid = [GridDim(((gm.M, "BLOCK_M"), (gm.N, "BLOCK_N"))), GridDim.of(prod(gm.batch)), GridDim.of(SPLIT_MAX)]
-    return b.kernel(grid, doc=gm.doc("split-K partial GEMM"), warps=(4, 8), stages=(2, 3, 4), presets=gemm_presets())
+    return b.kernel(grid, doc=gm.doc("split-K partial GEMM"), warps=(4, 8), stages=(2, 3, 4), presets=gemm_presets(),
+                    extents=gm.extents())
 
 
 def split_reduce(gm: Gemm):

@@ -90,7 +90,8 @@ def lower_router(fg: FusedGraph, group: Group) -> list:
             _store_at(b, fg.buffer(group, idx_out), DType.i32, (rows, b.const(j)), b.cast(best[j][1], DType.i32),
                       row_ok)
     kernel = b.kernel([GridDim.of(T, "BLOCK_M")], doc=f"{group.name} (router): logits, top-{k}"
-                      + (", softmax of the chosen" if softmax else ""), warps=(4, 8), stages=(2, 3))
+                      + (", softmax of the chosen" if softmax else ""), warps=(4, 8), stages=(2, 3),
+                      extents=(("BLOCK_M", T), ("BLOCK_K", D)))
     return [(kernel, E, 1024)]
 
 
@@ -220,5 +221,6 @@ def lower_moe_gemm(fg: FusedGraph, group: Group) -> list:
                     for bn, bk, w, st in ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4), (64, 128, 4, 3),
                                           (32, 64, 2, 4), (256, 64, 8, 3)))
     kernel = b.kernel(grid, doc=f"{group.name} (grouped expert GEMM, {len(gemms)} weight(s)"
-                      + (", gated combine" if combine else "") + ")", warps=(4, 8), stages=(2, 3, 4), presets=presets)
+                      + (", gated combine" if combine else "") + ")", warps=(4, 8), stages=(2, 3, 4), presets=presets,
+                      extents=(("BLOCK_N", N), ("BLOCK_K", K)))
     return [(kernel, None, 0)]

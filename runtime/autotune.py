@@ -2,9 +2,12 @@
 
 For a kernel at given sizes: the space is every combination of its free tunables' candidates,
 warps and pipeline stages (a tunable that covers an extent is fixed by it). Configurations that
-cannot fit are pruned first, by estimates of shared memory (the operand tiles a K loop keeps in
-flight) and registers (accumulator and tile elements per thread), and so are blocks far larger
-than the problem. The rest are timed with triton.testing.do_bench on the call's own arguments;
+cannot fit are pruned first, by estimates of shared memory (every tile a loop keeps in flight,
+in the type it is loaded as) and registers (accumulators and the K loop's live tiles, a
+dequantisation's temporaries included; runtime/estimate.py), and so are blocks far larger than
+the problem. Then the compiler has its say (NativePrune): the candidates are compiled for the
+GPU (runtime/native.py, cached on disk) and those that spill or need more shared memory than
+the GPU has are dropped and reported (OPFORGE_NATIVE_PRUNE=0 skips this). The rest are timed with triton.testing.do_bench on the call's own arguments;
 a configuration that fails to compile or launch is skipped and reported, never fatal. The winner
 is persisted in the kernel's cache entry (``tuned.json``) per shape bucket (each size rounded up
 to a power of two); the cache key already holds the device and the versions. Progress shows on
@@ -61,28 +64,32 @@ def space(k: TileKernel, bindings) -> list[Config]:
 
 
 def dot_count(k: TileKernel) -> int:
-    from ..ir.tile import walk, Let
-    n = 0
-    for s in walk(k.body):
-        if isinstance(s, Let) and s.value.op == "dot":
-            n += 1
-    return n
+    """tl.dot calls in the kernel (a dot inside a larger expression counts: attention's scores)."""
+    from .estimate import _dots
+    return len(_dots(k.body))
 
 
-def fits(k: TileKernel, cfg: Config, bindings, limits: Limits, itemsize: int = 2) -> tuple[bool, str]:
-    """Whether a configuration can run well: (ok, why not)."""
+# prune a config whose estimated registers per thread exceed this share of the hardware's 255:
+# the estimate counts accumulators and the K loop's live tiles (runtime/estimate.py)
+REGISTER_SHARE = 1.0
+
+
+def fits(k: TileKernel, cfg: Config, bindings, limits: Limits, itemsize: int | None = None) -> tuple[bool, str]:
+    """Whether a configuration can run well: (ok, why not), from the static estimates of shared
+    memory and registers (runtime/estimate.py; ``itemsize`` is unused: the kernel's loads say
+    what they read)."""
+    from .estimate import registers, shared_memory
     v = cfg.as_dict()
     threads = 32 * cfg.num_warps
-    bm, bn, bk = v.get("BLOCK_M", 1), v.get("BLOCK_N", 1), v.get("BLOCK_K")
-    if bk is not None:
-        dots = max(1, dot_count(k))
-        smem = (bm * bk + dots * bk * bn) * itemsize * max(cfg.num_stages, 1)
-        if smem > limits.shared_memory:
-            return False, f"shared memory {smem} B > {limits.shared_memory} B"
-        regs = dots * bm * bn / threads          # f32 accumulators per thread
-        if regs > limits.registers_per_thread * 0.6:
-            return False, f"{regs:.0f} accumulator registers per thread"
+    smem = shared_memory(k, cfg)
+    if smem > limits.shared_memory:
+        return False, f"shared memory {smem} B (estimated) > {limits.shared_memory} B"
+    if dot_count(k):
+        regs = registers(k, cfg)
+        if regs > limits.registers_per_thread * REGISTER_SHARE:
+            return False, f"{regs:.0f} registers per thread (estimated) > {limits.registers_per_thread * REGISTER_SHARE:.0f}"
     else:
+        bm, bn = v.get("BLOCK_M", 1), v.get("BLOCK_N", 1)
         if bm * bn / threads > 128:
             return False, f"{bm * bn // threads} tile elements per thread"
     return True, ""
@@ -143,16 +150,47 @@ class TuneReport:
     tried: int = 0
     pruned: int = 0
     failed: list = field(default_factory=list)
+    dropped: list = field(default_factory=list)   # (config, why): compiled, and spilled or overflowed
     best: Config | None = None
     best_ms: float | None = None
 
 
+class NativePrune:
+    """Compiles candidates for the GPU before they are timed (runtime/native.py, cached on disk)
+    and says which to drop: those that spill or need more shared memory than the GPU has."""
+
+    def __init__(self, cache, target=None):
+        from .native import NativeCompiler
+        from .targets import device_target
+        self.compiler = NativeCompiler(cache)
+        self.target = target or device_target()
+
+    def __call__(self, k: TileKernel, cfgs: list[Config], args, entry: Path) -> dict[Config, str]:
+        from .native import call_job
+        results = self.compiler.compile([call_job(k, c, self.target, args, entry) for c in cfgs])
+        out = {}
+        for c, r in zip(cfgs, results):
+            # a config that does not compile is left to the timing loop, which skips and reports it
+            why = [p for p in r.problems(self.target) if r.ok]
+            if why:
+                out[c] = "; ".join(why)
+        return out
+
+
+def native_prune_enabled() -> bool:
+    return os.environ.get("OPFORGE_NATIVE_PRUNE", "1") != "0"
+
+
 class Autotuner:
-    def __init__(self, cache, *, timer: Callable | None = None, limits: Limits | None = None, progress: bool = True):
+    def __init__(self, cache, *, timer: Callable | None = None, limits: Limits | None = None, progress: bool = True,
+                 prune: Callable | None = None):
+        """``prune(kernel, configs, args, entry) -> {config: why}``: configs to drop after
+        compiling them (NativePrune on a GPU; None skips the step)."""
         self.cache = cache
         self.timer = timer or _do_bench
         self.limits = limits or Limits.of_device()
         self.progress = progress
+        self.prune = prune
         self.reports: list[TuneReport] = []
         self._memo: dict = {}
 
@@ -170,11 +208,12 @@ class Autotuner:
             self._memo[memo_key] = cfg
             return cfg
         if _tracing(args):
-            return heuristic_config(k, bindings)
-        cfg, report = self.tune(k, bindings, lambda c: _launcher(fn, grid_of(launch, bindings, c), args, c, reset))
+            return heuristic_config(k, bindings, self.limits)
+        cfg, report = self.tune(k, bindings, lambda c: _launcher(fn, grid_of(launch, bindings, c), args, c, reset),
+                                args=args, entry=entry)
         self.reports.append(report)
         if cfg is None:
-            cfg = heuristic_config(k, bindings)
+            cfg = heuristic_config(k, bindings, self.limits)
         else:
             data = self.cache.read_json(entry, TUNED)
             data[key] = {"values": list(cfg.values), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
@@ -209,9 +248,16 @@ class Autotuner:
         self._memo[memo_key] = best
         return best
 
-    def tune(self, k: TileKernel, bindings, make_run: Callable[[Config], Callable]) -> tuple[Config | None, TuneReport]:
+    def tune(self, k: TileKernel, bindings, make_run: Callable[[Config], Callable], args=None,
+             entry: Path | None = None) -> tuple[Config | None, TuneReport]:
         report = TuneReport(k.name, bucket(bindings))
         candidates = tuning_candidates(k, bindings, self.limits)
+        if self.prune is not None and entry is not None and candidates:
+            dropped = self.prune(k, candidates, args, entry)
+            report.dropped = [(str(c), why) for c, why in dropped.items()]
+            for c, why in report.dropped:
+                print(f"opforge autotune: {k.name}: dropped {c}: {why}", file=sys.stderr)
+            candidates = [c for c in candidates if c not in dropped]
         report.pruned = len(space(k, bindings)) - len(candidates)
         if not candidates:
             return None, report

@@ -139,3 +139,11 @@ def markdown_table(rows: list[Row]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(c.replace("|", "/") for c in _cells(row)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def plain_table(rows: list[Row], headers=HEADERS) -> str:
+    """The table as aligned plain text (explain())."""
+    cells = [list(headers)] + [_cells(r) for r in rows]
+    keep = [i for i, h in enumerate(headers) if h not in ("op", "target")]
+    widths = [max(len(c[i]) for c in cells) for i in keep]
+    return "\n".join("  ".join(c[i].ljust(w) for i, w in zip(keep, widths)).rstrip() for c in cells)

@@ -198,6 +198,26 @@ def launch_args(k: TileKernel, buffers: Mapping, bindings: Mapping[str, int]) ->
     return tuple(out)
 
 
+def call_args(args) -> tuple:
+    """The binder's view of a real launch's arguments (the autotuner on a GPU): tensors by dtype
+    and whether their address is 16-byte aligned, numbers as they are."""
+    out = []
+    for a in args:
+        if hasattr(a, "data_ptr"):
+            out.append(("ptr", str(a.dtype).removeprefix("torch."), a.data_ptr() % 16 == 0))
+        elif isinstance(a, bool):
+            out.append(("bool", a))
+        elif isinstance(a, float):
+            out.append(("float", a))
+        else:
+            out.append(("int", int(a)))
+    return tuple(out)
+
+
+def call_job(k: TileKernel, cfg: Config, tgt: Target, args, entry: Path) -> Job:
+    return Job(k, cfg, tgt, call_args(args), entry / SOURCE)
+
+
 def make_job(k: TileKernel, cfg: Config, tgt: Target | str, buffers: Mapping, bindings: Mapping[str, int],
              cache: KernelCache) -> Job:
     from .loader import kernel_key, source_of
@@ -214,7 +234,10 @@ class NativeCompiler:
 
     def __init__(self, cache: KernelCache, workers: int | None = None):
         self.cache = cache
-        self.root = cache.root / "native"
+        # OPFORGE_NATIVE_CACHE_DIR keeps compiled results across kernel caches (the test suite
+        # makes a fresh kernel cache per session; the CI sweep reuses its compiles)
+        forced = os.environ.get("OPFORGE_NATIVE_CACHE_DIR")
+        self.root = Path(forced) if forced else cache.root / "native"
         self.workers = workers or int(os.environ.get("OPFORGE_NATIVE_WORKERS", "0") or 0) or (os.cpu_count() or 1)
 
     def _paths(self, key: str) -> tuple[Path, Path]:

@@ -34,14 +34,15 @@ _modules: dict[str, object] = {}
 
 
 class _Pointer:
-    """What the binder needs of a tensor argument: its dtype and an aligned address."""
+    """What the binder needs of a tensor argument: its dtype and an address (16-byte aligned,
+    as CUDA allocations are, unless the launch's tensor was not)."""
 
-    def __init__(self, dtype):
+    def __init__(self, dtype, aligned: bool = True):
         self.dtype = dtype
+        self.address = (1 << 20) + (0 if aligned else 2)
 
-    @staticmethod
-    def data_ptr() -> int:
-        return 1 << 20
+    def data_ptr(self) -> int:
+        return self.address
 
 
 def _load(source: str):
@@ -58,9 +59,9 @@ def _load(source: str):
 
 def _arg(spec):
     import torch
-    kind, value = spec
+    kind, value = spec[:2]
     if kind == "ptr":
-        return _Pointer(getattr(torch, value))
+        return _Pointer(getattr(torch, value), spec[2] if len(spec) > 2 else True)
     if kind == "float":
         return float(value)
     if kind == "bool":

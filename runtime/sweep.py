@@ -113,8 +113,8 @@ def launched_kernels(plan, bindings) -> list[TileKernel]:
     return out
 
 
-def grid_is_empty(k: TileKernel, bindings, cfg: Config) -> bool:
-    vals = cfg.as_dict()
+def grid_is_empty(k: TileKernel, bindings) -> bool:
+    """A launch with no programs (a zero-sized extent) is skipped by the executor."""
     for gd in k.grid:
         for extent, block in gd.parts:
             if evaluate(extent, bindings) == 0:
@@ -124,9 +124,9 @@ def grid_is_empty(k: TileKernel, bindings, cfg: Config) -> bool:
 
 def configs_of(k: TileKernel, bindings, tgt: Target, which: str) -> list[tuple[str, Config]]:
     """``which``: "heuristic", "first" (the heuristic and the first candidate) or "all"."""
-    out = [("heuristic", heuristic_config(k, bindings))]
+    limits = Limits(shared_memory=tgt.shared_memory, registers_per_thread=tgt.registers_per_thread)
+    out = [("heuristic", heuristic_config(k, bindings, limits))]
     if which != "heuristic":
-        limits = Limits(shared_memory=tgt.shared_memory, registers_per_thread=tgt.registers_per_thread)
         cands = tuning_candidates(k, bindings, limits)
         for c in cands[:1] if which == "first" else cands:
             if all(c != seen for _, seen in out):
@@ -164,17 +164,25 @@ def sweep(files, targets: list[Target], *, dtypes=("f16",), shapes: Mapping[str,
                         continue
                     bindings = {s: sizes[s] for s in op.graph.symbols}
                     try:
-                        v = variant(op, bindings)
+                        cases += op_cases(op, bindings, targets, which=which, cache=cache, file=str(f),
+                                          dtype=dtype, shape=shape_name)
                     except Exception as e:      # a spec that cannot be compiled at these sizes
                         errors.append(SweepError(str(f), name, dtype, shape_name, f"{type(e).__name__}: {e}"))
-                        continue
-                    vb = {s: bindings[s] for s in v.graph.symbols}
-                    for k in launched_kernels(v.plan, vb):
-                        for tgt in targets:
-                            for role, cfg in configs_of(k, vb, tgt, which):
-                                if grid_is_empty(k, vb, cfg):
-                                    continue
-                                job = make_job(k, cfg, tgt, v.plan.buffers, vb, cache)
-                                cases.append(Case(str(f), name, dtype, shape_name, tuple(vb.items()), k, cfg,
-                                                  role, job, has_dot(k)))
     return cases, errors
+
+
+def op_cases(op, bindings: Mapping[str, int], targets: list[Target], *, which: str = "all", cache=None,
+             file: str = "", dtype: str = "", shape: str = "given") -> list[Case]:
+    """The cases of one compiled op (runtime/module.CompiledOp) at these sizes."""
+    cache = cache or op.cache
+    v = variant(op, bindings)
+    vb = {s: bindings[s] for s in v.graph.symbols}
+    out = []
+    for k in launched_kernels(v.plan, vb):
+        for tgt in targets:
+            for role, cfg in configs_of(k, vb, tgt, which):
+                if grid_is_empty(k, vb):
+                    continue
+                job = make_job(k, cfg, tgt, v.plan.buffers, vb, cache)
+                out.append(Case(file, op.name, dtype, shape, tuple(vb.items()), k, cfg, role, job, has_dot(k)))
+    return out

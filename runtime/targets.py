@@ -35,3 +35,17 @@ def target(name: str) -> Target:
     if key not in TARGETS:
         raise CallError(f"unknown target '{name}'; the targets are {', '.join(TARGETS)}")
     return TARGETS[key]
+
+
+def device_target() -> Target:
+    """The target of the GPU this process runs on (its row of TARGETS, or one made from its
+    compute capability and shared memory)."""
+    import torch
+    major, minor = torch.cuda.get_device_capability()
+    cap = 10 * major + minor
+    for t in TARGETS.values():
+        if t.capability == cap:
+            return t
+    p = torch.cuda.get_device_properties(0)
+    smem = int(getattr(p, "shared_memory_per_block_optin", 0) or 48 * 1024)
+    return Target(f"sm_{cap}", cap, smem, torch.cuda.get_device_name(), ())
