@@ -121,10 +121,13 @@ def show(file, op_name, stage, shape, target, kernel):
         console.print(print_graph(canonical_graph(program, op_name)), markup=False)
         return
     from .runtime.module import compile_module
-    mod = compile_module(file, ops=[op_name])
     if stage in NATIVE_STAGES:
-        _show_native(file, getattr(mod, op_name), stage, shape, target, kernel)
+        from .ir import fp8
+        from .runtime.targets import target as target_of
+        with fp8.for_target(target_of(target).has_fp8):     # the kernels that GPU would get
+            _show_native(file, compile_module(file, ops=[op_name]).ops[op_name], stage, shape, target, kernel)
         return
+    mod = compile_module(file, ops=[op_name])
     console.print(getattr(mod, op_name).stage_text(stage), markup=False, soft_wrap=True)
 
 

@@ -24,7 +24,9 @@ from .lower_matmul import operand_ctx
 from .lower_row import kernel_name, prod, store
 
 LOG2E = 1.4426950408889634
-PRESETS = ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3),
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); 128 query rows take two warpgroups (with one, the
+# [128, head dim] accumulator and the score tile spill at head dim 128)
+PRESETS = ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4),
            (16, 64, 4, 3), (16, 128, 4, 2))
 
 

@@ -72,6 +72,9 @@ def dot_count(k: TileKernel) -> int:
 # prune a config whose estimated registers per thread exceed this share of the hardware's 255:
 # the estimate counts accumulators and the K loop's live tiles (runtime/estimate.py)
 REGISTER_SHARE = 1.0
+# a kernel without dots keeps this many elements of its tile per thread at most: at 128 a fused
+# rotary epilogue (the Llama block's) spills on sm_90a, at 64 it does not
+ROW_ELEMENTS_PER_THREAD = 64
 
 
 def fits(k: TileKernel, cfg: Config, bindings, limits: Limits, itemsize: int | None = None) -> tuple[bool, str]:
@@ -90,7 +93,7 @@ def fits(k: TileKernel, cfg: Config, bindings, limits: Limits, itemsize: int | N
             return False, f"{regs:.0f} registers per thread (estimated) > {limits.registers_per_thread * REGISTER_SHARE:.0f}"
     else:
         bm, bn = v.get("BLOCK_M", 1), v.get("BLOCK_N", 1)
-        if bm * bn / threads > 128:
+        if bm * bn / threads > ROW_ELEMENTS_PER_THREAD:
             return False, f"{bm * bn // threads} tile elements per thread"
     return True, ""
 
@@ -161,12 +164,14 @@ class NativePrune:
 
     def __init__(self, cache, target=None):
         from .native import NativeCompiler
-        from .targets import device_target
         self.compiler = NativeCompiler(cache)
-        self.target = target or device_target()
+        self.target = target          # None: the GPU's, found on first use
 
     def __call__(self, k: TileKernel, cfgs: list[Config], args, entry: Path) -> dict[Config, str]:
         from .native import call_job
+        if self.target is None:
+            from .targets import device_target
+            self.target = device_target()
         results = self.compiler.compile([call_job(k, c, self.target, args, entry) for c in cfgs])
         out = {}
         for c, r in zip(cfgs, results):

@@ -156,6 +156,10 @@ class CompiledOp:
         at = ", ".join(f"{s}={sizes[s]}" for s in self.graph.symbols)
         lines = [f"== resources on {tgt.name} ({tgt.product}, {tgt.shared_memory} B shared memory) at {at} ==",
                  plain_table(rows_of(cases, results))]
+        from ..ir import fp8
+        if fp8.native() != tgt.has_fp8 and any("float8e4nv" in c.job.source.read_text() for c in cases):
+            lines.append(f"note: the fp8 kernels were lowered for this machine; {tgt.name} gets others "
+                         f"(opforge show/check --target {tgt.name} compiles those)")
         lines += [f"problem: {p}" for p in problems_of(cases, results)]
         return "\n".join(lines)
 

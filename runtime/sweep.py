@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from ..ir import fp8
 from ..ir.dims import evaluate
 from ..ir.tile import TIMED_GUARDS, TileKernel
 from .autotune import Limits, tuning_candidates
@@ -153,22 +154,35 @@ def sweep(files, targets: list[Target], *, dtypes=("f16",), shapes: Mapping[str,
         names = [n for n in program.graphs if ops is None or n in ops]
         file_shapes_ = dict(shapes) if shapes is not None else file_sweep_shapes(f)
         for dtype in dtypes:
-            mod = compile_module(f, dtype=dtype, ops=names, cache_dir=cache.root)
-            for name in names:
-                op = mod.ops[name]
-                for shape_name, sizes in file_shapes_.items():
-                    missing = [s for s in op.graph.symbols if s not in sizes]
-                    if missing:
-                        errors.append(SweepError(str(f), name, dtype, shape_name,
-                                                 f"no size for {', '.join(missing)}"))
-                        continue
-                    bindings = {s: sizes[s] for s in op.graph.symbols}
-                    try:
-                        cases += op_cases(op, bindings, targets, which=which, cache=cache, file=str(f),
-                                          dtype=dtype, shape=shape_name)
-                    except Exception as e:      # a spec that cannot be compiled at these sizes
-                        errors.append(SweepError(str(f), name, dtype, shape_name, f"{type(e).__name__}: {e}"))
+            # lowered once per kind of target: an sm_80 kernel decodes fp8 with integers
+            for has_fp8 in sorted({t.has_fp8 for t in targets}, reverse=True):
+                tgts = [t for t in targets if t.has_fp8 == has_fp8]
+                with fp8.for_target(has_fp8):
+                    mod = compile_module(f, dtype=dtype, ops=names, cache_dir=cache.root)
+                    for name in names:
+                        for shape_name, sizes in file_shapes_.items():
+                            cases += _file_op_cases(mod.ops[name], sizes, tgts, which, cache, str(f), dtype,
+                                                    shape_name, errors)
+    errors = list({(e.file, e.op, e.dtype, e.shape, e.message): e for e in errors}.values())
+    cases.sort(key=lambda c: (c.file, c.op, c.dtype, SHAPE_ORDER.get(c.shape, 9), c.kernel.name,
+                              [t.name for t in targets].index(c.job.target.name)))
     return cases, errors
+
+
+SHAPE_ORDER = {name: i for i, name in enumerate(SHAPE_NAMES)}
+
+
+def _file_op_cases(op, sizes, targets, which, cache, file, dtype, shape_name, errors):
+    missing = [s for s in op.graph.symbols if s not in sizes]
+    if missing:
+        errors.append(SweepError(file, op.name, dtype, shape_name, f"no size for {', '.join(missing)}"))
+        return []
+    bindings = {s: sizes[s] for s in op.graph.symbols}
+    try:
+        return op_cases(op, bindings, targets, which=which, cache=cache, file=file, dtype=dtype, shape=shape_name)
+    except Exception as e:      # a spec that cannot be compiled at these sizes
+        errors.append(SweepError(file, op.name, dtype, shape_name, f"{type(e).__name__}: {e}"))
+        return []
 
 
 def op_cases(op, bindings: Mapping[str, int], targets: list[Target], *, which: str = "all", cache=None,

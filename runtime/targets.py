@@ -21,6 +21,11 @@ class Target:
     dot_kinds: tuple[str, ...]     # SASS tensor-core opcodes a 16-bit dot should compile to
     registers_per_thread: int = 255
 
+    @property
+    def has_fp8(self) -> bool:
+        """Triton's float8e4nv exists from sm_89 on (older GPUs decode e4m3 with integers)."""
+        return self.capability >= 89
+
 
 TARGETS = {
     "sm_80": Target("sm_80", 80, 163 * 1024, "A100", ("HMMA",)),

@@ -383,7 +383,7 @@ class RunTimer:
 class SpyTuner(Autotuner):
     """An Autotuner whose timer learns which configuration it is timing."""
 
-    def tune(self, k, bindings, make_run):
+    def tune(self, k, bindings, make_run, **kw):
         def make(cfg):
             run = make_run(cfg)
 
@@ -392,7 +392,7 @@ class SpyTuner(Autotuner):
                 run()
             return wrapped
         self.timer.current = None
-        return super().tune(k, bindings, make)
+        return super().tune(k, bindings, make, **kw)
 
 
 def tuned_call(op, sizes, tmp_path, prefer, *, runs=1, seed=0, tuner=None):
@@ -498,9 +498,7 @@ def test_alternatives_are_timed_whole_and_the_choice_persists(tmp_path):
     """A step whose split-K and plain alternatives both apply: the faster one is chosen, the
     choice is kept per bucket in the cache entry, and a new tuner reuses it without timing."""
     from opforge.runtime.autotune import Autotuner, TUNED
-    from opforge.runtime.autotune import REGISTER_SHARE
-from opforge.runtime.cache import KernelCache
-from opforge.runtime.estimate import registers, shared_memory
+    from opforge.runtime.cache import KernelCache
     src = "op mm(x: f16[M, K], w: f16[N, K]) -> f16[M, N] { return x @ w.T }"
     op = opforge.compile(src, namespace="alt_tune").mm
     step = op.plan.steps[0]
@@ -529,9 +527,7 @@ from opforge.runtime.estimate import registers, shared_memory
 
 def test_a_failing_alternative_is_skipped(tmp_path, capsys):
     from opforge.runtime.autotune import Autotuner
-    from opforge.runtime.autotune import REGISTER_SHARE
-from opforge.runtime.cache import KernelCache
-from opforge.runtime.estimate import registers, shared_memory
+    from opforge.runtime.cache import KernelCache
     src = "op mm2(x: f16[M, K], w: f16[N, K]) -> f16[M, N] { return x @ w.T }"
     op = opforge.compile(src, namespace="alt_tune2").mm2
     step = list(op.plan.steps[0])
