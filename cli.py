@@ -79,7 +79,11 @@ def _native_check(files, shape, targets, dtypes, configs, markdown, verbose) -> 
     shapes = {"given": parse_shapes(shape)} if shape else None
     res = native_check(list(files), tgts, dtypes=tuple(d for d in dtypes.split(",") if d), which=configs,
                        shapes=shapes, progress=console.is_terminal)
-    console.print(rich_table(res.rows))
+    if console.is_terminal:
+        console.print(rich_table(res.rows))
+    else:                      # piped: aligned plain text at full width, one row per line
+        from .runtime.check_report import HEADERS, plain_table
+        console.print(plain_table(res.rows, HEADERS, keep_all=True), markup=False)
     if markdown:
         from pathlib import Path
         Path(markdown).write_text(markdown_table(res.rows))

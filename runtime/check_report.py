@@ -141,9 +141,9 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plain_table(rows: list[Row], headers=HEADERS) -> str:
-    """The table as aligned plain text (explain())."""
+def plain_table(rows: list[Row], headers=HEADERS, keep_all: bool = False) -> str:
+    """The table as aligned plain text (explain(), a piped opforge check)."""
     cells = [list(headers)] + [_cells(r) for r in rows]
-    keep = [i for i, h in enumerate(headers) if h not in ("op", "target")]
+    keep = [i for i, h in enumerate(headers) if keep_all or h not in ("op", "target")]
     widths = [max(len(c[i]) for c in cells) for i in keep]
     return "\n".join("  ".join(c[i].ljust(w) for i, w in zip(keep, widths)).rstrip() for c in cells)
