@@ -72,9 +72,9 @@ def dot_count(k: TileKernel) -> int:
 # prune a config whose estimated registers per thread exceed this share of the hardware's 255:
 # the estimate counts accumulators and the K loop's live tiles (runtime/estimate.py)
 REGISTER_SHARE = 1.0
-# a kernel without dots keeps this many elements of its tile per thread at most: at 128 a fused
-# rotary epilogue (the Llama block's) spills on sm_90a, at 64 it does not
-ROW_ELEMENTS_PER_THREAD = 64
+# a kernel without dots keeps this many elements of its tile per thread at most: the fused
+# rotary epilogue of the Llama block spills at 128 on sm_90a and at 64 on sm_80
+ROW_ELEMENTS_PER_THREAD = 32
 
 
 def fits(k: TileKernel, cfg: Config, bindings, limits: Limits, itemsize: int | None = None) -> tuple[bool, str]:

@@ -90,7 +90,9 @@ def dot_tile(k: TileKernel, bindings, vals: dict) -> tuple[dict, int, int] | Non
     table = FLASH_BUCKETS if flash else DOT_BUCKETS
     m = vals.get("BLOCK_M") or ext.get("BLOCK_M", 1)
     bm, bn, bk, warps, stages = _bucket(table, m)
-    want = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}
+    # grouping rows for L2 reuse only pays with several row blocks (and a 16-row tile of two
+    # accumulators spills a stack slot with GROUP_M = 8 on sm_90a)
+    want = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8 if bm >= 64 else 1}
     for name in ("BLOCK_N", "BLOCK_K"):
         if name in ext and want[name]:      # a short extent: one block over it (>= 16 for tl.dot)
             want[name] = min(want[name], max(16, next_pow2(ext[name])))
