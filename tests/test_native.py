@@ -169,7 +169,7 @@ def test_show_native_stages_and_explain_with_a_target(tmp_path):
     text = op.explain(file=open(tmp_path / "x.txt", "w"), target="sm_90a", sizes=dict(M=64, N=128, K=256))
     assert "== resources on sm_90a (H100, 232448 B shared memory) at M=64, K=256, N=128 ==" in text
     assert re.search(r"lin_k0_matmul\s+64x128x\d+ w4 s\d\s+\d+\s+0\s+\d+K\s+HGMMA\s+cp.async", text), text
-    with pytest.raises(CallError, match=r"give the sizes M, N, K"):
+    with pytest.raises(CallError, match=r"give the sizes M, K, N"):
         op.explain(file=open(tmp_path / "y.txt", "w"), target="sm_90a")
 
 
