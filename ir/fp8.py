@@ -64,6 +64,9 @@ def _detected() -> bool:
     return torch.cuda.get_device_capability() >= (8, 9)
 
 
+native.cache_clear = _detected.cache_clear     # tests switch OPFORGE_FP8 and clear the detection
+
+
 def decode(b, bits):
     """f32 values of u8 e4m3 bit patterns (the pattern 0x7f / 0xff, e4m3's NaN, which packing
     never writes, reads as NaN natively and as 480 emulated)."""

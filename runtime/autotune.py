@@ -106,11 +106,20 @@ def smallest(k: TileKernel, name: str) -> int:
     return min(vals) if vals else 1
 
 
+# a dot kernel with at least this many rows is not timed with row tiles under 64: those run on
+# mma.sync instead of Hopper's wgmma, and the 16- and 32-row ones spill a stack slot on sm_90a
+PREFILL_ROWS = 1024
+
+
 def useful(k: TileKernel, cfg: Config, bindings) -> bool:
     """Blocks more than twice the extent they tile only add masked lanes (down to the smallest
-    block the kernel offers, and to tl.dot's 16)."""
+    block the kernel offers, and to tl.dot's 16); decode-sized row tiles at prefill sizes only
+    lose (PREFILL_ROWS)."""
     from ..ir.dims import evaluate
     v = cfg.as_dict()
+    rows = dict(k.extents).get("BLOCK_M")
+    if rows is not None and dot_count(k) and v.get("BLOCK_M", 64) < 64 and evaluate(rows, bindings) >= PREFILL_ROWS:
+        return False
     for g in k.grid:
         for extent, block in g.parts:
             if block is None:

@@ -57,7 +57,7 @@ HEURISTIC = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
 # (largest M, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Hopper's wgmma needs
 # BLOCK_M >= 64 and whole warpgroups (4 warps); below that the dot runs on mma.sync.
 DOT_BUCKETS = (
-    (16, 16, 64, 64, 4, 4),        # decode: a few rows (split-K fills the GPU)
+    (16, 16, 128, 64, 4, 3),       # decode: a few rows (split-K fills the GPU)
     (64, 64, 128, 32, 4, 4),       # small batches: one warpgroup
     (None, 128, 128, 64, 8, 3),    # prefill: two warpgroups, the tutorial's Hopper tile
 )
