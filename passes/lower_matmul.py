@@ -39,8 +39,8 @@ DOT_MIN = 16   # tl.dot needs every block dimension >= 16
 # compiling every example kernel for sm_90a and sm_80 (tests/test_native_sweep.py): none spills
 # or overflows shared memory. Prefill tiles take whole warpgroups with BLOCK_M >= 64 (wgmma on
 # Hopper); decode tiles are 16 or 32 rows (mma.sync). Dropped after that check: 16x64x128 and
-# 16x32x256 (spill even in a plain GEMM), 16x64x64 (spills with two accumulators), 32x64x32 on 2 warps, 256x128x64 (spills with two
-# accumulators), 64x256 and 128x128x32 on 4 warps (spill with W8A8 and int4).
+# 16x32x256 (spill even in a plain GEMM), 16x64x64, 32x64x32 on 2 warps and 256x128x64 (spill
+# with two accumulators), 64x256 and 128x128x32 on 4 warps (spill with W8A8 and int4).
 GEMM_PRESETS = [
     (128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3), (128, 128, 32, 8, 8, 4), (64, 128, 32, 8, 4, 4),
     (128, 64, 32, 8, 4, 4), (64, 64, 64, 8, 4, 4),

@@ -7,10 +7,10 @@ in the type it is loaded as) and registers (accumulators and the K loop's live t
 dequantisation's temporaries included; runtime/estimate.py), and so are blocks far larger than
 the problem. Then the compiler has its say (NativePrune): the candidates are compiled for the
 GPU (runtime/native.py, cached on disk) and those that spill or need more shared memory than
-the GPU has are dropped and reported (OPFORGE_NATIVE_PRUNE=0 skips this). The rest are timed with triton.testing.do_bench on the call's own arguments;
-a configuration that fails to compile or launch is skipped and reported, never fatal. The winner
-is persisted in the kernel's cache entry (``tuned.json``) per shape bucket (each size rounded up
-to a power of two); the cache key already holds the device and the versions. Progress shows on
+the GPU has are dropped and reported (OPFORGE_NATIVE_PRUNE=0 skips this). The rest are timed
+with triton.testing.do_bench on the call's own arguments; a configuration that fails to compile
+or launch is skipped and reported, never fatal. The winner is persisted in the kernel's cache
+entry (``tuned.json``) per shape bucket (each size rounded up to a power of two); the cache key already holds the device and the versions. Progress shows on
 the terminal while tuning runs. Where a step has several applicable alternatives (split-K or
 not, split-KV or not), each is timed whole and the fastest kept, persisted the same way.
 OPFORGE_AUTOTUNE=0 uses the heuristic choice and each step's first applicable alternative.
@@ -90,7 +90,8 @@ def fits(k: TileKernel, cfg: Config, bindings, limits: Limits, itemsize: int | N
     if dot_count(k):
         regs = registers(k, cfg)
         if regs > limits.registers_per_thread * REGISTER_SHARE:
-            return False, f"{regs:.0f} registers per thread (estimated) > {limits.registers_per_thread * REGISTER_SHARE:.0f}"
+            budget = limits.registers_per_thread * REGISTER_SHARE
+            return False, f"{regs:.0f} registers per thread (estimated) > {budget:.0f}"
     else:
         bm, bn = v.get("BLOCK_M", 1), v.get("BLOCK_N", 1)
         if bm * bn / threads > ROW_ELEMENTS_PER_THREAD:

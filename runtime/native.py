@@ -269,7 +269,8 @@ class NativeCompiler:
         return NativeResult(job.kernel.name, job.target.name, job.config, raw["ok"], raw["error"], res,
                             raw["seconds"], False, record)
 
-    def compile(self, jobs: Iterable[Job], progress: Callable[[NativeResult], None] | None = None) -> list[NativeResult]:
+    def compile(self, jobs: Iterable[Job],
+                progress: Callable[[NativeResult], None] | None = None) -> list[NativeResult]:
         jobs = list(jobs)
         results: list[NativeResult | None] = [None] * len(jobs)
         todo: dict[str, list[int]] = {}
