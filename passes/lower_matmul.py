@@ -50,11 +50,15 @@ GEMM_PRESETS = [
 # GEMMs that compute an operand (dequantise, decode fp8, expand 2:4), accumulate in i32, or
 # keep several accumulators: 128x256 spills there (int4, W8A8, LoRA's chained dot)
 HEAVY_GEMM_PRESETS = [p for p in GEMM_PRESETS if p[:2] != (128, 256)]
+# several accumulators (a gated MLP's gate and up): 128x128 on 8 warps spills 168 B on sm_80
+MULTI_GEMM_PRESETS = [(128, 64, 64, 8, 8, 3), (128, 64, 32, 8, 4, 4), (64, 128, 32, 8, 4, 4), (64, 64, 64, 8, 4, 4)] \
+    + [p for p in GEMM_PRESETS if p[0] < 64]
 
 
-def gemm_presets(heavy: bool = False):
+def gemm_presets(heavy: bool = False, accumulators: int = 1):
+    table = MULTI_GEMM_PRESETS if accumulators > 1 else HEAVY_GEMM_PRESETS if heavy else GEMM_PRESETS
     return tuple(((("BLOCK_M", bm), ("BLOCK_N", bn), ("BLOCK_K", bk), ("GROUP_M", gm)), w, st)
-                 for bm, bn, bk, gm, w, st in (HEAVY_GEMM_PRESETS if heavy else GEMM_PRESETS))
+                 for bm, bn, bk, gm, w, st in table)
 
 
 def f32_precision() -> str:
@@ -230,7 +234,7 @@ def full_gemm(gm: Gemm):
     accs = gm.accumulators(b)
     gm.k_loop(b, ev, batch_idx, rows, cols, accs, 0)
     gm.epilogue(b, ev, batch_idx, rows, cols, accs)
-    return b.kernel(gm.grid(), doc=gm.doc("matmul"), warps=(4, 8), stages=(2, 3, 4), presets=gemm_presets(gm.heavy(ev)),
+    return b.kernel(gm.grid(), doc=gm.doc("matmul"), warps=(4, 8), stages=(2, 3, 4), presets=gemm_presets(gm.heavy(ev), len(gm.mms)),
                     extents=gm.extents())
 
 
@@ -254,7 +258,7 @@ def split_partial(gm: Gemm):
         b.store(address(b, gm.partials, DType.f32, [b.const(i), s] + list(batch_idx) + [rows, cols]), acc, out_mask)
     # SPLIT_MAX programs on the third axis: those past SPLIT_K find an empty K range
     grid = [GridDim(((gm.M, "BLOCK_M"), (gm.N, "BLOCK_N"))), GridDim.of(prod(gm.batch)), GridDim.of(SPLIT_MAX)]
-    return b.kernel(grid, doc=gm.doc("split-K partial GEMM"), warps=(4, 8), stages=(2, 3, 4), presets=gemm_presets(gm.heavy(ev)),
+    return b.kernel(grid, doc=gm.doc("split-K partial GEMM"), warps=(4, 8), stages=(2, 3, 4), presets=gemm_presets(gm.heavy(ev), len(gm.mms)),
                     extents=gm.extents())
 
 

@@ -219,8 +219,7 @@ def lower_moe_gemm(fg: FusedGraph, group: Group) -> list:
     # at most cdiv(T*k, BLOCK_M) + E padded blocks; BLOCK_M <= MOE_BLOCK_MAX makes this a bound
     grid = [GridDim(((T * KSEL + MOE_BLOCK_MAX * E, "BLOCK_M"), (N, "BLOCK_N")))]
     presets = tuple(((("BLOCK_N", bn), ("BLOCK_K", bk)), w, st)
-                    for bn, bk, w, st in ((64, 64, 4, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 128, 4, 3),
-                                          (128, 64, 8, 3)))
+                    for bn, bk, w, st in ((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3)))
     kernel = b.kernel(grid, doc=f"{group.name} (grouped expert GEMM, {len(gemms)} weight(s)"
                       + (", gated combine" if combine else "") + ")", warps=(4, 8), stages=(2, 3, 4), presets=presets,
                       extents=(("BLOCK_N", N), ("BLOCK_K", K)))

@@ -57,7 +57,8 @@ HEURISTIC = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
 # (largest M, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Hopper's wgmma needs
 # BLOCK_M >= 64 and whole warpgroups (4 warps); below that the dot runs on mma.sync.
 DOT_BUCKETS = (
-    (16, 16, 128, 64, 4, 3),       # decode: a few rows (split-K fills the GPU)
+    (16, 32, 64, 64, 4, 4),        # decode: a few rows (split-K fills the GPU); 16-row tiles
+                                   # spill a stack slot in some GEMMs on sm_80 and sm_90a
     (64, 64, 128, 32, 4, 4),       # small batches: one warpgroup
     (None, 128, 128, 64, 8, 3),    # prefill: two warpgroups, the tutorial's Hopper tile
 )
@@ -96,6 +97,8 @@ def dot_tile(k: TileKernel, bindings, vals: dict) -> tuple[dict, int, int] | Non
     for name in ("BLOCK_N", "BLOCK_K"):
         if name in ext and want[name]:      # a short extent: one block over it (>= 16 for tl.dot)
             want[name] = min(want[name], max(16, next_pow2(ext[name])))
+    if dot_count(k) > 1 and not flash and bm >= 128:     # two accumulators: half the columns
+        want["BLOCK_N"] = max(64, want["BLOCK_N"] // 2)
     if "BLOCK_M" in vals:                   # fixed by a rule (MoE): its bucket's warps
         warps = 4 if vals["BLOCK_M"] <= 64 else warps
     out = {}

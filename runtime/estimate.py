@@ -7,8 +7,9 @@ Shared memory, read from the kernel's body as Triton allocates it:
 - every load inside a loop is pipelined: one buffer per stage of the tile the load reads, in the
   pointer's element type (an int4 GEMM's packed bytes, zero points and scales all count, a
   per-column scale only as [1, BLOCK_N]);
-- a dot operand that is computed (dequantised weights, fp8 decoded through integers) is staged
-  through shared memory once more in the dot's type;
+- a dot operand that is computed (dequantised weights, fp8 decoded through integers) or loaded
+  before the loop (attention's query tile) is staged through shared memory once more in the
+  dot's type;
 - besides the pipeline, the largest tile the kernel holds (its accumulator, converted between
   layouts in the epilogue, or a row being reduced) may need a scratch copy: the estimate takes
   the larger of the two, as Triton's allocator reuses the pipeline's buffers after the loop.
@@ -84,6 +85,10 @@ def _is_loaded(e: TExpr, defs: dict) -> bool:
     return e.op == "load"
 
 
+def _name(e: TExpr) -> str | None:
+    return e.name if e.op == "var" else None
+
+
 def shared_memory(k: TileKernel, cfg: Config) -> int:
     v = cfg.as_dict()
     stages = max(cfg.num_stages, 1)
@@ -91,8 +96,11 @@ def shared_memory(k: TileKernel, cfg: Config) -> int:
     pipeline = 0
     for loop in _loops(k):
         per_stage = sum(_elems(x.shape, v) * _itemsize(x.dtype) for x in _loop_loads(loop))
+        inner = {s.var.name for s in walk(loop.body) if isinstance(s, Let)}
+        # computed operands are staged through shared memory, and so are operands loaded before
+        # the loop (attention's query tile)
         staged = sum(_elems(op.shape, v) * _itemsize(op.dtype) for d in _dots(loop.body)
-                     for op in d.args[:2] if not _is_loaded(op, defs))
+                     for op in d.args[:2] if not _is_loaded(op, defs) or _name(op) not in inner)
         pipeline = max(pipeline, per_stage * stages + staged)
     largest = max((_elems(s.var.shape, v) * max(_itemsize(s.var.dtype), 4) for s in walk(k.body)
                    if isinstance(s, Let) and isinstance(s.var.dtype, DType)), default=0)
