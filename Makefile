@@ -7,16 +7,23 @@ STAMP := $(VENV)/.installed
 COMPAT := .venv-triton36
 COMPAT_STAMP := $(COMPAT)/.installed
 
-.PHONY: demo test test-compat setup clean
+.PHONY: demo test test-native test-compat setup clean
 demo: $(STAMP)
 	$(VENV)/bin/opforge demo
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -n 2 -q
 
-# the suite again under Triton 3.6 (the GPU image's version), through its interpreter
+# the native check: every example kernel compiled for sm_90a and sm_80 (no GPU needed), with
+# its resources checked; compiled results are cached in the user cache dir, so reruns are fast
+test-native: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -p no:xdist -m native tests/test_native_sweep.py
+
+# the suite again under Triton 3.6 (the GPU image's version), through its interpreter; then the
+# native check with 3.6's compiler (its wheel bundles ptxas too)
 test-compat: $(COMPAT_STAMP)
 	$(COMPAT)/bin/python -m pytest -n 2 -q -p no:cacheprovider -W "ignore:Conversion of an array with ndim:DeprecationWarning"
+	$(COMPAT)/bin/python -m pytest -q -p no:xdist -p no:cacheprovider -m native tests/test_native_sweep.py
 
 setup: $(STAMP)
 

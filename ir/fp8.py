@@ -18,6 +18,7 @@ drops the carry when rounding moves a value up to the next power of two (1.94 ->
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -31,11 +32,29 @@ SUBNORMAL_ROUNDER = 24576.0
 F32_BIAS_DIFF = 127 - 7
 
 
-@functools.lru_cache(maxsize=1)
+_target_native: list = []     # set while lowering for a named GPU (runtime/sweep.py)
+
+
 def native() -> bool:
-    """Whether generated kernels may use tl.float8e4nv. ``OPFORGE_FP8=native|emulate``
-    overrides; otherwise: on a CUDA GPU of compute capability 8.9 or newer, or with no GPU (the
-    interpreter runs the kernels)."""
+    """Whether generated kernels may use tl.float8e4nv. While lowering for a named target
+    (``for_target``), that target's answer; else ``OPFORGE_FP8=native|emulate``; else: on a CUDA
+    GPU of compute capability 8.9 or newer, or with no GPU (the interpreter runs the kernels)."""
+    return _target_native[-1] if _target_native else _detected()
+
+
+@contextlib.contextmanager
+def for_target(has_fp8: bool):
+    """Lower as for a GPU that has (sm_89+) or lacks (sm_80) the fp8 type, whatever this
+    machine is: the native check compiles the kernels that GPU would get."""
+    _target_native.append(has_fp8)
+    try:
+        yield
+    finally:
+        _target_native.pop()
+
+
+@functools.lru_cache(maxsize=1)
+def _detected() -> bool:
     forced = os.environ.get("OPFORGE_FP8", "")
     if forced in ("native", "emulate"):
         return forced == "native"
@@ -43,6 +62,9 @@ def native() -> bool:
     if os.environ.get("OPFORGE_INTERPRET", "") not in ("", "0") or not torch.cuda.is_available():
         return True
     return torch.cuda.get_device_capability() >= (8, 9)
+
+
+native.cache_clear = _detected.cache_clear     # tests switch OPFORGE_FP8 and clear the detection
 
 
 class FP8Unsupported(ValueError):

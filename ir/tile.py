@@ -163,6 +163,9 @@ class TileKernel:
     # explicit candidate configurations ((name, value)..., num_warps, num_stages) replacing the
     # product of the candidates, where that product is too large to time (matmuls)
     presets: tuple = ()
+    # the extent each block size tiles, (("BLOCK_M", M), ("BLOCK_K", K), ...): what the heuristic
+    # config's shape buckets read (runtime/config.py)
+    extents: tuple = ()
 
 
 # -- the host plan ------------------------------------------------------------------------------

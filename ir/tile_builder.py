@@ -100,6 +100,7 @@ class TileBuilder:
         # variables and its tunables. Names are unique by construction, never by luck.
         self.used: set[str] = {self.name}
         self.param_of: dict[tuple, str] = {}
+        self.defs: dict[str, TExpr] = {}     # let-bound (never re-assigned) variables' values
 
     # -- parameters ----------------------------------------------------------------------------
     def _param(self, hint: str, kind: str, dtype, **source) -> TExpr:
@@ -411,6 +412,7 @@ class TileBuilder:
             return expr
         v = var(self.fresh(hint), expr.dtype, expr.shape)
         self.blocks[-1].append(Let(v, expr))
+        self.defs[v.name] = expr
         return v
 
     def assign(self, v: TExpr, expr: TExpr) -> None:
@@ -471,12 +473,13 @@ class TileBuilder:
             self.blocks[-1].append(For(i, self.lift(start), self.lift(stop), self.lift(step), tuple(body)))
 
     # -- the kernel ----------------------------------------------------------------------------
-    def kernel(self, grid: Iterable[GridDim], doc: str = "", warps=(4,), stages=(1,), presets=()) -> TileKernel:
+    def kernel(self, grid: Iterable[GridDim], doc: str = "", warps=(4,), stages=(1,), presets=(),
+               extents=()) -> TileKernel:
         assert len(self.blocks) == 1, "unclosed loop"
         order = {"ptr": 0, "size": 1, "stride": 2, "scalar": 3}
         params = sorted(self.params.values(), key=lambda p: order[p.kind])
         return TileKernel(self.name, tuple(params), tuple(self.tunables.values()), tuple(grid),
-                          tuple(self.blocks[0]), doc, tuple(warps), tuple(stages), tuple(presets))
+                          tuple(self.blocks[0]), doc, tuple(warps), tuple(stages), tuple(presets), tuple(extents))
 
 
 def _is_zero(e: TExpr) -> bool:

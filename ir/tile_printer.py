@@ -62,6 +62,8 @@ def print_kernel(k: TileKernel) -> str:
     grid = ", ".join(" * ".join(f"cdiv({format_dim(e)}, {blk})" if blk else format_dim(e) for e, blk in g.parts)
                      for g in k.grid)
     lines.append(f"  grid: ({grid},)" if len(k.grid) == 1 else f"  grid: ({grid})")
+    if k.extents:
+        lines.append("  tiles: " + ", ".join(f"{blk} over {format_dim(d)}" for blk, d in k.extents))
     lines.extend(fmt_stmts(k.body, 1))
     return "\n".join(lines)
 

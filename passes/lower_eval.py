@@ -23,7 +23,7 @@ from ..ir.dims import Dim
 from ..ir.graph import Node, Value
 from ..ir.registry import Kind
 from ..ir.tile import TExpr
-from ..ir.tile_builder import TileBuilder
+from ..ir.tile_builder import TileBuilder, broadcast
 from ..ir.types import DType, ScalarType
 from .fusion import FusedGraph, Group, node_class
 
@@ -118,7 +118,19 @@ class Evaluator:
         name = self.fg.names[v]
         self.loads.add(name)
         ptr = address(self.b, name, v.type.dtype, ctx.idx, v.type.shape)
-        return self.b.let(self.b.load(ptr, ctx.mask), f"{name}_tile")
+        # the tile the indices span (an index along a size-1 axis counts: its mask term says
+        # "index 0 only", though the address ignores it)
+        spanned = ()
+        for i in ctx.idx:
+            if i is not None:
+                spanned = broadcast(spanned, tuple(i.shape))
+        mask = narrow_mask(self.b, ctx.mask, spanned if spanned else ptr.shape)
+        tile = self.b.load(ptr, mask)
+        if mask is not ctx.mask:     # the context's tile shape, as consumers expect (no memory)
+            full = self.b.load(ptr, ctx.mask).shape
+            if tuple(tile.shape) != tuple(full):
+                tile = self.b.broadcast_to(self.b.let(tile, f"{name}_row"), full)
+        return self.b.let(tile, f"{name}_tile")
 
     def pointwise(self, n: Node, ctx: Ctx) -> TExpr:
         out_shape = n.out.type.shape
@@ -134,6 +146,43 @@ class Evaluator:
     # -- helpers for templates -----------------------------------------------------------------
     def size(self, d: Dim) -> TExpr:
         return self.b.size(d)
+
+
+def conjuncts(b: TileBuilder, m: TExpr) -> list[TExpr]:
+    """The terms of a mask that is a chain of ``&`` (through let-bound variables)."""
+    d = b.defs.get(m.name) if m.op == "var" else m
+    if d is not None and d.op == "and" and d.dtype == DType.bool:
+        return conjuncts(b, d.args[0]) + conjuncts(b, d.args[1])
+    return [m]
+
+
+def narrow_mask(b: TileBuilder, mask: TExpr | None, shape: tuple) -> TExpr | None:
+    """The mask of a load whose indices span less than the context (a per-column scale read
+    inside a K loop: indices [1, BLOCK_N], mask [BLOCK_K, BLOCK_N]): without the terms that vary
+    only along axes the indices do not, so the load stays [1, BLOCK_N] instead of a full tile
+    (Triton would pipeline every copy through shared memory). The lanes it now reads are at
+    addresses the kept terms already make valid, and the value is the same along the dropped
+    axes; consumers mask what they reduce or multiply (reductions and computed dot operands go
+    through tl.where)."""
+    if mask is None or not shape or tuple(mask.shape) == tuple(shape):
+        return mask
+    rank = max(len(shape), len(mask.shape))
+    p = (1,) * (rank - len(shape)) + tuple(shape)
+    kept, dropped = [], False
+    for c in conjuncts(b, mask):
+        cs = (1,) * (rank - len(c.shape)) + tuple(c.shape)
+        if all(x == 1 or y != 1 for x, y in zip(cs, p)):
+            kept.append(c)
+        elif all(x == 1 or y == 1 for x, y in zip(cs, p)):
+            dropped = True
+        else:
+            return mask          # a term over the pointer's axes and others: keep it whole
+    if not dropped or not kept:
+        return mask
+    out = kept[0]
+    for c in kept[1:]:
+        out = b.and_(out, c)
+    return out
 
 
 def address(b: TileBuilder, name: str, dtype: DType, idx, shape=None) -> TExpr:

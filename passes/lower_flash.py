@@ -25,7 +25,9 @@ from .lower_row import kernel_name, prod, store
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-PRESETS = ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 4, 3),
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); 128 query rows take two warpgroups (with one, the
+# [128, head dim] accumulator and the score tile spill at head dim 128)
+PRESETS = ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4),
            (16, 64, 4, 3), (16, 128, 4, 2))
 
 
@@ -147,6 +149,9 @@ class Flash:
             g.append(GridDim.of(SPLIT_MAX))
         return g
 
+    def extents(self) -> tuple:
+        return (("BLOCK_M", self.S), ("BLOCK_N", self.T))
+
     def doc(self, what: str) -> str:
         return (f"{self.group.name} ({what})" + (", causal" if self.causal else "")
                 + (", masked" if self.mask is not None else ""))
@@ -163,7 +168,7 @@ def full_kernel(fl: Flash):
     b.comment("epilogue: normalise and store")
     fl.store_out(b, ev, batch_idx, rows, row_ok, ev_cols, acc, m_i, l_i)
     return b.kernel(fl.grid(), doc=fl.doc("flash attention: online softmax over key blocks"),
-                    warps=(4, 8), stages=(2, 3, 4), presets=_presets())
+                    warps=(4, 8), stages=(2, 3, 4), presets=_presets(), extents=fl.extents())
 
 
 def _scratch_ptr(b: TileBuilder, name: str, idx, dtype=DType.f32) -> TExpr:
@@ -187,7 +192,7 @@ def split_kernel(fl: Flash):
     b.store(_scratch_ptr(b, fl.l_buf, (s, pid_b, rows), fl.acc), l_i, live)
     b.store(_scratch_ptr(b, fl.o_buf, (s, pid_b, rows, ev_cols), fl.acc), acc, b.and_(live, b.lt(ev_cols, b.size(fl.Ev))))
     return b.kernel(fl.grid(split=True), doc=fl.doc("flash-decoding: one split of the keys"),
-                    warps=(4, 8), stages=(2, 3), presets=_presets())
+                    warps=(4, 8), stages=(2, 3), presets=_presets(), extents=fl.extents())
 
 
 def combine_kernel(fl: Flash):

@@ -68,11 +68,16 @@ def lower_bsr(fg: FusedGraph, group: Group) -> list:
     _epilogue(b, ev, fg, group, node, lead_idx, rows, cols, n_rows, N, acc)
     nb = row_ptr.type.shape[0] - 1
     kernel = b.kernel([GridDim.of(n_rows, "BLOCK_M"), GridDim.of(nb)],
-                      doc=f"{group.name} (block-sparse matmul, {bs}x{bs} blocks)", warps=(4, 8), stages=(2, 3))
+                      doc=f"{group.name} (block-sparse matmul, {bs}x{bs} blocks)", warps=(4, 8), stages=(2, 3),
+                      extents=(("BLOCK_M", n_rows),))
     return [(kernel, None, 0)]
 
 
 LOWRANK_MAX = 256
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) the autotuner times: decode rows, then
+# warpgroup-sized row tiles (wgmma on Hopper needs BLOCK_M >= 64 and 4 warps per warpgroup)
+LOWRANK_PRESETS = ((16, 64, 128, 4, 3), (16, 128, 64, 4, 3), (32, 64, 64, 4, 3), (64, 64, 64, 4, 3),
+                   (64, 128, 64, 4, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 2))
 
 
 def lower_lowrank(fg: FusedGraph, group: Group) -> list:
@@ -107,5 +112,8 @@ def lower_lowrank(fg: FusedGraph, group: Group) -> list:
                       b.full(("BLOCK_M", "BLOCK_N"), 0.0, DType.f32), precision), "acc")
     _epilogue(b, ev, fg, group, node, lead_idx, rows, cols, n_rows, N, acc)
     kernel = b.kernel([GridDim.of(n_rows, "BLOCK_M"), GridDim.of(N, "BLOCK_N")],
-                      doc=f"{group.name} (low-rank matmul: (x @ v.T) @ u.T)", warps=(4, 8), stages=(2, 3))
+                      doc=f"{group.name} (low-rank matmul: (x @ v.T) @ u.T)", warps=(4, 8), stages=(2, 3),
+                      presets=tuple(((("BLOCK_M", bm), ("BLOCK_N", bn), ("BLOCK_K", bk)), w, st)
+                                    for bm, bn, bk, w, st in LOWRANK_PRESETS),
+                      extents=(("BLOCK_M", n_rows), ("BLOCK_N", N), ("BLOCK_K", K)))
     return [(kernel, R, LOWRANK_MAX)]

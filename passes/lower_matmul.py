@@ -35,19 +35,30 @@ from .lower_row import kernel_name, prod, store
 
 DOT_MIN = 16   # tl.dot needs every block dimension >= 16
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): the Triton matmul tutorial's
-# CUDA configurations, plus small-M ones for decode-shaped products (M of 1 to 16)
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) the autotuner times. Checked by
+# compiling every example kernel for sm_90a and sm_80 (tests/test_native_sweep.py): none spills
+# or overflows shared memory. Prefill tiles take whole warpgroups with BLOCK_M >= 64 (wgmma on
+# Hopper); decode tiles are 16 or 32 rows (mma.sync). Dropped after that check: 16x64x128 and
+# 16x32x256 (spill even in a plain GEMM), 16x64x64, 32x64x32 on 2 warps and 256x128x64 (spill
+# with two accumulators), 64x256 and 128x128x32 on 4 warps (spill with W8A8 and int4).
 GEMM_PRESETS = [
-    (128, 256, 64, 8, 8, 3), (64, 256, 32, 8, 4, 4), (128, 128, 32, 8, 4, 4), (128, 64, 32, 8, 4, 4),
-    (64, 128, 32, 8, 4, 4), (128, 32, 32, 8, 4, 4), (64, 32, 32, 8, 2, 5), (32, 64, 32, 8, 2, 5),
-    (128, 128, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3),
-    (16, 64, 128, 1, 4, 4), (16, 128, 128, 1, 4, 3), (16, 32, 256, 1, 2, 4), (32, 128, 64, 1, 4, 4),
+    (128, 256, 64, 8, 8, 3), (128, 128, 64, 8, 8, 3), (128, 128, 32, 8, 8, 4), (64, 128, 32, 8, 4, 4),
+    (128, 64, 32, 8, 4, 4), (64, 64, 64, 8, 4, 4),
+    (16, 128, 64, 1, 4, 3), (16, 64, 128, 1, 2, 4), (32, 64, 64, 1, 4, 4),
+    (32, 128, 64, 1, 4, 4),
 ]
+# GEMMs that compute an operand (dequantise, decode fp8, expand 2:4), accumulate in i32, or
+# keep several accumulators: 128x256 spills there (int4, W8A8, LoRA's chained dot)
+HEAVY_GEMM_PRESETS = [p for p in GEMM_PRESETS if p[:2] != (128, 256)]
+# several accumulators (a gated MLP's gate and up): 128x128 on 8 warps spills 168 B on sm_80
+MULTI_GEMM_PRESETS = [(128, 64, 64, 8, 8, 3), (128, 64, 32, 8, 4, 4), (64, 128, 32, 8, 4, 4), (64, 64, 64, 8, 4, 4)] \
+    + [p for p in GEMM_PRESETS if p[0] < 64]
 
 
-def gemm_presets():
+def gemm_presets(heavy: bool = False, accumulators: int = 1):
+    table = MULTI_GEMM_PRESETS if accumulators > 1 else HEAVY_GEMM_PRESETS if heavy else GEMM_PRESETS
     return tuple(((("BLOCK_M", bm), ("BLOCK_N", bn), ("BLOCK_K", bk), ("GROUP_M", gm)), w, st)
-                 for bm, bn, bk, gm, w, st in GEMM_PRESETS)
+                 for bm, bn, bk, gm, w, st in table)
 
 
 def f32_precision() -> str:
@@ -87,6 +98,11 @@ class Gemm:
         self.batch = tuple(out.shape[: out.rank - (0 if self.a_vec else 1) - (0 if self.b_vec else 1)])
         self.acc_dt = DType.f32 if self.fp8 else accumulator(self.a.type.dtype)
         self.partials = f"{group.name}_partials"
+
+    def heavy(self, ev: Evaluator) -> bool:
+        """More live state than one plain accumulator over loaded tiles (GEMM_PRESETS)."""
+        computed = not is_plain_load(ev, self.a) or any(not is_plain_load(ev, mm.inputs[1]) for mm in self.mms)
+        return computed or self.fp8 or self.acc_dt.is_int or len(self.mms) > 1 or len(self.group.nodes) > len(self.mms) + 2
 
     def partial_buffer(self) -> Buffer:
         return Buffer(self.partials, DType.f32, (len(self.mms), SPLIT_MAX) + self.batch + (self.M, self.N), "scratch")
@@ -184,6 +200,9 @@ class Gemm:
             grid.append(GridDim.of(prod(self.batch)))
         return grid
 
+    def extents(self) -> tuple:
+        return (("BLOCK_M", self.M), ("BLOCK_N", self.N), ("BLOCK_K", self.K))
+
     def doc(self, what: str) -> str:
         extra = len(self.group.nodes) - len(self.mms)
         return (f"{self.group.name} ({what}): [{self.M}, {self.K}] @ [{self.K}, {self.N}] tiles, batch {list(self.batch)}"
@@ -215,7 +234,8 @@ def full_gemm(gm: Gemm):
     accs = gm.accumulators(b)
     gm.k_loop(b, ev, batch_idx, rows, cols, accs, 0)
     gm.epilogue(b, ev, batch_idx, rows, cols, accs)
-    return b.kernel(gm.grid(), doc=gm.doc("matmul"), warps=(4, 8), stages=(2, 3, 4), presets=gemm_presets())
+    return b.kernel(gm.grid(), doc=gm.doc("matmul"), warps=(4, 8), stages=(2, 3, 4), presets=gemm_presets(gm.heavy(ev), len(gm.mms)),
+                    extents=gm.extents())
 
 
 def split_partial(gm: Gemm):
@@ -238,7 +258,8 @@ def split_partial(gm: Gemm):
         b.store(address(b, gm.partials, DType.f32, [b.const(i), s] + list(batch_idx) + [rows, cols]), acc, out_mask)
     # SPLIT_MAX programs on the third axis: those past SPLIT_K find an empty K range
     grid = [GridDim(((gm.M, "BLOCK_M"), (gm.N, "BLOCK_N"))), GridDim.of(prod(gm.batch)), GridDim.of(SPLIT_MAX)]
-    return b.kernel(grid, doc=gm.doc("split-K partial GEMM"), warps=(4, 8), stages=(2, 3, 4), presets=gemm_presets())
+    return b.kernel(grid, doc=gm.doc("split-K partial GEMM"), warps=(4, 8), stages=(2, 3, 4), presets=gemm_presets(gm.heavy(ev), len(gm.mms)),
+                    extents=gm.extents())
 
 
 def split_reduce(gm: Gemm):

@@ -90,7 +90,8 @@ def lower_router(fg: FusedGraph, group: Group) -> list:
             _store_at(b, fg.buffer(group, idx_out), DType.i32, (rows, b.const(j)), b.cast(best[j][1], DType.i32),
                       row_ok)
     kernel = b.kernel([GridDim.of(T, "BLOCK_M")], doc=f"{group.name} (router): logits, top-{k}"
-                      + (", softmax of the chosen" if softmax else ""), warps=(4, 8), stages=(2, 3))
+                      + (", softmax of the chosen" if softmax else ""), warps=(4,), stages=(2, 3),
+                      extents=(("BLOCK_M", T), ("BLOCK_K", D)))
     return [(kernel, E, 1024)]
 
 
@@ -154,8 +155,9 @@ def lower_align(fg: FusedGraph, group: Group) -> list:
         owner = b.reduce(b.cast(b.and_(b.binop("le", ends, b.mul(blk, BM)), e_ok), DType.i32), 1, "sum")
         _store_at(b, bname, DType.i32, (blk,), owner, b.lt(blk, b.size(n_blocks)))
     _store_at(b, cname, DType.i32, (b.full((1, 1), 0, DType.i32),), b.floordiv(total, BM), None)
+    # 8 warps: with 4, a 1024-slot block's one-hot tile and its cumsum spill on sm_90a
     kernel = b.kernel([GridDim.of(1)], doc=f"{group.name} (align): slots sorted by expert, one program",
-                      warps=(4, 8))
+                      warps=(8,))
     return [(kernel, E, 1024)]
 
 
@@ -217,8 +219,8 @@ def lower_moe_gemm(fg: FusedGraph, group: Group) -> list:
     # at most cdiv(T*k, BLOCK_M) + E padded blocks; BLOCK_M <= MOE_BLOCK_MAX makes this a bound
     grid = [GridDim(((T * KSEL + MOE_BLOCK_MAX * E, "BLOCK_M"), (N, "BLOCK_N")))]
     presets = tuple(((("BLOCK_N", bn), ("BLOCK_K", bk)), w, st)
-                    for bn, bk, w, st in ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 4), (64, 128, 4, 3),
-                                          (32, 64, 2, 4), (256, 64, 8, 3)))
+                    for bn, bk, w, st in ((64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 3)))
     kernel = b.kernel(grid, doc=f"{group.name} (grouped expert GEMM, {len(gemms)} weight(s)"
-                      + (", gated combine" if combine else "") + ")", warps=(4, 8), stages=(2, 3, 4), presets=presets)
+                      + (", gated combine" if combine else "") + ")", warps=(4, 8), stages=(2, 3, 4), presets=presets,
+                      extents=(("BLOCK_N", N), ("BLOCK_K", K)))
     return [(kernel, None, 0)]

@@ -2,12 +2,15 @@
 
 For a kernel at given sizes: the space is every combination of its free tunables' candidates,
 warps and pipeline stages (a tunable that covers an extent is fixed by it). Configurations that
-cannot fit are pruned first, by estimates of shared memory (the operand tiles a K loop keeps in
-flight) and registers (accumulator and tile elements per thread), and so are blocks far larger
-than the problem. The rest are timed with triton.testing.do_bench on the call's own arguments;
-a configuration that fails to compile or launch is skipped and reported, never fatal. The winner
-is persisted in the kernel's cache entry (``tuned.json``) per shape bucket (each size rounded up
-to a power of two); the cache key already holds the device and the versions. Progress shows on
+cannot fit are pruned first, by estimates of shared memory (every tile a loop keeps in flight,
+in the type it is loaded as) and registers (accumulators and the K loop's live tiles, a
+dequantisation's temporaries included; runtime/estimate.py), and so are blocks far larger than
+the problem. Then the compiler has its say (NativePrune): the candidates are compiled for the
+GPU (runtime/native.py, cached on disk) and those that spill or need more shared memory than
+the GPU has are dropped and reported (OPFORGE_NATIVE_PRUNE=0 skips this). The rest are timed
+with triton.testing.do_bench on the call's own arguments; a configuration that fails to compile
+or launch is skipped and reported, never fatal. The winner is persisted in the kernel's cache
+entry (``tuned.json``) per shape bucket (each size rounded up to a power of two); the cache key already holds the device and the versions. Progress shows on
 the terminal while tuning runs. Where a step has several applicable alternatives (split-K or
 not, split-KV or not), each is timed whole and the fastest kept, persisted the same way.
 OPFORGE_AUTOTUNE=0 uses the heuristic choice and each step's first applicable alternative.
@@ -61,29 +64,37 @@ def space(k: TileKernel, bindings) -> list[Config]:
 
 
 def dot_count(k: TileKernel) -> int:
-    from ..ir.tile import walk, Let
-    n = 0
-    for s in walk(k.body):
-        if isinstance(s, Let) and s.value.op == "dot":
-            n += 1
-    return n
+    """tl.dot calls in the kernel (a dot inside a larger expression counts: attention's scores)."""
+    from .estimate import _dots
+    return len(_dots(k.body))
 
 
-def fits(k: TileKernel, cfg: Config, bindings, limits: Limits, itemsize: int = 2) -> tuple[bool, str]:
-    """Whether a configuration can run well: (ok, why not)."""
+# prune a config whose estimated registers per thread exceed this share of the hardware's 255:
+# the estimate counts accumulators and the K loop's live tiles (runtime/estimate.py)
+REGISTER_SHARE = 1.0
+# a kernel without dots keeps this many elements of its tile per thread at most: the fused
+# rotary epilogue of the Llama block spills at 128 on sm_90a and at 64 on sm_80
+ROW_ELEMENTS_PER_THREAD = 32
+
+
+def fits(k: TileKernel, cfg: Config, bindings, limits: Limits, itemsize: int | None = None) -> tuple[bool, str]:
+    """Whether a configuration can run well: (ok, why not), from the static estimates of shared
+    memory and registers (runtime/estimate.py; ``itemsize`` is unused: the kernel's loads say
+    what they read)."""
+    from .estimate import registers, shared_memory
     v = cfg.as_dict()
     threads = 32 * cfg.num_warps
-    bm, bn, bk = v.get("BLOCK_M", 1), v.get("BLOCK_N", 1), v.get("BLOCK_K")
-    if bk is not None:
-        dots = max(1, dot_count(k))
-        smem = (bm * bk + dots * bk * bn) * itemsize * max(cfg.num_stages, 1)
-        if smem > limits.shared_memory:
-            return False, f"shared memory {smem} B > {limits.shared_memory} B"
-        regs = dots * bm * bn / threads          # f32 accumulators per thread
-        if regs > limits.registers_per_thread * 0.6:
-            return False, f"{regs:.0f} accumulator registers per thread"
+    smem = shared_memory(k, cfg)
+    if smem > limits.shared_memory:
+        return False, f"shared memory {smem} B (estimated) > {limits.shared_memory} B"
+    if dot_count(k):
+        regs = registers(k, cfg)
+        if regs > limits.registers_per_thread * REGISTER_SHARE:
+            budget = limits.registers_per_thread * REGISTER_SHARE
+            return False, f"{regs:.0f} registers per thread (estimated) > {budget:.0f}"
     else:
-        if bm * bn / threads > 128:
+        bm, bn = v.get("BLOCK_M", 1), v.get("BLOCK_N", 1)
+        if bm * bn / threads > ROW_ELEMENTS_PER_THREAD:
             return False, f"{bm * bn // threads} tile elements per thread"
     return True, ""
 
@@ -96,11 +107,20 @@ def smallest(k: TileKernel, name: str) -> int:
     return min(vals) if vals else 1
 
 
+# a dot kernel with at least this many rows is not timed with row tiles under 64: those run on
+# mma.sync instead of Hopper's wgmma, and the 16- and 32-row ones spill a stack slot on sm_90a
+PREFILL_ROWS = 1024
+
+
 def useful(k: TileKernel, cfg: Config, bindings) -> bool:
     """Blocks more than twice the extent they tile only add masked lanes (down to the smallest
-    block the kernel offers, and to tl.dot's 16)."""
+    block the kernel offers, and to tl.dot's 16); decode-sized row tiles at prefill sizes only
+    lose (PREFILL_ROWS)."""
     from ..ir.dims import evaluate
     v = cfg.as_dict()
+    rows = dict(k.extents).get("BLOCK_M")
+    if rows is not None and dot_count(k) and v.get("BLOCK_M", 64) < 64 and evaluate(rows, bindings) >= PREFILL_ROWS:
+        return False
     for g in k.grid:
         for extent, block in g.parts:
             if block is None:
@@ -120,6 +140,18 @@ def _block_volume(cfg: Config) -> int:
     return n
 
 
+def tuning_candidates(k: TileKernel, bindings, limits: Limits) -> list[Config]:
+    """The configurations the autotuner times at these sizes: the space, less those that cannot
+    fit and blocks far larger than the problem."""
+    fitting = [c for c in space(k, bindings) if fits(k, c, bindings, limits)[0]]
+    out = [c for c in fitting if useful(k, c, bindings)]
+    if not out and fitting:
+        # every block outgrows the problem (one query row, N <= 16): the smallest still run
+        smallest = min(_block_volume(c) for c in fitting)
+        out = [c for c in fitting if _block_volume(c) == smallest]
+    return out
+
+
 def bucket(bindings) -> str:
     return ",".join(f"{k}={next_pow2(int(v))}" for k, v in sorted(bindings.items()))
 
@@ -131,16 +163,49 @@ class TuneReport:
     tried: int = 0
     pruned: int = 0
     failed: list = field(default_factory=list)
+    dropped: list = field(default_factory=list)   # (config, why): compiled, and spilled or overflowed
     best: Config | None = None
     best_ms: float | None = None
 
 
+class NativePrune:
+    """Compiles candidates for the GPU before they are timed (runtime/native.py, cached on disk)
+    and says which to drop: those that spill or need more shared memory than the GPU has."""
+
+    def __init__(self, cache, target=None):
+        from .native import NativeCompiler
+        self.compiler = NativeCompiler(cache)
+        self.target = target          # None: the GPU's, found on first use
+
+    def __call__(self, k: TileKernel, cfgs: list[Config], args, entry: Path) -> dict[Config, str]:
+        from .native import call_job
+        if self.target is None:
+            from .targets import device_target
+            self.target = device_target()
+        results = self.compiler.compile([call_job(k, c, self.target, args, entry) for c in cfgs])
+        out = {}
+        for c, r in zip(cfgs, results):
+            # a config that does not compile is left to the timing loop, which skips and reports it
+            why = [p for p in r.problems(self.target) if r.ok]
+            if why:
+                out[c] = "; ".join(why)
+        return out
+
+
+def native_prune_enabled() -> bool:
+    return os.environ.get("OPFORGE_NATIVE_PRUNE", "1") != "0"
+
+
 class Autotuner:
-    def __init__(self, cache, *, timer: Callable | None = None, limits: Limits | None = None, progress: bool = True):
+    def __init__(self, cache, *, timer: Callable | None = None, limits: Limits | None = None, progress: bool = True,
+                 prune: Callable | None = None):
+        """``prune(kernel, configs, args, entry) -> {config: why}``: configs to drop after
+        compiling them (NativePrune on a GPU; None skips the step)."""
         self.cache = cache
         self.timer = timer or _do_bench
         self.limits = limits or Limits.of_device()
         self.progress = progress
+        self.prune = prune
         self.reports: list[TuneReport] = []
         self._memo: dict = {}
 
@@ -157,11 +222,12 @@ class Autotuner:
             self._memo[memo_key] = cfg
             return cfg
         if _tracing(args):
-            return heuristic_config(k, bindings)
-        cfg, report = self.tune(k, bindings, lambda c: _launcher(fn, grid_of(launch, bindings, c), args, c, reset))
+            return heuristic_config(k, bindings, self.limits)
+        cfg, report = self.tune(k, bindings, lambda c: _launcher(fn, grid_of(launch, bindings, c), args, c, reset),
+                                args=args, entry=entry)
         self.reports.append(report)
         if cfg is None:
-            cfg = heuristic_config(k, bindings)
+            cfg = heuristic_config(k, bindings, self.limits)
         else:
             data = self.cache.read_json(entry, TUNED)
             data[key] = {"values": list(cfg.values), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
@@ -196,14 +262,16 @@ class Autotuner:
         self._memo[memo_key] = best
         return best
 
-    def tune(self, k: TileKernel, bindings, make_run: Callable[[Config], Callable]) -> tuple[Config | None, TuneReport]:
+    def tune(self, k: TileKernel, bindings, make_run: Callable[[Config], Callable], args=None,
+             entry: Path | None = None) -> tuple[Config | None, TuneReport]:
         report = TuneReport(k.name, bucket(bindings))
-        fitting = [c for c in space(k, bindings) if fits(k, c, bindings, self.limits)[0]]
-        candidates = [c for c in fitting if useful(k, c, bindings)]
-        if not candidates and fitting:
-            # every block outgrows the problem (one query row, N <= 16): the smallest still run
-            smallest = min(_block_volume(c) for c in fitting)
-            candidates = [c for c in fitting if _block_volume(c) == smallest]
+        candidates = tuning_candidates(k, bindings, self.limits)
+        if self.prune is not None and entry is not None and candidates:
+            dropped = self.prune(k, candidates, args, entry)
+            report.dropped = [(str(c), why) for c, why in dropped.items()]
+            for c, why in report.dropped:
+                print(f"opforge autotune: {k.name}: dropped {c}: {why}", file=sys.stderr)
+            candidates = [c for c in candidates if c not in dropped]
         report.pruned = len(space(k, bindings)) - len(candidates)
         if not candidates:
             return None, report

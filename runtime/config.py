@@ -53,14 +53,77 @@ def interpreter_config(k: TileKernel, bindings) -> Config:
 
 HEURISTIC = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
 
+# Tiles of dot kernels by the number of rows they tile (M of a GEMM, query rows of attention):
+# (largest M, BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Hopper's wgmma needs
+# BLOCK_M >= 64 and whole warpgroups (4 warps); below that the dot runs on mma.sync.
+DOT_BUCKETS = (
+    (16, 32, 64, 64, 4, 4),        # decode: a few rows (split-K fills the GPU); 16-row tiles
+                                   # spill a stack slot in some GEMMs on sm_80 and sm_90a
+    (64, 64, 128, 32, 4, 4),       # small batches: one warpgroup
+    (None, 128, 128, 64, 8, 3),    # prefill: two warpgroups, the tutorial's Hopper tile
+)
+# attention keeps a [BLOCK_M, BLOCK_N] score tile and a [BLOCK_M, head dim] accumulator live
+FLASH_BUCKETS = (
+    (16, 16, 64, None, 4, 3),
+    (64, 64, 64, None, 4, 3),
+    (None, 128, 64, None, 8, 3),
+)
 
-def heuristic_config(k: TileKernel, bindings) -> Config:
-    """A reasonable first choice without timing: big enough tiles to use the tensor cores and
-    keep memory-bound row kernels to about 4K-16K elements per program."""
+
+def _bucket(table, m: int):
+    for row in table:
+        if row[0] is None or m <= row[0]:
+            return row[1:]
+
+
+def _nearest(t: Tunable, want: int) -> int:
+    return min(t.candidates, key=lambda c: (abs(c - want), -c))
+
+
+def dot_tile(k: TileKernel, bindings, vals: dict) -> tuple[dict, int, int] | None:
+    """Block sizes, warps and stages of a dot kernel by its shape (k.extents), or None for a
+    kernel without extents or dots."""
+    from .autotune import dot_count
+    ext = {name: evaluate(d, bindings) for name, d in k.extents}
+    if not ext or not dot_count(k):
+        return None
+    flash = "BLOCK_K" not in {t.name for t in k.tunables}
+    table = FLASH_BUCKETS if flash else DOT_BUCKETS
+    m = vals.get("BLOCK_M") or ext.get("BLOCK_M", 1)
+    bm, bn, bk, warps, stages = _bucket(table, m)
+    # grouping rows for L2 reuse only pays with several row blocks (and a 16-row tile of two
+    # accumulators spills a stack slot with GROUP_M = 8 on sm_90a)
+    want = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8 if bm >= 64 else 1}
+    for name in ("BLOCK_N", "BLOCK_K"):
+        if name in ext and want[name]:      # a short extent: one block over it (>= 16 for tl.dot)
+            want[name] = min(want[name], max(16, next_pow2(ext[name])))
+    if dot_count(k) > 1 and not flash and bm >= 128:     # two accumulators: half the columns
+        want["BLOCK_N"] = max(64, want["BLOCK_N"] // 2)
+    if "BLOCK_M" in vals:                   # fixed by a rule (MoE): its bucket's warps
+        warps = 4 if vals["BLOCK_M"] <= 64 else warps
+    out = {}
+    for t in k.tunables:
+        if t.name in vals or is_fixed(t):
+            continue
+        out[t.name] = _nearest(t, want.get(t.name) or HEURISTIC.get(t.name, t.candidates[len(t.candidates) // 2]))
+    warps = min(k.warps, key=lambda w: (abs(w - warps), -w))
+    stages = min(k.stages, key=lambda s: (abs(s - stages), -s))
+    return out, warps, stages
+
+
+def heuristic_config(k: TileKernel, bindings, limits=None) -> Config:
+    """A reasonable first choice without timing: dot kernels take a tile by their shape (the
+    buckets above), shrunk until the static estimate fits ``limits`` (runtime/autotune.Limits,
+    default H100's); memory-bound row kernels about 4K-16K elements per program."""
     vals = {}
     for t in k.tunables:
         if is_fixed(t):
             vals[t.name] = covered(t, bindings)
+    tile = dot_tile(k, bindings, vals)
+    if tile is not None:
+        free, warps, stages = tile
+        vals.update(free)
+        return fit(k, Config(tuple((t.name, vals[t.name]) for t in k.tunables), warps, stages), limits)
     for t in k.tunables:
         if t.name in vals:
             continue
@@ -78,3 +141,25 @@ def heuristic_config(k: TileKernel, bindings) -> Config:
         warps = min(k.warps, key=lambda w: abs(w - warps))
         stages = k.stages[0]
     return Config(tuple(vals.items()), warps, stages)
+
+
+def fit(k: TileKernel, cfg: Config, limits=None) -> Config:
+    """Fewer stages, then narrower tiles, until the estimates (runtime/estimate.py) fit."""
+    from .autotune import Limits, fits
+    limits = limits or Limits()
+    free = {t.name: t for t in k.tunables if not is_fixed(t)}
+    while not fits(k, cfg, None, limits)[0]:
+        v = cfg.as_dict()
+        if cfg.num_stages > min(k.stages) and cfg.num_stages > 2:
+            cfg = Config(cfg.values, cfg.num_warps, cfg.num_stages - 1)
+            continue
+        for name in ("BLOCK_N", "BLOCK_K", "BLOCK_M"):
+            t = free.get(name)
+            smaller = [c for c in t.candidates if c < v[name]] if t else []
+            if smaller and v[name] > 32:
+                v[name] = max(smaller)
+                break
+        else:
+            return cfg       # nothing left to shrink: the autotuner (or the compiler) will say
+        cfg = Config(tuple((n, v[n]) for n, _ in cfg.values), cfg.num_warps, cfg.num_stages)
+    return cfg

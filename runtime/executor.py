@@ -3,6 +3,7 @@ guard and a configuration, and launch. Everything here is host work around the k
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Any, Mapping
 
@@ -77,7 +78,7 @@ class PlanRunner:
             cfg = self.tuner.choose(launch, fn, entry, bindings, args, self.grid, reset if zeroed else None)
             reset()   # timing runs added into the atomically written buffers
             return cfg
-        return heuristic_config(launch.kernel, bindings)
+        return heuristic_config(launch.kernel, bindings, _device_limits())
 
     # -- one call ------------------------------------------------------------------------------
     def __call__(self, values: Mapping[str, Any], bindings: Mapping[str, int], device: torch.device) -> list:
@@ -148,6 +149,12 @@ class PlanRunner:
         key = (tuple(sorted(bindings.items())),
                tuple((p.name, _hashable(values[p.name])) for p in self.fused.graph.scalar_params))
         return _host_scalars(self, key)
+
+
+@functools.lru_cache(maxsize=1)
+def _device_limits():
+    from .autotune import Limits
+    return Limits.of_device()
 
 
 def poisoning() -> bool:

@@ -180,14 +180,42 @@ class CompiledOp:
             return render_module(self.plan.kernels)
         raise ValueError(f"unknown stage {stage!r}")
 
-    def explain(self, file=None) -> "Explanation":
+    def explain(self, file=None, target: str | None = None, sizes: dict | None = None) -> "Explanation":
         """Every stage of this op as text: the graph, the fusion groups and bytes moved, the
-        level-2 plan, the Triton source. Returned, not printed (a REPL shows it once, as text);
+        level-2 plan, the Triton source; with ``target`` (sm_80, sm_89, sm_90a) also the
+        resources of each kernel compiled natively for that GPU at ``sizes`` (every size symbol
+        of the op). Returned, not printed (a REPL shows it once, as text);
         ``print(op.explain())`` prints it; ``explain(file=f)`` also writes it to f."""
         parts = [f"== {self.namespace}::{self.name} on {describe()} =="]
         for stage in ("graph", "fused", "tile", "triton"):
             parts.append(f"== {stage} ==\n{self.stage_text(stage)}")
+        if target is not None:
+            parts.append(self.resources_text(target, sizes or {}))
         return Explanation("\n\n".join(parts)).written_to(file)
+
+    def resources_text(self, target: str, sizes: dict) -> str:
+        """The resource table of this op's kernels on ``target`` at ``sizes`` (runtime/native.py):
+        the heuristic config of each kernel and a summary of the autotuner's candidates."""
+        from .check_report import plain_table, problems_of, rows_of
+        from .native import NativeCompiler
+        from .sweep import op_cases
+        from .targets import target as target_of
+        tgt = target_of(target)
+        missing = [s for s in self.graph.symbols if s not in sizes]
+        if missing:
+            raise CallError(f"{self.name}.explain(target=...): give the sizes {', '.join(missing)} "
+                            f"(sizes={{{', '.join(repr(s) + ': ...' for s in self.graph.symbols)}}})")
+        cases = op_cases(self, {s: int(sizes[s]) for s in self.graph.symbols}, [tgt])
+        results = NativeCompiler(self.cache).compile([c.job for c in cases])
+        at = ", ".join(f"{s}={sizes[s]}" for s in self.graph.symbols)
+        lines = [f"== resources on {tgt.name} ({tgt.product}, {tgt.shared_memory} B shared memory) at {at} ==",
+                 plain_table(rows_of(cases, results))]
+        from ..ir import fp8
+        if fp8.native() != tgt.has_fp8 and any("float8e4nv" in c.job.source.read_text() for c in cases):
+            lines.append(f"note: the fp8 kernels were lowered for this machine; {tgt.name} gets others "
+                         f"(opforge show/check --target {tgt.name} compiles those)")
+        lines += [f"problem: {p}" for p in problems_of(cases, results)]
+        return "\n".join(lines)
 
     def __repr__(self) -> str:
         return f"<opforge op {self.namespace}::{self.name}: {self.kernel_count} kernel(s)>"
@@ -197,8 +225,10 @@ def _tuner(cache: KernelCache):
     """The autotuner on a GPU; None (the heuristic or interpreter choice) otherwise."""
     if interpreting():
         return None
-    from .autotune import Autotuner, autotune_enabled
-    return Autotuner(cache) if autotune_enabled() else None
+    from .autotune import Autotuner, NativePrune, autotune_enabled, native_prune_enabled
+    if not autotune_enabled():
+        return None
+    return Autotuner(cache, prune=NativePrune(cache) if native_prune_enabled() else None)
 
 
 class CompiledModule:

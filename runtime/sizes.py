@@ -34,6 +34,16 @@ def file_shapes(path) -> dict[str, int]:
     return out
 
 
+def file_directive(path, name: str) -> dict[str, int]:
+    """The sizes of a ``# NAME: M=1, K=4096`` line (``# decode:``, ``# prefill:``), or {}."""
+    p = Path(path)
+    out: dict[str, int] = {}
+    if p.is_file():
+        for m in re.finditer(rf"^\s*#\s*{re.escape(name)}:\s*(.+)$", p.read_text(), re.MULTILINE):
+            out.update(parse_shapes(m.group(1)))
+    return out
+
+
 def resolve_shapes(graph, path, given: str | None) -> dict[str, int]:
     """The op's sizes: --shape over the file's ``# shapes:`` line. A --shape symbol the op does
     not have is an error naming the closest one (the file's line may hold other ops' sizes)."""

@@ -121,8 +121,8 @@ def test_show_graph_output_is_the_printer_text_verbatim():
 def test_show_needs_op_and_a_known_stage():
     path = EXAMPLES / "llama.opf"
     assert invoke("show", path).exit_code == 2
-    r = invoke("show", path, "--op", "rms_norm", "--stage", "ptx")
-    assert r.exit_code == 2 and "ptx" in r.output
+    r = invoke("show", path, "--op", "rms_norm", "--stage", "llir")
+    assert r.exit_code == 2 and "llir" in r.output and "ptx" in r.output     # ptx is a stage now
 
 
 # -- run ----------------------------------------------------------------------------------------
@@ -175,6 +175,42 @@ def test_unknown_op_gives_did_you_mean(command):
     r = invoke(command[0], EXAMPLES / "lora.opf", "--op", "zzz", *command[1:])
     assert_clean_exit(r, 1)
     assert "its ops are lora_linear, lora_linear_gelu" in r.stderr
+
+
+CRASH = """op f(x: f16[M, K], w: f16[N, K]) -> f16[M, N] {
+    return x @ w.T
+}
+"""
+
+
+def test_check_runs_the_pipeline_and_reports_a_compile_failure(tmp_path, monkeypatch):
+    """Plain check lowers every op to kernels (nothing runs): a spec that parses but whose
+    lowering fails is an error naming the op and the sizes, exit 1, no traceback."""
+    path = tmp_path / "mm.opf"
+    path.write_text(CRASH)
+    ok = invoke("check", path, "--shape", "M=8,K=64,N=32")
+    assert_clean_exit(ok, 0)
+    assert re.search(r"1 op\(s\), no errors \(\d+ kernel\(s\) at the sizes of --shape\)", ok.stdout)
+    from opforge.passes import plan
+
+    def broken(fg, group):
+        raise RuntimeError("no template for this group")
+    monkeypatch.setitem(plan.LOWERINGS, "matmul", broken)
+    bad = invoke("check", path, "--shape", "M=8,K=64,N=32")
+    assert_clean_exit(bad, 1)
+    assert f"{path}: f at M=8, K=64, N=32: does not compile to kernels: RuntimeError: no template for this group" \
+        in squash(bad.stderr)
+    assert "no errors" not in bad.stdout
+
+
+def test_check_with_a_target_prints_the_resource_table(tmp_path):
+    path = tmp_path / "mm.opf"
+    path.write_text(CRASH)
+    r = invoke("check", path, "--target", "sm_90a", "--configs", "heuristic", "--shape", "M=256,K=512,N=256")
+    assert_clean_exit(r, 0)
+    out = squash(r.stdout)
+    assert "f_k0_matmul" in out and "HGMMA" in out and "cp.async" in out
+    assert re.search(r"\d+ compile\(s\) of \d+ kernel\(s\) for sm_90a .*: no problems", out)
 
 
 def test_missing_file_is_a_usage_error(tmp_path):

@@ -1,0 +1,203 @@
+"""Native compilation without a GPU (issue 10): reading ptxas's log and the SASS, the launch's
+argument specialisation, a config over shared memory failing the check with a clear message,
+``opforge show --stage ptx|sass`` and ``explain(target=...)``, and the static estimates the
+autotuner prunes with (dequantising kernels' tiles and temporaries counted).
+
+The kernels compile through Triton's compiler in worker processes (this suite runs on the
+interpreter); the sweep over the examples is tests/test_native_sweep.py (``make test-native``).
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+from click.testing import CliRunner
+
+from opforge import CallError
+from opforge.cli import main
+from opforge.runtime.config import Config, heuristic_config
+from opforge.runtime.estimate import registers, shared_memory
+from opforge.runtime.native import NativeCompiler, launch_args, make_job, parse_ptxas, sass_opcodes
+from opforge.runtime.sweep import launched_kernels, variant
+from opforge.runtime.targets import TARGETS, target
+
+from .conftest import EXAMPLES
+from .kernel_helpers import compiled
+
+LINEAR = """
+op lin(x: f16[M, K], w: f16[N, K], b: f16[N]) -> f16[M, N] {
+    return x @ w.T + b
+}"""
+INT8 = """
+op lin8(x: f16[M, K], w: f16[N, K] @quant(int8)) -> f16[M, N] {
+    return x @ w.T
+}"""
+BIG = dict(M=2048, N=4096, K=4096)
+
+PTXAS_LOG = """\
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'lin_k0_matmul' for 'sm_90a'
+ptxas info    : Function properties for lin_k0_matmul
+    24 bytes stack frame, 740 bytes spill stores, 736 bytes spill loads
+ptxas info    : Used 255 registers, used 1 barriers, 24 bytes cumulative stack size
+ptxas warning : (C7511) Potential Performance Loss: wgmma.mma_async instructions are serialized due to insufficient register resources for the wgmma pipeline in the function 'lin_k0_matmul'
+"""
+
+SASS = """\
+        /*0a80*/                   LDGSTS.E.BYPASS.LTC128B.128 [R5], desc[UR4][R2.64], P0 ;
+        /*0a90*/              @!P1 LDGSTS.E.BYPASS.LTC128B.128 [R5+0x800], desc[UR4][R2.64+0x80], !PT ;
+        /*0b00*/                   HGMMA.64x128x16.F32 gdesc[UR8], RZ, !UPT ;
+        /*0b10*/              @P0  HMMA.16816.F32 R24, R4, R8, R24 ;
+        /*0b20*/                   STG.E.U16 desc[UR4][R2.64], R7 ;
+"""
+
+
+def op_of(src, tag):
+    mod = compiled(src, tag)
+    return getattr(mod, list(mod.ops)[0])
+
+
+def gemm(src=LINEAR, tag="nat_lin", sizes=BIG):
+    op = variant(op_of(src, tag), sizes)
+    k = [k for k in launched_kernels(op.plan, sizes) if k.name.endswith("_matmul")][0]
+    return op, k
+
+
+# -- reading the compiler's output -------------------------------------------------------------------
+def test_ptxas_log_gives_registers_spills_stack_and_warnings():
+    p = parse_ptxas(PTXAS_LOG)
+    assert (p["registers"], p["spill_stores"], p["spill_loads"], p["stack"]) == (255, 740, 736, 24)
+    assert len(p["warnings"]) == 1 and "(C7511)" in p["warnings"][0]
+
+
+def test_sass_opcodes_without_modifiers_or_predicates():
+    ops = sass_opcodes(SASS)
+    assert ops == {"LDGSTS": 2, "HGMMA": 1, "HMMA": 1, "STG": 1}
+
+
+def test_targets_by_name():
+    assert target("sm_90").name == "sm_90a" and target("SM_80").capability == 80
+    assert TARGETS["sm_90a"].shared_memory == 232448 and TARGETS["sm_80"].shared_memory == 166912
+    with pytest.raises(Exception, match="unknown target 'sm_70'; the targets are sm_80, sm_89, sm_90a"):
+        target("sm_70")
+
+
+def test_launch_args_are_what_the_executor_passes():
+    op, k = gemm(sizes=dict(M=1, N=4096, K=4096))
+    args = dict(zip((p.name for p in k.params), launch_args(k, op.plan.buffers, dict(M=1, N=4096, K=4096))))
+    assert args["x_ptr"] == ("ptr", "float16")
+    assert ("int", 1) in args.values()      # M = 1 (and unit strides): Triton makes them constexprs
+    strides = {n: v for (n, (_, v)) in args.items() if n.startswith("stride")}
+    assert strides == {"stride_x_0": 4096, "stride_x_1": 1, "stride_w_0": 4096, "stride_w_1": 1, "stride_b_0": 1,
+                       "stride_k0_matmul_out_0": 4096, "stride_k0_matmul_out_1": 1}    # contiguous
+
+
+# -- compiling (one batch through the workers) ----------------------------------------------------------
+OVER = Config((("BLOCK_M", 256), ("BLOCK_N", 256), ("BLOCK_K", 128), ("GROUP_M", 8)), 8, 4)
+
+
+@pytest.fixture(scope="module")
+def compiled_batch():
+    op, k = gemm()
+    one, k1 = gemm(sizes=dict(M=1, N=4096, K=4096))
+    jobs = [make_job(k, heuristic_config(k, BIG), "sm_90a", op.plan.buffers, BIG, op.cache),
+            make_job(k, OVER, "sm_90a", op.plan.buffers, BIG, op.cache),
+            make_job(k1, heuristic_config(k1, dict(M=1, N=4096, K=4096)), "sm_80", one.plan.buffers,
+                     dict(M=1, N=4096, K=4096), one.cache)]
+    return jobs, NativeCompiler(op.cache).compile(jobs), op.cache
+
+
+def test_heuristic_prefill_gemm_uses_wgmma_and_cp_async_within_limits(compiled_batch):
+    jobs, (heur, _, _), _ = compiled_batch
+    assert heur.ok, heur.error
+    r = heur.resources
+    assert r.wgmma and r.tensor_cores == ("HGMMA",) and "cp.async" in r.loads
+    assert r.spills == 0 and 0 < r.shared <= TARGETS["sm_90a"].shared_memory
+    assert heur.problems(TARGETS["sm_90a"]) == []
+    # the static estimate bounds what the compiler allocated
+    assert shared_memory(jobs[0].kernel, jobs[0].config) >= r.shared
+
+
+def test_a_config_over_shared_memory_fails_the_check_with_a_clear_message(compiled_batch):
+    _, (_, over, _), _ = compiled_batch
+    assert over.ok                  # Triton compiles it; the launch would fail
+    (msg,) = [p for p in over.problems(TARGETS["sm_90a"]) if "shared memory" in p]
+    assert re.fullmatch(r"needs (\d+) B of shared memory, over the 232448 B of sm_90a \(H100\)", msg), msg
+    assert int(msg.split()[1]) == over.resources.shared > 232448
+
+
+def test_size_one_is_specialised_as_the_launch_would(compiled_batch):
+    _, (_, _, decode), _ = compiled_batch
+    assert decode.ok, decode.error
+    ttgir = decode.stage("ttgir")
+    start = ttgir.index("tt.func")
+    sig = ttgir[start:ttgir.index(") attributes", start)]
+    assert "%M" not in sig and "%M:" not in sig              # M = 1 became a constexpr
+    assert sig.count("tt.divisibility = 16") >= 4            # aligned pointers, sizes of 4096
+    assert decode.resources.tensor_cores == ("HMMA",)        # sm_80: mma.sync
+    assert ".target sm_80" in decode.stage("ptx")
+
+
+def test_results_come_back_from_the_disk_cache(compiled_batch):
+    jobs, first, cache = compiled_batch
+    again = NativeCompiler(cache).compile(jobs)
+    assert all(r.cached for r in again)
+    assert [r.resources for r in again] == [r.resources for r in first]
+
+
+# -- the estimates ---------------------------------------------------------------------------------------
+def test_dequantising_kernels_count_their_tiles_and_temporaries():
+    _, plain = gemm()
+    _, q8 = gemm(INT8, "nat_int8")
+    cfg = Config((("BLOCK_M", 128), ("BLOCK_N", 256), ("BLOCK_K", 64), ("GROUP_M", 8)), 8, 3)
+    # the f16 GEMM pipelines A and B; the int8 one B's bytes and the scale row, then stages the
+    # dequantised f16 tile once more
+    assert shared_memory(plain, cfg) == 3 * (128 * 64 + 64 * 256) * 2
+    assert shared_memory(q8, cfg) == 3 * (128 * 64 * 2 + 64 * 256 + 256 * 4) + 64 * 256 * 2
+    assert registers(q8, cfg) > registers(plain, cfg) + 32      # its f32 temporaries
+
+
+# -- for users -------------------------------------------------------------------------------------------
+def test_show_native_stages_and_explain_with_a_target(tmp_path):
+    r = CliRunner().invoke(main, ["show", str(EXAMPLES / "llama.opf"), "--op", "rms_norm", "--stage", "ptx",
+                                  "--target", "sm_80"])
+    assert r.exit_code == 0, r.output
+    assert re.search(r"// ---- rms_norm_k0_mul for sm_80 at .* \(B=1, S=2048, D=4096\) ----", r.output)
+    assert re.search(r"// \d+ registers, 0 B spill stores, 0 B spill loads", r.output)
+    assert ".target sm_80" in r.output and ".entry rms_norm_k0_mul" in r.output
+    op = op_of(LINEAR, "nat_explain")
+    text = op.explain(file=open(tmp_path / "x.txt", "w"), target="sm_90a", sizes=dict(M=64, N=128, K=256))
+    assert "== resources on sm_90a (H100, 232448 B shared memory) at M=64, K=256, N=128 ==" in text
+    assert re.search(r"lin_k0_matmul\s+64x128x\d+ w4 s\d\s+\d+\s+0\s+\d+K\s+HGMMA\s+cp.async", text), text
+    with pytest.raises(CallError, match=r"give the sizes M, K, N"):
+        op.explain(file=open(tmp_path / "y.txt", "w"), target="sm_90a")
+
+
+def test_the_autotuner_drops_the_configs_the_compiler_rejects():
+    """On a GPU the candidates are compiled before timing; here a target with 64 KiB of shared
+    memory rejects the bigger of two presets, which is reported and never timed."""
+    import dataclasses
+
+    import torch
+
+    from opforge.runtime.autotune import Autotuner, Limits, NativePrune
+    from opforge.runtime.executor import kernel_args
+    from opforge.runtime.loader import load_kernel
+    from opforge.runtime.targets import Target
+    op, k = gemm()
+    small = (((("BLOCK_M", 64), ("BLOCK_N", 64), ("BLOCK_K", 32), ("GROUP_M", 8)), 4, 2))
+    big = (((("BLOCK_M", 128), ("BLOCK_N", 256), ("BLOCK_K", 64), ("GROUP_M", 8)), 8, 3))
+    k = dataclasses.replace(k, presets=(small, big))
+    _, entry = load_kernel(k, op.cache)
+    buffers = {n: torch.empty([1] * len(b.shape), dtype=torch.float16) for n, b in op.plan.buffers.items()}
+    # the launch's arguments: tensors (only their dtype and address matter), sizes, strides
+    args = [buffers[p.buffer] if p.kind == "ptr" else BIG[str(p.dim)] if p.kind == "size" else 4096 if p.axis == 0
+            else 1 for p in k.params]
+    timed = []
+    tuner = Autotuner(op.cache, timer=lambda run: (timed.append(1), 1.0)[1], limits=Limits(), progress=False,
+                      prune=NativePrune(op.cache, Target("tiny", 90, 64 * 1024, "a 64 KiB GPU", ("HGMMA",))))
+    best, report = tuner.tune(k, BIG, lambda c: (lambda: None), args=args, entry=entry)
+    assert len(timed) == report.tried == 1 and best.as_dict()["BLOCK_N"] == 64
+    ((cfg, why),) = report.dropped
+    assert "BLOCK_N=256" in cfg and re.fullmatch(r"needs \d+ B of shared memory, over the 65536 B of tiny "
+                                                  r"\(a 64 KiB GPU\)", why)
