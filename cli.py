@@ -4,6 +4,8 @@
     opforge show FILE --op NAME --stage graph|fused|tile|triton|ttgir|ptx|sass [--target sm_90a] [--shape ...]
     opforge run FILE --op NAME --shape M=128,D=256 [--dtype f16] [--bench]
     opforge bench [--out results.json] [--plot roofline.png]
+    opforge bench --host [--out host.json]        # host time per call, launches stubbed
+    opforge bench --static [--out static.json]    # bytes requested from global memory
     opforge demo [FILES...]
 
 Spec and call errors print as FILE:LINE:COL with a caret and exit 1, without a traceback.
@@ -189,8 +191,18 @@ def run(file, op_name, shape, dtype, seed, reference, bench):
 @click.option("--only", default=None, help="workload names (comma-separated) or a group: kernels, fusion, layouts")
 @click.option("--dtypes", default="f16,bf16", show_default=True, help="dtypes to run the workloads in")
 @click.option("--cpu-smoke", is_flag=True, help="tiny shapes on the CPU interpreter: checks the harness, times nothing useful")
-def bench(out, plot, only, dtypes, cpu_smoke):
+@click.option("--host", "host", is_flag=True,
+              help="host time per call of the example ops with kernel launches stubbed (any machine)")
+@click.option("--static", "static", is_flag=True,
+              help="bytes each workload's kernels request from global memory, against the compulsory bytes")
+def bench(out, plot, only, dtypes, cpu_smoke, host, static):
     """Benchmark the workloads against PyTorch eager, torch.compile and specialist libraries."""
+    if host:
+        from .benchmarks.host import main as host_main
+        sys.exit(host_main(out=out, console=console))
+    if static:
+        from .benchmarks.static import main as static_main
+        sys.exit(static_main(out=out, only=only, console=console))
     from .benchmarks.harness import main as bench_main
     sys.exit(bench_main(out=out, plot=plot, only=only, cpu_smoke=cpu_smoke, dtypes=dtypes, console=console))
 

@@ -19,13 +19,17 @@ Monomial = tuple[tuple[str, int], ...]
 class Sym:
     """A symbolic size in canonical polynomial form. Immutable and hashable."""
 
-    __slots__ = ("terms", "_hash")
+    __slots__ = ("terms", "_hash", "_ints")
 
     def __init__(self, terms: Mapping[Monomial, Fraction]):
         self.terms: tuple[tuple[Monomial, Fraction], ...] = tuple(
             sorted(((m, Fraction(c)) for m, c in terms.items() if c != 0), key=_term_key)
         )
         self._hash = hash(self.terms)
+        # the terms in integers, for value(): (numerator, denominator, symbols with positive
+        # exponents, symbols with negative ones (exponent made positive))
+        self._ints = tuple((c.numerator, c.denominator, tuple((s, e) for s, e in m if e > 0),
+                            tuple((s, -e) for s, e in m if e < 0)) for m, c in self.terms)
 
     @staticmethod
     def of(name: str) -> "Sym":
@@ -93,6 +97,25 @@ class Sym:
                 v *= b ** e
             total += v
         return total
+
+    def value(self, bindings: Mapping[str, int]) -> tuple[int, int]:
+        """The value as an integer fraction (numerator, denominator > 0), not reduced: what
+        ``evaluate`` computes, in int arithmetic (a Fraction per term costs ten times as much)."""
+        num, den = 0, 1
+        for c_num, c_den, pos, neg in self._ints:
+            n, d = c_num, c_den
+            for s, e in pos:
+                n *= bindings[s] if e == 1 else bindings[s] ** e
+            for s, e in neg:
+                b = bindings[s]
+                if b == 0:
+                    raise ZeroDivisionError(f"size {s} is 0 in {self}")
+                d *= b if e == 1 else b ** e
+            if d == 1 and den == 1:
+                num += n
+            else:
+                num, den = num * d + n * den, den * d
+        return num, den
 
     def __repr__(self) -> str:
         return f"Sym({self})"
@@ -184,12 +207,12 @@ def evaluate(d: Dim, bindings: Mapping[str, int]) -> int:
         if d < 0:
             raise ValueError(f"size {d} is negative")
         return d
-    v = d.evaluate(bindings)
-    if v.denominator != 1:
-        raise ValueError(f"size {d} = {v} is not a whole number")
-    if v < 0:
-        raise ValueError(f"size {d} = {v} is negative")
-    return int(v)
+    num, den = d.value(bindings)
+    if num % den:
+        raise ValueError(f"size {d} = {Fraction(num, den)} is not a whole number")
+    if num < 0:
+        raise ValueError(f"size {d} = {Fraction(num, den)} is negative")
+    return num // den
 
 
 def format_dim(d: Dim) -> str:

@@ -111,6 +111,11 @@ class Gradients:
     def differentiable(self) -> bool:
         return bool(self.params) and any(t.dtype.is_float for t in self.op.graph.result_types)
 
+    @staticmethod
+    def wanted(args) -> bool:
+        """Could this call need a gradient (cheap: grad mode and some input requiring grad)?"""
+        return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
     def mask(self, args) -> tuple[bool, ...]:
         """Which differentiable inputs need a gradient in this call (none outside grad mode)."""
         if not torch.is_grad_enabled():

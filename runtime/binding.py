@@ -6,7 +6,6 @@ and the symbol bindings that disagree.
 """
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
@@ -17,6 +16,7 @@ from ..ir.dims import Dim, evaluate, format_shape
 from ..ir.graph import Graph
 from ..ir.torch_dtypes import from_torch, to_torch
 from ..ir.types import TensorType
+from . import env
 
 
 class CallError(ValueError):
@@ -240,16 +240,29 @@ def index_params(g: Graph) -> tuple[tuple[str, Dim, str], ...]:
 
 
 def check_indices(g: Graph, values: Mapping[str, Any], bindings: Mapping[str, int]) -> None:
-    """Kernels cannot raise, so index tensors that come from the caller are checked here (one
-    min/max per tensor). OPFORGE_CHECK_INDICES=0 skips it (no device sync on a GPU)."""
-    if os.environ.get("OPFORGE_CHECK_INDICES", "1") == "0":
+    """Kernels cannot raise, so index tensors that come from the caller are checked here."""
+    names = [p.name for p in g.params]
+    checks = tuple((names.index(name), evaluate(limit, bindings), name, what)
+                   for name, limit, what in index_params(g))
+    check_index_args(g.name, checks, [values[n] for n in names])
+
+
+def check_index_args(op: str, checks, args: Sequence[Any]) -> None:
+    """``checks``: (argument position, bound, parameter name, what) for each index tensor. The
+    cost, per index tensor and call: one min/max reduction (torch.aminmax) and one copy of its
+    two results to the host, which on a GPU waits for the device (a synchronisation), so it
+    cannot run under CUDA-graph capture. OPFORGE_CHECK_INDICES=0 skips it."""
+    if not checks or not env.flag("OPFORGE_CHECK_INDICES", True):
         return
-    for name, limit, what in index_params(g):
-        x = values[name]
+    for pos, n, name, what in checks:
+        x = args[pos]
         if x.numel() == 0:
             continue
-        lo, hi = int(x.min()), int(x.max())
-        n = evaluate(limit, bindings)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise CallError(f"{op}(): checking the {what} in '{name}' reads them on the host, which CUDA-graph "
+                            f"capture forbids; set OPFORGE_CHECK_INDICES=0 to capture this op (its indices are "
+                            f"then not checked)")
+        lo, hi = torch.stack(torch.aminmax(x)).tolist()
         if lo < 0 or hi >= n:
             bad = lo if lo < 0 else hi
-            raise CallError(f"{g.name}(): '{name}' holds {what} in [0, {n}); found {bad}")
+            raise CallError(f"{op}(): '{name}' holds {what} in [0, {n}); found {bad}")

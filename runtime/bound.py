@@ -31,6 +31,11 @@ class BoundOp(torch.nn.Module):
         self._bound = tuple(buffers)
         self.free = [p.name for p in packed_op.graph.params if p.name not in buffers]
         self._dense_types = {}
+        self._bound_sizes: dict = {}
+        # the packed op's arguments in order: a bound buffer's name, or the position of a free
+        # input (a call giving exactly the free inputs, positionally, takes this path)
+        self._order = tuple(("buffer", p.name) if p.name in buffers else ("input", self.free.index(p.name))
+                            for p in packed_op.graph.params)
 
     def _apply(self, fn, recurse=True):
         """Device moves apply; dtype changes do not: the spec fixes every tensor's dtype, so an
@@ -43,6 +48,9 @@ class BoundOp(torch.nn.Module):
         return self
 
     def forward(self, *args, **kwargs):
+        if not kwargs and len(args) == len(self.free):
+            bufs = self._buffers
+            return self._packed(*[bufs[x] if kind == "buffer" else args[x] for kind, x in self._order])
         if len(args) > len(self.free):
             raise CallError(f"{self.op_name}: the bound op takes {len(self.free)} input(s) "
                             f"({', '.join(self.free)}), got {len(args)}")
@@ -87,7 +95,10 @@ class BoundOp(torch.nn.Module):
             lines.append(f"  {name}: {layout if layout is not None else 'dense'}")
             for row in self.report.get(name, []):
                 lines.append("    " + row)
-        return Explanation("\n".join(lines) + "\n\n" + self._packed.explain()).written_to(file)
+        # the bytes requested: at the bound weights' sizes and the spec's "# shapes:" line for the rest
+        sizes = {**self._packed.default_sizes, **self._bound_sizes}
+        text = self._packed.explain(sizes=sizes if all(s in sizes for s in self._packed.graph.symbols) else None)
+        return Explanation("\n".join(lines) + "\n\n" + text).written_to(file)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v if v is not None else 'dense'}" for k, v in self.layouts.items())
@@ -144,4 +155,5 @@ def bind(op, calibration=None, **weights) -> BoundOp:
     packed_op = op.packed_variant(chosen, sizes, shapes, bound=tuple(weights))
     module = BoundOp(op, packed_op, buffers, layouts, report)
     module._dense_types = {name: (tuple(w.shape), w.dtype) for name, w in weights.items()}
+    module._bound_sizes = sizes
     return module

@@ -1,10 +1,19 @@
 """Executing a plan: allocate buffers, evaluate host scalars, choose each step's kernel by its
-guard and a configuration, and launch. Everything here is host work around the kernels."""
+guard and a configuration, and launch. Everything here is host work around the kernels.
+
+A call runs from a launch record (runtime/records.py): everything the plan's symbolic sizes,
+guards, host scalars and configurations decide for one set of bound sizes, input strides and
+dtypes, evaluated once (``PlanRunner.record``) and then reused; ``PlanRunner.execute`` runs a
+record: it allocates the chosen alternatives' buffers only and launches each kernel with its
+precomputed arguments, grid and configuration, through ``PlanRunner.launcher`` (which
+``opforge bench --host`` swaps for a stub to time the host work alone).
+"""
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import sys
 from typing import Any, Mapping
 
 import torch
@@ -14,12 +23,14 @@ from ..ir.dims import evaluate
 from ..ir.tile import TIMED_GUARDS, Launch, Plan, atomic_buffers
 from ..ir.torch_dtypes import RefCtx, to_torch
 from ..passes.fusion import FusedGraph
+from . import env
 from .binding import CallError
 from .cache import KernelCache
 from .config import Config, heuristic_config, interpreter_config
 from .device import interpreting
 from .indexing import forced, inputs_need_index64, plan_extents, sizes_need_index64
 from .loader import load_kernel
+from .records import MAX_RECORDS, KernelCall, LaunchRecord, contiguous_strides, generic_replay
 
 GRID_AXIS_LIMIT = (2 ** 31 - 1, 65535, 65535)
 
@@ -35,6 +46,8 @@ class PlanRunner:
         self.extents = plan_extents(plan, fused.graph)   # runtime/indexing.py
         self._wide_sizes: dict = {}
         self._wide: dict[str, Any] = {}      # kernel name -> its int64-indexed variant
+        self.records: dict[tuple, LaunchRecord] = {}   # call key -> launch record (CompiledOp.run)
+        self.launcher = default_launcher(wrap)
 
     def needs_index64(self, values: Mapping[str, Any], bindings: Mapping[str, int]) -> bool:
         """Could some offset of this call reach 2**31 (then the kernels' wide variants run)?"""
@@ -82,22 +95,74 @@ class PlanRunner:
 
     # -- one call ------------------------------------------------------------------------------
     def __call__(self, values: Mapping[str, Any], bindings: Mapping[str, int], device: torch.device) -> list:
+        """Run the plan on ``values`` (by parameter name), already checked, at ``bindings``."""
+        rec = self.record(values, bindings, device)
+        out = self.execute(rec, [values[name] for name in self.plan.inputs])
+        return list(out) if rec.tuple_result else [out]
+
+    def remember(self, key, rec: LaunchRecord) -> None:
+        """Keep a record for later calls with the same key (the oldest goes past MAX_RECORDS)."""
+        if len(self.records) >= MAX_RECORDS:
+            del self.records[next(iter(self.records))]
+        self.records[key] = rec
+
+    def execute(self, rec: LaunchRecord, args) -> Any:
+        """Run a record: ``args`` in parameter order (tensors and scalars)."""
+        return rec.replay(args)
+
+    def record(self, values: Mapping[str, Any], bindings: Mapping[str, int], device: torch.device) -> LaunchRecord:
+        """Everything one call decides from its sizes, strides and dtypes: the int64-index choice,
+        host scalars, each step's alternative, each kernel's configuration, grid and arguments,
+        and the shapes of the buffers the chosen kernels use. Values must be checked already."""
         plan = self.plan
-        buffers: dict[str, torch.Tensor] = {}
-        for name, buf in plan.buffers.items():
-            if buf.kind == "input":
-                buffers[name] = values[name]
-            else:
-                shape = [evaluate(d, bindings) for d in buf.shape]
-                buffers[name] = torch.zeros(shape, dtype=to_torch(buf.dtype), device=device) if buf.zeroed \
-                    else allocate(shape, to_torch(buf.dtype), device)
-        scalars = self.host_scalars(values, bindings)
         wide = self.needs_index64(values, bindings)
-        for step in plan.steps:
-            launch = self.choose_launch(step, bindings, buffers, scalars, wide)
-            for kernel in self.kernels_of(launch, wide):
-                self.launch(kernel, launch, buffers, scalars, bindings)
-        return [buffers[name] for name in plan.outputs]
+        scalars = self.host_scalars(values, bindings)
+        shapes = {name: tuple(evaluate(d, bindings) for d in buf.shape)
+                  for name, buf in plan.buffers.items() if buf.kind != "input"}
+        # the autotuner times candidates on real buffers: those of every alternative it tries,
+        # allocated for this first call only; without it (the interpreter, OPFORGE_AUTOTUNE=0)
+        # nothing is allocated here
+        tuning = TuningBuffers(plan, values, shapes, device)
+        chosen = [self.choose_launch(step, bindings, tuning, scalars, wide) for step in plan.steps]
+        kernels = [(lnch, k) for lnch in chosen for k in self.kernels_of(lnch, wide)]
+        slots = {name: i for i, name in enumerate(plan.inputs)}
+        allocs = []
+        used = [p.buffer for _, k in kernels for p in k.params if p.kind == "ptr"] + list(plan.outputs)
+        for name in dict.fromkeys(used):
+            if name not in slots:
+                buf = plan.buffers[name]
+                slots[name] = len(slots)
+                allocs.append((shapes[name], to_torch(buf.dtype), device, buf.zeroed))
+        strides = {name: contiguous_strides(shape) for name, shape in shapes.items() if name in slots}
+        calls = []
+        for lnch, kernel in kernels:
+            one = lnch if kernel is lnch.kernel else Launch(kernel, lnch.group)
+            template, ptrs = [], []
+            for pos, p in enumerate(kernel.params):
+                if p.kind == "ptr":
+                    template.append(None)
+                    ptrs.append((pos, slots[p.buffer]))
+                elif p.kind == "stride":
+                    src = values.get(p.buffer) if plan.buffers[p.buffer].kind == "input" else None
+                    template.append(src.stride(p.axis) if src is not None else strides[p.buffer][p.axis])
+                elif p.kind == "size":
+                    template.append(evaluate(p.dim, bindings))
+                else:
+                    template.append(scalars[p.buffer])
+            args = None
+            if self.tuner is not None and not interpreting():
+                args = kernel_args(one, tuning, scalars, bindings)
+            cfg = self.config(one, bindings, args, tuning)
+            grid = self.grid(one, bindings, cfg)
+            if 0 in grid:
+                continue
+            fn, _ = self.kernel(one)
+            meta = {**cfg.as_dict(), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            calls.append(KernelCall(fn, grid, template, tuple(ptrs), meta, kernel.name, cfg))
+        rec = LaunchRecord(len(plan.inputs), tuple(allocs), tuple(calls), tuple(slots[name] for name in plan.outputs),
+                           self.fused.graph.tuple_result or len(plan.outputs) != 1, wide,
+                           tuple(lnch.kernels[0].name for lnch in chosen))
+        return generic_replay(rec, self, sys.modules[__name__])
 
     def choose_launch(self, step, bindings, buffers, scalars, wide: bool = False) -> Launch:
         """The step's alternative: the first whose guard holds, or, autotuning on a GPU with
@@ -115,6 +180,8 @@ class PlanRunner:
         return viable[self.tuner.choose_alternative(viable, entry, bindings, make_run)]
 
     def launch(self, kernel, launch: Launch, buffers, scalars, bindings) -> None:
+        """One kernel, its arguments and grid evaluated from the sizes (the autotuner's timing
+        runs and tests that run a plan step by step; calls go through records)."""
         one = launch if kernel is launch.kernel else Launch(kernel, launch.group)
         args = kernel_args(one, buffers, scalars, bindings)
         cfg = self.config(one, bindings, args, buffers)
@@ -122,10 +189,8 @@ class PlanRunner:
         if 0 in grid:
             return
         fn, _ = self.kernel(one)
-        if self.wrap is not None:
-            fn = self.wrap(fn)
-        with quiet_padding(), interpreter_errors(kernel.name):
-            fn[grid](*args, **cfg.as_dict(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        meta = {**cfg.as_dict(), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        self.launcher(KernelCall(fn, grid, args, (), meta, kernel.name, cfg), args)
 
     @staticmethod
     def grid(launch: Launch, bindings, cfg: Config) -> tuple[int, ...]:
@@ -158,14 +223,14 @@ def _device_limits():
 
 
 def poisoning() -> bool:
-    return os.environ.get("OPFORGE_POISON", "0") not in ("", "0")
+    return env.flag("OPFORGE_POISON")
 
 
 def allocate(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """Outputs and intermediates. With OPFORGE_POISON=1 (always on in tests) they start as NaN
     (or an unlikely integer), so an element no kernel writes shows up in the comparison."""
     t = torch.empty(shape, dtype=dtype, device=device)
-    if poisoning():
+    if env.flag("OPFORGE_POISON"):
         if dtype.is_floating_point:
             t.fill_(float("nan"))
         elif dtype == torch.bool:
@@ -173,6 +238,46 @@ def allocate(shape, dtype: torch.dtype, device) -> torch.Tensor:
         else:
             t.fill_(-113 if dtype in (torch.int8,) else 113 if dtype == torch.uint8 else -1234567)
     return t
+
+
+def zeros(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Buffers a kernel adds into (atomics)."""
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def default_launcher(wrap=None):
+    """The launch step: ``launcher(call, args)`` runs ``call.fn`` on the grid with the
+    arguments and configuration. Through the interpreter, numpy's warnings about padding lanes
+    are silenced and bf16 problems named; under triton_op, ``wrap`` is torch's wrap_triton."""
+    if interpreting():
+        def launch(call: KernelCall, args) -> None:
+            fn = wrap(call.fn) if wrap is not None else call.fn
+            with quiet_padding(), interpreter_errors(call.name):
+                fn[call.grid](*args, **call.meta)
+    elif wrap is not None:
+        def launch(call: KernelCall, args) -> None:
+            wrap(call.fn)[call.grid](*args, **call.meta)
+    else:
+        def launch(call: KernelCall, args) -> None:
+            call.fn[call.grid](*args, **call.meta)
+    return launch
+
+
+class TuningBuffers(dict):
+    """The buffers of a call that the autotuner launches candidates on: inputs as given, the
+    others allocated on first use (so only what the timed kernels touch is allocated)."""
+
+    def __init__(self, plan: Plan, values: Mapping[str, Any], shapes: Mapping[str, tuple], device):
+        super().__init__((name, values[name]) for name, buf in plan.buffers.items() if buf.kind == "input")
+        self.plan, self.shapes, self.device = plan, shapes, device
+
+    def __missing__(self, name: str) -> torch.Tensor:
+        buf = self.plan.buffers[name]
+        dtype = to_torch(buf.dtype)
+        make = zeros if buf.zeroed else allocate
+        t = make(self.shapes[name], dtype, self.device)
+        self[name] = t
+        return t
 
 
 def quiet_padding():

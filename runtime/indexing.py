@@ -13,7 +13,6 @@ built on first need. The test is on the call's real sizes and strides:
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping
 
 import torch
@@ -21,6 +20,7 @@ import torch
 from ..ir.dims import Dim, evaluate
 from ..ir.tile import Plan
 from ..ir.types import TensorType
+from . import env
 
 INT32_LIMIT = 2 ** 31
 
@@ -52,7 +52,7 @@ def span(t: torch.Tensor) -> int:
 
 
 def forced() -> bool:
-    return os.environ.get("OPFORGE_INDEX64", "0") not in ("", "0")
+    return env.flag("OPFORGE_INDEX64")
 
 
 def sizes_need_index64(extents: tuple[Dim, ...], bindings: Mapping[str, int]) -> bool:

@@ -1,16 +1,23 @@
 """Registering compiled ops with torch.library, as ``torch.ops.<namespace>.<op>``.
 
-Two paths, one schema:
-- ``custom_op`` with ``register_fake``: the op is opaque to torch.compile, which calls it
-  through the fake implementation's shapes; passes ``opcheck`` and ``fullgraph=True`` on any
-  device (the interpreter too). The default.
+Three paths, one schema, chosen with registration=... or OPFORGE_REGISTRATION:
+- ``library`` (the default): ``torch.library.Library(ns, "FRAGMENT")``, ``define`` and ``impl``
+  for CompositeExplicitAutograd (every backend), the fake implementation with
+  ``torch.library.register_fake``. The op is opaque to torch.compile, which calls it through the
+  fake implementation's shapes; passes ``opcheck`` and ``fullgraph=True`` on any device (the
+  interpreter too), and takes ``torch.library.register_autograd`` (it has no Autograd kernel
+  of its own). The cheapest dispatch: the C++ dispatcher calls the implementation directly,
+  where ``custom_op`` adds Python layers (its autograd wrapper, its checks); measured with
+  ``opforge bench --host`` (README: about 1.1 us a call against about 6 us).
+- ``custom_op``: ``torch.library.custom_op`` with ``register_fake``, the same behaviour at the
+  higher cost (kept to compare).
 - ``triton_op``: the implementation launches kernels through ``wrap_triton``, so torch.compile
   can see into them (GPU only; torch.compile of a triton_op reads data pointers of fake
-  tensors, which fails on the CPU). Chosen with registration="triton_op" or
-  OPFORGE_REGISTRATION=triton_op.
-The registered function is a trampoline to the op's current implementation, so compiling a
-changed spec again in the same process re-points the op; a changed signature needs a new
-namespace (torch.library cannot redefine an op).
+  tensors, which fails on the CPU). It is a custom_op underneath, so it costs the same.
+Compiling a changed spec again in the same process re-points the op (a changed signature needs
+a new namespace: torch.library cannot redefine an op). Under ``library`` the registered
+function is the op's generated call function (runtime/records.py), re-pointed by updating the
+state it reads; under the other two it is a trampoline to the op's current implementation.
 """
 from __future__ import annotations
 
@@ -25,6 +32,17 @@ from ..ir.types import TensorType
 
 _IMPLS: dict[str, object] = {}        # "ns::name" -> the CompiledOp behind it
 _SCHEMAS: dict[str, tuple[str, str]] = {}   # "ns::name" -> (schema, registration)
+_LIBRARIES: dict[str, torch.library.Library] = {}   # kept alive: a Library's registrations end with it
+
+
+def library_of(namespace: str) -> torch.library.Library:
+    """The namespace's torch.library.Library fragment (one per namespace, kept alive)."""
+    lib = _LIBRARIES.get(namespace)
+    if lib is None:
+        lib = _LIBRARIES[namespace] = torch.library.Library(namespace, "FRAGMENT")
+    return lib
+_DIRECT: dict[str, Callable] = {}     # "ns::name" -> the call function registered under library
+MODES = ("library", "custom_op", "triton_op")
 
 
 class RegistrationError(RuntimeError):
@@ -79,9 +97,9 @@ def python_signature(g: Graph) -> inspect.Signature:
 
 
 def registration_mode(requested: str | None = None) -> str:
-    mode = requested or os.environ.get("OPFORGE_REGISTRATION", "custom_op")
-    if mode not in ("custom_op", "triton_op"):
-        raise ValueError(f"registration must be custom_op or triton_op, not {mode!r}")
+    mode = requested or os.environ.get("OPFORGE_REGISTRATION", "library")
+    if mode not in MODES:
+        raise ValueError(f"registration must be library, custom_op or triton_op, not {mode!r}")
     return mode
 
 
@@ -97,6 +115,8 @@ def register(namespace: str, g: Graph, compiled, mode: str) -> Callable:
                 f"gives {schema}. torch.library cannot redefine an op: pass another namespace= "
                 f"(or restart the process)")
         _IMPLS[qual] = compiled
+        if qual in _DIRECT:
+            _DIRECT[qual].__globals__.update(compiled.call_state())
         return getattr(getattr(torch.ops, namespace), g.name)
 
     names = [p.name for p in g.params]
@@ -105,7 +125,9 @@ def register(namespace: str, g: Graph, compiled, mode: str) -> Callable:
         return list(args) + [kwargs[n] for n in names[len(args):] if n in kwargs]
 
     def impl(*args, **kwargs):
-        return _IMPLS[qual].run(*positional(args, kwargs))
+        if kwargs:
+            args = positional(args, kwargs)
+        return _IMPLS[qual].run(*args)
 
     def fake(*args, **kwargs):
         return _IMPLS[qual].fake(*positional(args, kwargs))
@@ -115,15 +137,18 @@ def register(namespace: str, g: Graph, compiled, mode: str) -> Callable:
 
     if mode == "triton_op":
         torch.library.triton_op(qual, impl, mutates_args=(), schema=schema)
-    else:
+    elif mode == "custom_op":
         torch.library.custom_op(qual, impl, mutates_args=(), schema=schema)
+    else:
+        lib = library_of(namespace)
+        lib.define(f"{g.name}{schema}")
+        # no trampoline: the dispatcher calls the op's call function itself
+        _DIRECT[qual] = direct = compiled.call_function()
+        lib.impl(g.name, direct, "CompositeExplicitAutograd")
     torch.library.register_fake(qual, fake)
     _IMPLS[qual] = compiled
     _SCHEMAS[qual] = (schema, mode)
     return getattr(getattr(torch.ops, namespace), g.name)
-
-
-_LIBRARIES: list = []     # torch.library.Library objects must stay alive for their registrations
 
 
 def register_composite(namespace: str, g: Graph, compiled) -> Callable:
@@ -149,10 +174,9 @@ def register_composite(namespace: str, g: Graph, compiled) -> Callable:
         full = list(args) + [kwargs[n] if n in kwargs else defaults[n] for n in names[len(args):]]
         return _IMPLS[qual].gradients.forward(full)
 
-    lib = torch.library.Library(namespace, "FRAGMENT")
+    lib = library_of(namespace)
     lib.define(f"{g.name}{schema}")
     lib.impl(g.name, impl, "CompositeImplicitAutograd")
-    _LIBRARIES.append(lib)
     _IMPLS[qual] = compiled
     _SCHEMAS[qual] = (schema, "composite")
     return getattr(getattr(torch.ops, namespace), g.name)

@@ -4,6 +4,11 @@ For each op: the canonical graph, its fusion groups, the level-2 plan and kernel
 through the cache), and the torch.library registration. Calling ``mod.op(...)`` goes through the
 torch dispatcher (so torch.compile sees the same op); the implementation checks the arguments
 (dtype, device, rank, sizes and the symbol bindings) before any kernel is launched.
+
+The first call with a given key (runtime/records.py: shapes, strides, dtypes and devices of the
+tensors, the scalars' values) checks everything and builds a launch record; a later call with
+the same key looks the record up and runs it: every check held for that key, so only the
+caller's index tensors are checked again (their values are data, not part of the key).
 """
 from __future__ import annotations
 
@@ -13,18 +18,22 @@ from typing import Any
 import torch
 
 from ..frontend import get_op, load_program
+from ..ir.dims import evaluate
 from ..ir.graph import Graph
+from ..ir.types import TensorType
 from ..ir.printer import print_graph
 from ..ir.tile_printer import print_plan
 from ..passes.fusion import FusedGraph, fuse, print_fused
 from ..passes.context import PassContext
 from ..passes.pipeline import kernel_graph, prepared_graph
 from ..passes.plan import build_plan, fuse_and_plan
-from .binding import CallError, bind_args, bind_sizes, check_indices, output_shapes
+from .binding import CallError, bind_args, bind_sizes, check_index_args, index_params, output_shapes
 from .cache import KernelCache
 from .device import describe, interpreting, kernel_device
 from .executor import PlanRunner
+from . import env
 from .library import register, register_composite, registration_mode
+from .records import MISSING, call_function, call_key, plain_tensors
 
 
 class Explanation(str):
@@ -43,6 +52,35 @@ class Explanation(str):
         return self
 
 
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def kind_of(p):
+    """What ``plain_kinds`` accepts for a parameter without the full check (binding.check_kind):
+    the exact Python types, and an integer parameter's range."""
+    t = p.value.type
+    if isinstance(t, TensorType):
+        return _TENSOR_TYPES, None
+    if t.dtype.is_float:
+        return (float, int), None
+    if t.dtype.is_bool:
+        return (bool,), None
+    from ..frontend.build import INT_RANGES
+    return (int,), INT_RANGES.get(t.dtype)
+
+
+def plain_kinds(args, kinds) -> bool:
+    """Whether every argument is of its parameter's plain kind (a torch.Tensor, a Python number
+    of the right kind and range), so the call can go to the dispatcher as it is; anything else
+    (NumPy numbers, 0-d tensors, a mistake) goes through bind_args, which converts or explains."""
+    for a, (types, bounds) in zip(args, kinds):
+        if type(a) not in types:
+            return False
+        if bounds is not None and not bounds[0] <= a <= bounds[1]:
+            return False
+    return True
+
+
 class CompiledOp:
     def __init__(self, namespace: str, graph: Graph, fused: FusedGraph, cache: KernelCache, mode: str,
                  plan=None, *, derived: bool = False, frozen=()):
@@ -54,11 +92,22 @@ class CompiledOp:
         self.cache, self.mode = cache, mode
         self._variants: dict = {}
         self._warned = derived      # derived ops never warn (their op did)
+        self.default_sizes: dict = {}      # the spec file's "# shapes:" sizes (explain's default)
+        self.bound_weights: tuple = ()     # a packed variant's bound (packed) parameters
         self.fused = fused
         self.plan = plan if plan is not None else build_plan(fused)
         wrap = torch.library.wrap_triton if mode == "triton_op" else None
         self.runner = PlanRunner(self.plan, fused, cache, tuner=_tuner(cache), wrap=wrap)
         self.runner.load_all()
+        params = graph.params
+        self._nparams = len(params)
+        self._required = next((i for i, p in enumerate(params) if p.has_default), len(params))
+        if any(not p.has_default for p in params[self._required:]):
+            self._required = len(params)     # a default before a required parameter: no shortcut
+        self._params = [(isinstance(p.value.type, TensorType), p.has_default, p.default) for p in params]
+        self._kinds = [kind_of(p) for p in params]
+        self._index64 = env.getter("OPFORGE_INDEX64")
+        self.run = self.call_function()
         from .autograd import Gradients
         self.gradients = Gradients(self, fused.graph, frozen)
         if derived or not self.gradients.differentiable:
@@ -67,6 +116,8 @@ class CompiledOp:
             # ns::op routes to ns::op__infer or to the forward that saves for the backward
             self.torch_op = register_composite(namespace, graph, self)
             self.infer_op = register(namespace, graph.replace(name=f"{graph.name}__infer"), self, mode)
+        self._overload = self.torch_op.default      # a little cheaper than the packet
+        self._infer = self.infer_op.default
 
     def derived(self, g: Graph, name: str) -> "CompiledOp":
         """A graph derived from this op (its forward that saves for the backward, or its
@@ -82,11 +133,25 @@ class CompiledOp:
     def __call__(self, *args, **kwargs):
         """Through the torch dispatcher (what torch.compile sees); the argument count and names
         are checked first so a mistake is an opforge.CallError, not a schema error."""
-        values = bind_args(self.graph, args, kwargs)
-        full = [values[p.name] for p in self.graph.params]
-        if self.infer_op is not self.torch_op and not any(self.gradients.mask(full)):
-            return self.infer_op(*full)      # no gradient wanted: the plain forward, one dispatch
-        return self.torch_op(*full)
+        if not kwargs and self._required <= len(args) <= self._nparams and plain_kinds(args, self._kinds):
+            full = args
+        else:
+            values = bind_args(self.graph, args, kwargs)
+            full = [values[p.name] for p in self.graph.params]
+        if self._infer is not self._overload and not self.gradients.wanted(full):
+            return self._infer(*full)      # no gradient wanted: the plain forward, one dispatch
+        return self._overload(*full)
+
+    def call_function(self):
+        """A function running a call of this op from its records (records.call_function); the
+        torch op's implementation is one, ``run`` another (a direct call, no dispatcher)."""
+        return call_function(self.name, self._params, self.call_state())
+
+    def call_state(self) -> dict:
+        """What ``run`` reads at each call (its globals): the runner's records, this op's
+        first_run, the index check and the OPFORGE_INDEX64 switch."""
+        return {"records": self.runner.records, "first_run": self.first_run, "check_indices": check_index_args,
+                "index64": self._index64}
 
     def _bind(self, args):
         values = bind_args(self.graph, args, {})
@@ -95,7 +160,13 @@ class CompiledOp:
         bindings = bind_sizes(self.graph, values, device=device)
         return values, bindings, device
 
-    def run(self, *args):
+    def first_run(self, args):
+        """A call whose key has no record yet (``self.run`` hands it here): every check, then
+        the record, then the run."""
+        for i, a in enumerate(args):
+            if a is MISSING:            # a required argument not given (bind_args names it)
+                args = args[:i]
+                break
         values, bindings, device = self._bind(args)
         if not self._warned and any(p.layout is not None for p in self.graph.params):
             import warnings
@@ -110,9 +181,16 @@ class CompiledOp:
                             f"({describe()}); move them with .to('{want.type}')")
         if interpreting():
             self._check_interpreter_dtypes()
-        check_indices(self.graph, values, bindings)
-        outs = self.runner(values, bindings, device)
-        return tuple(outs) if self.graph.tuple_result else outs[0]
+        names = [p.name for p in self.graph.params]
+        args = [values[n] for n in names]
+        checks = tuple((names.index(name), evaluate(limit, bindings), name, what)
+                       for name, limit, what in index_params(self.graph))
+        check_index_args(self.name, checks, args)
+        rec = self.runner.record(values, bindings, device)
+        rec.index_checks = checks
+        if plain_tensors(args):
+            self.runner.remember(call_key(args, self._params, self._index64), rec)
+        return rec.replay(args)
 
     def _check_interpreter_dtypes(self) -> None:
         """bf16 runs under the interpreter only with opforge's corrections in place
@@ -159,7 +237,9 @@ class CompiledOp:
                 g = g.replace(name=f"{g.name}__bound")
             g = canonical_graph_of(g.replace(name=f"{g.name}_{_digest(key)}"))
             fused, plan = fuse_and_plan(kernel_graph(g))
-            self._variants[key] = CompiledOp(self.namespace, g, fused, self.cache, self.mode, plan)
+            variant = self._variants[key] = CompiledOp(self.namespace, g, fused, self.cache, self.mode, plan)
+            variant.default_sizes = self.default_sizes
+            variant.bound_weights = tuple(shapes)
         return self._variants[key]
 
     # -- looking inside ------------------------------------------------------------------------
@@ -180,19 +260,20 @@ class CompiledOp:
             return render_module(self.plan.kernels)
         raise ValueError(f"unknown stage {stage!r}")
 
-    def explain(self, file=None, target: str | None = None, sizes: dict | None = None) -> "Explanation":
+    def explain(self, file=None, sizes: dict | None = None, target: str | None = None) -> "Explanation":
         """Every stage of this op as text: the graph, the fusion groups and bytes moved, the
-        level-2 plan, the Triton source; with ``target`` (sm_80, sm_89, sm_90a) also the
-        resources of each kernel compiled natively for that GPU at ``sizes`` (every size symbol
-        of the op). Returned, not printed (a REPL shows it once, as text);
+        level-2 plan, the Triton source, and the bytes each kernel requests from global memory
+        at ``sizes`` (default: the spec file's ``# shapes:`` line, where it gives them all;
+        runtime/traffic.py); with ``target`` (sm_80, sm_89, sm_90a) also the resources of each
+        kernel compiled natively for that GPU at ``sizes``. Returned, not printed (a REPL shows it once, as text);
         ``print(op.explain())`` prints it; ``explain(file=f)`` also writes it to f."""
         parts = [f"== {self.namespace}::{self.name} on {describe()} =="]
         for stage in ("graph", "fused", "tile", "triton"):
             parts.append(f"== {stage} ==\n{self.stage_text(stage)}")
+        parts.append(f"== bytes requested ==\n{self.traffic_text(sizes)}")
         if target is not None:
-            parts.append(self.resources_text(target, sizes or {}))
+            parts.append(self.resources_text(target, sizes or self.default_sizes))
         return Explanation("\n\n".join(parts)).written_to(file)
-
     def resources_text(self, target: str, sizes: dict) -> str:
         """The resource table of this op's kernels on ``target`` at ``sizes`` (runtime/native.py):
         the heuristic config of each kernel and a summary of the autotuner's candidates."""
@@ -217,6 +298,20 @@ class CompiledOp:
         lines += [f"problem: {p}" for p in problems_of(cases, results)]
         return "\n".join(lines)
 
+    def traffic(self, sizes: dict, weights=None):
+        """The static figures of merit at ``sizes`` (runtime/traffic.op_traffic)."""
+        from .traffic import op_traffic
+        return op_traffic(self, {s: int(sizes[s]) for s in self.graph.symbols}, weights=weights)
+
+    def traffic_text(self, sizes: dict | None = None, weights=None) -> str:
+        from .traffic import format_traffic
+        sizes = sizes if sizes is not None else self.default_sizes
+        missing = [s for s in self.graph.symbols if s not in (sizes or {})]
+        if missing:
+            return (f"(no sizes for {', '.join(missing)}: pass explain(sizes={{...}}) to count the bytes each "
+                    f"kernel requests)")
+        return format_traffic(self.traffic(sizes, weights))
+
     def __repr__(self) -> str:
         return f"<opforge op {self.namespace}::{self.name}: {self.kernel_count} kernel(s)>"
 
@@ -238,6 +333,11 @@ class CompiledModule:
         self.namespace = namespace
         self.ops = ops
         self.source_name = source_name
+        # ops as plain attributes: ``mod.op`` without a __getattr__ call on every use (a name
+        # the module's own attributes take stays reachable through __getattr__'s error path)
+        for name, op in ops.items():
+            if name not in self.__dict__ and not hasattr(type(self), name):
+                self.__dict__[name] = op
 
     def __getattr__(self, name: str) -> CompiledOp:
         ops = self.__dict__.get("ops", {})
@@ -262,6 +362,10 @@ def compile_module(path_or_source, namespace: str | None = None, *, dtype: str |
                    ops: list[str] | None = None, cache_dir: str | Path | None = None,
                    registration: str | None = None) -> CompiledModule:
     program = load_program(path_or_source, namespace)
+    from .sizes import SHAPES_DIRECTIVE, parse_shapes
+    shapes: dict = {}
+    for m in SHAPES_DIRECTIVE.finditer(program.source.text):
+        shapes.update(parse_shapes(m.group(1)))
     cache = KernelCache(Path(cache_dir) if cache_dir else None)
     mode = registration_mode(registration)
     compiled: dict[str, Any] = {}
@@ -271,6 +375,7 @@ def compile_module(path_or_source, namespace: str | None = None, *, dtype: str |
         g = prepared_graph(program, name, dtype, ctx)
         fused, plan = fuse_and_plan(kernel_graph(g))
         compiled[name] = CompiledOp(program.namespace, g, fused, cache, mode, plan)
+        compiled[name].default_sizes = shapes
     return CompiledModule(program.namespace, compiled, program.source.name)
 
 

@@ -1,7 +1,8 @@
-"""Both torch.library paths: custom_op (the default) and triton_op (OPFORGE_REGISTRATION or
-registration="triton_op"), which torch.compile can see into on a GPU. On the CPU the triton_op
-path runs eagerly (Triton's interpreter) and passes opcheck's schema and fake-tensor checks;
-torch.compile of a triton_op reads data pointers of fake tensors there, so it is a GPU test."""
+"""The torch.library paths: library (the default: Library define + impl), custom_op, and
+triton_op (OPFORGE_REGISTRATION or registration="triton_op"), which torch.compile can see into
+on a GPU. On the CPU the triton_op path runs eagerly (Triton's interpreter) and passes
+opcheck's schema and fake-tensor checks; torch.compile of a triton_op reads data pointers of
+fake tensors there, so it is a GPU test."""
 from __future__ import annotations
 
 import pytest
@@ -16,7 +17,7 @@ op g(x: f32[M, N]) -> (f32[M, N], f32[M, 1]) { return x * 2.0, sum(x, axis=1, ke
 """
 
 
-@pytest.mark.parametrize("mode", ["custom_op", "triton_op"])
+@pytest.mark.parametrize("mode", ["library", "custom_op", "triton_op"])
 def test_both_registrations_run_and_pass_opcheck(mode):
     m = opforge.compile(SPEC, namespace=f"reg_{mode}", registration=mode)
     x = torch.randn(5, 7)
@@ -40,5 +41,5 @@ def test_registration_mode_is_checked(monkeypatch):
     monkeypatch.setenv("OPFORGE_REGISTRATION", "triton_op")
     assert registration_mode() == "triton_op"
     assert registration_mode("custom_op") == "custom_op"
-    with pytest.raises(ValueError, match="custom_op or triton_op"):
+    with pytest.raises(ValueError, match="library, custom_op or triton_op"):
         registration_mode("eager")
