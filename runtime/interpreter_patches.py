@@ -35,7 +35,9 @@ interpreter whose internals differ from 3.6 and 3.9), ``bf16_problem()`` says wh
 with a bf16 value refuses to run under the interpreter (``CompiledOp.run``).
 
 These change the interpreter of the whole process (class attributes of its builder and its
-reduce/scan helpers), for bf16 operands only; site-packages is never edited.
+reduce/scan helpers), for bf16 operands only; site-packages is never edited. Two faults of
+Triton 3.6's interpreter that touch every dtype (a store through a broadcast pointer tile, a
+bool kernel argument) are mended here too (``_install_fixes``).
 """
 from __future__ import annotations
 
@@ -360,12 +362,50 @@ def _self_check() -> str | None:
     return None
 
 
+def _install_fixes() -> None:
+    """Two faults of Triton 3.6's interpreter (NumPy 2.1), for every dtype.
+
+    - It refuses to store through a broadcast pointer tile (``tl.store(tl.broadcast_to(ptr,
+      shape), ...)``, as a row kernel of width 1 writes its result): ``np.broadcast_to`` gives a
+      read-only view and the C++ store asks for writeable arrays ("array is not writeable"). The
+      store only reads its pointers, values and mask, so a read-only one is copied first.
+    - A Python bool kernel argument (below).
+    Both are no-ops under 3.9."""
+    from triton.runtime import interpreter as itp
+    B = itp.InterpreterBuilder
+    store = B.create_masked_store
+
+    def writeable(h):
+        if isinstance(h, itp.TensorHandle) and isinstance(h.data, np.ndarray) and not h.data.flags.writeable:
+            return itp.TensorHandle(np.array(h.data), h.dtype)
+        return h
+
+    @functools.wraps(store)
+    def create_masked_store(self, ptrs, value, mask, *rest):
+        return store(self, writeable(ptrs), writeable(value), writeable(mask), *rest)
+    B.create_masked_store = create_masked_store
+
+    # Triton 3.6's interpreter passes a Python bool kernel argument as an int32 array typed int1,
+    # which its own check then rejects ("numpy data itemsize (32 bits) exceeds dtype
+    # primitive_bitwidth (1 bits)"); 3.9 makes it a bool array, as here
+    convert = itp._implicit_cvt
+    import triton.language as tl
+
+    @functools.wraps(convert)
+    def _implicit_cvt(arg):
+        if isinstance(arg, bool):
+            return tl.tensor(itp.TensorHandle(np.array([arg], dtype=np.bool_), tl.int1), tl.int1)
+        return convert(arg)
+    itp._implicit_cvt = _implicit_cvt
+
+
 def apply() -> None:
     """Install the corrections (once per process) and check them; idempotent."""
     with _lock:
         if _state["applied"]:
             return
         _state["applied"] = True
+        _install_fixes()
         try:
             _install()
             _state["problem"] = _self_check()
