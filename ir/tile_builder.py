@@ -386,6 +386,9 @@ class TileBuilder:
         imprecise = a.shape[1] if a.dtype == b.dtype == DType.f8e4m3 else None
         return TExpr("dot", (a, b, acc, precision, imprecise), acc.dtype, acc.shape)
 
+    def reshape(self, a: TExpr, shape: tuple) -> TExpr:
+        return TExpr("reshape", (a, tuple(shape)), a.dtype, tuple(shape))
+
     def trans(self, a: TExpr) -> TExpr:
         return TExpr("trans", (a,), a.dtype, tuple(reversed(a.shape)))
 

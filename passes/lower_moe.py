@@ -126,7 +126,11 @@ def lower_align(fg: FusedGraph, group: Group) -> list:
         _, _, onehot = slot_experts(s0)
         b.assign(counts, b.add(counts, b.reduce(onehot, 0, "sum")))
     padded = b.let(b.mul(b.floordiv(b.add(counts, b.sub(BM, 1)), BM), BM), "padded")
-    offsets = b.let(b.sub(b.cumsum(padded, 1), padded), "offsets")
+    # the exclusive offsets by a cumsum over a 1-D view: Triton 3.6 cannot lower a cumsum along
+    # axis 1 of this [1, BLOCK_E] tile (its layout is the one-hot tile's; an assertion in
+    # ScanOpToLLVM fails), 3.9 can; the 1-D form compiles on both
+    flat = b.cumsum(b.reshape(padded, ("BLOCK_E",)), 0)
+    offsets = b.let(b.sub(b.reshape(flat, (1, "BLOCK_E")), padded), "offsets")
     total = b.let(b.reduce(padded, 1, "sum"), "total")
     b.comment("pass 2: each slot's place: its expert's offset plus its rank among that expert's slots")
     running = b.declare(b.full((1, "BLOCK_E"), 0, DType.i32), "running")
