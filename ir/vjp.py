@@ -76,8 +76,11 @@ def unbroadcast(e: Emitter, ct: Value, target: Value) -> Value | None:
     if shape == out:
         return ct
     lead = len(out) - len(shape)
-    axes = tuple(range(lead)) + tuple(lead + i for i, d in enumerate(shape) if d == 1 and out[lead + i] != 1)
-    r = e("sum", [ct], {"axis": axes, "keepdim": True}) if axes else ct
+    inner = tuple(lead + i for i, d in enumerate(shape) if d == 1 and out[lead + i] != 1)
+    axes = tuple(range(lead)) + inner
+    # only leading axes: a sum without keepdim is the operand's shape already, so no reshape
+    # follows (a reshaped result would be a copy kernel of its own)
+    r = e("sum", [ct], {"axis": axes, "keepdim": bool(inner)}) if axes else ct
     if tuple(r.type.shape) != shape:
         r = e("reshape", [r], {"shape": shape})
     return r

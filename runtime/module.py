@@ -92,6 +92,7 @@ class CompiledOp:
         self.cache, self.mode = cache, mode
         self._variants: dict = {}
         self._warned = derived      # derived ops never warn (their op did)
+        self.public = graph.name    # the name errors give (a derived op's is its op's)
         self.default_sizes: dict = {}      # the spec file's "# shapes:" sizes (explain's default)
         self.bound_weights: tuple = ()     # a packed variant's bound (packed) parameters
         self.fused = fused
@@ -127,7 +128,9 @@ class CompiledOp:
         from ..passes.pipeline import run_passes
         g = run_passes(g.replace(name=name), [canonicalize], PassContext())
         fused, plan = fuse_and_plan(kernel_graph(g))
-        return CompiledOp(self.namespace, g, fused, self.cache, self.mode, plan, derived=True)
+        op = CompiledOp(self.namespace, g, fused, self.cache, self.mode, plan, derived=True)
+        op.public = self.public
+        return op
 
     # -- calling -------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -154,10 +157,17 @@ class CompiledOp:
                 "index64": self._index64}
 
     def _bind(self, args):
-        values = bind_args(self.graph, args, {})
-        tensors = [v for v in values.values() if isinstance(v, torch.Tensor)]
-        device = tensors[0].device if tensors else kernel_device()
-        bindings = bind_sizes(self.graph, values, device=device)
+        try:
+            values = bind_args(self.graph, args, {})
+            tensors = [v for v in values.values() if isinstance(v, torch.Tensor)]
+            device = tensors[0].device if tensors else kernel_device()
+            bindings = bind_sizes(self.graph, values, device=device)
+        except CallError as e:
+            if self.public == self.name:
+                raise
+            # a derived op (the forward that saves, the backward) checks the user's arguments
+            # first: the error names the user's op, not ``op__fwd_11``
+            raise CallError(str(e).replace(f"{self.name}()", f"{self.public}()", 1)) from None
         return values, bindings, device
 
     def first_run(self, args):

@@ -246,10 +246,20 @@ def test_double_backward_is_a_clear_error():
 
 
 def test_backward_kernel_counts():
-    """Attention's backward is 3 kernels (delta, dK/dV, dQ); RMSNorm's ... see the note."""
+    """Attention's backward is 3 kernels (delta, dK/dV, dQ); RMSNorm's 2: dx (a row kernel that
+    recomputes rstd from the saved mean square) and dw (each program reduces its columns over
+    every row, in order: deterministic, no atomics), with no copy kernel after it."""
     mod = _example(FILES[[f.stem for f in FILES].index("llama")], None)
     q, k, v = (torch.randn(1, 2, 9, 8, dtype=torch.float16, requires_grad=True) for _ in range(3))
     mod.attention(q, k, v).sum().backward()
     (var,) = mod.attention.gradients._variants.values()
     assert var.forward.kernel_count == 1
     assert sum(len(lnch.kernels) for step in var.backward.plan.steps for lnch in step[-1:]) == 3
+    x, w = torch.randn(2, 5, 33, dtype=torch.float16, requires_grad=True), torch.randn(33, dtype=torch.float16,
+                                                                                      requires_grad=True)
+    mod.rms_norm(x, w).sum().backward()
+    (var,) = mod.rms_norm.gradients._variants.values()
+    assert var.forward.kernel_count == 1
+    steps = var.backward.plan.steps
+    assert len(steps) == 2 and all(len(lnch.kernels) == 1 for step in steps for lnch in step)
+    assert all("atomic_add=True" not in str(lnch.kernel.body) for step in steps for lnch in step)
