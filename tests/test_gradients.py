@@ -263,3 +263,13 @@ def test_backward_kernel_counts():
     steps = var.backward.plan.steps
     assert len(steps) == 2 and all(len(lnch.kernels) == 1 for step in steps for lnch in step)
     assert all("atomic_add=True" not in str(lnch.kernel.body) for step in steps for lnch in step)
+
+
+def test_call_errors_name_the_users_op_when_a_gradient_is_wanted():
+    """With an input that requires grad the call goes to the forward that saves for the backward
+    (``norm__fwd_1``); a wrong argument is still reported as the user's op."""
+    mod = opforge.compile(SPEC, namespace=unique_namespace("gerrname"))
+    x = torch.randn(5, 33, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(opforge.CallError) as info:
+        mod.norm(x, torch.randn(33))
+    assert str(info.value).startswith("norm(): 'x' expects dtype f32"), str(info.value)
