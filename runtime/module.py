@@ -281,9 +281,42 @@ class CompiledOp:
         for stage in ("graph", "fused", "tile", "triton"):
             parts.append(f"== {stage} ==\n{self.stage_text(stage)}")
         parts.append(f"== bytes requested ==\n{self.traffic_text(sizes)}")
+        parts.append(f"== gradient ==\n{self.gradient_text(sizes if sizes is not None else self.default_sizes)}")
         if target is not None:
             parts.append(self.resources_text(target, sizes or self.default_sizes))
         return Explanation("\n\n".join(parts)).written_to(file)
+    def gradient_text(self, sizes: dict | None = None) -> str:
+        """The backward with respect to every differentiable input: what the forward saves for
+        it (each value's type, and the bytes at ``sizes`` where they are all given), what the
+        backward recomputes, and its fused groups and kernels."""
+        grads = self.gradients
+        if not grads.differentiable:
+            return "no gradient: no float tensor input that is not a packed weight, or no float result"
+        try:
+            var = grads.variant((True,) * len(grads.params))
+        except CallError as e:
+            return str(e)
+        d = var.derivative
+        lines = [f"with respect to {', '.join(d.wrt)}"]
+        extra = d.forward.outputs[d.n_results:]
+        sizes = sizes or {}
+        if extra:
+            known = all(s in sizes for s in self.graph.symbols)
+            at = f" ({evaluate(d.saved_bytes, sizes):,} B at {', '.join(f'{k}={v}' for k, v in sizes.items())})" \
+                if known else ""
+            lines.append(f"saved by the forward's kernels, besides its inputs and results{at}: "
+                         + ", ".join(f"{v.name or 'v'}: {v.type}" for v in extra))
+        else:
+            lines.append("saved: nothing besides the inputs and results")
+        read = [p.name for p, src in zip(d.backward.params, d.sources) if src is not None]
+        lines.append(f"the backward reads: {', '.join(read)} and the incoming gradients")
+        lines.append(f"recomputed in the backward's kernels: {', '.join(d.recomputed) or 'nothing'}")
+        launched = sum(len(step[0].kernels) for step in var.backward.plan.steps)
+        lines.append(f"forward that saves: {var.forward.kernel_count} kernel(s); backward: {launched} "
+                     f"kernel(s) launched")
+        lines.append(print_fused(var.backward.fused))
+        return "\n".join(lines)
+
     def resources_text(self, target: str, sizes: dict) -> str:
         """The resource table of this op's kernels on ``target`` at ``sizes`` (runtime/native.py):
         the heuristic config of each kernel and a summary of the autotuner's candidates."""

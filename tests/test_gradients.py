@@ -273,3 +273,16 @@ def test_call_errors_name_the_users_op_when_a_gradient_is_wanted():
     with pytest.raises(opforge.CallError) as info:
         mod.norm(x, torch.randn(33))
     assert str(info.value).startswith("norm(): 'x' expects dtype f32"), str(info.value)
+
+
+def test_explain_shows_the_backward_what_is_saved_and_recomputed():
+    mod = _example(FILES[[f.stem for f in FILES].index("llama")], "f32")
+    text = mod.rms_norm.explain(sizes={"B": 1, "S": 128, "D": 4096})
+    grad = text.split("== gradient ==\n", 1)[1]
+    assert grad.startswith("with respect to x, w\n")
+    # the mean square, f32[B, S, 1]: 128 rows * 4 B
+    assert "(512 B at B=1, S=128, D=4096): ms: f32[B, S, 1]" in grad
+    assert "recomputed in the backward's kernels: cast, add, rsqrt, mul" in grad
+    assert "forward that saves: 1 kernel(s); backward: 2 kernel(s) launched" in grad
+    plain = opforge.compile("op ids(x: i32[N]) -> i32[N] { return x + 1 }", namespace=unique_namespace("gexp"))
+    assert "== gradient ==\nno gradient: no float tensor input" in str(plain.ids.explain())
