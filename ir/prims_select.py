@@ -71,24 +71,48 @@ SCATTER_ALONG_MAX = 64
 
 primitive("scatter_along", Kind.SHAPE, [Arg("src", "tensor"), Arg("idx", "tensor")], internal=True,
           doc="out[..., idx[..., j], ...] += src[..., j, ...] along an axis (topk's gradient), zeros elsewhere",
-          vjp=lambda e, n, cts: [None if cts[0] is None else e("take_along", [cts[0], n.inputs[1]], {"axis": n.attrs["axis"]}),
+          vjp=lambda e, n, cts: [None if cts[0] is None else e("take", [cts[0], n.inputs[1]], {"axis": n.attrs["axis"]}),
                                  None])(infer=_scatter_along_infer, reference=_scatter_along_ref)
 
 
-def _take_along_infer(types, attrs):
-    x, idx = types
-    return [TensorType(x.dtype, tuple(idx.shape))]
+def _take_infer(types, attrs):
+    x = rules.need_tensor(types[0], "take")
+    idx = rules.need_tensor(types[1], "take", 1)
+    if not (idx.dtype.is_int and not idx.dtype.is_bool):
+        raise rules.RuleError(f"'take' needs integer indices, got {idx}", hint="cast them: cast({1}, i32)", arg=1)
+    if idx.rank != x.rank:
+        raise rules.RuleError(f"'take' needs indices of the same rank as the tensor: {x} and {idx}",
+                              hint="add the missing axes with None, e.g. idx[:, None]", arg=1)
+    axis = rules.norm_axis(attrs["axis"], x.rank, "take")
+    for i, (a, b) in enumerate(zip(x.shape, idx.shape)):
+        if i != axis and a != b:
+            raise rules.RuleError(f"'take': the indices {idx} must match {x} on every axis but axis {axis}; "
+                                  f"axis {i} is {b}, not {a}", arg=1)
+    return [TensorType(x.dtype, tuple(idx.shape))], {"axis": axis}
 
 
-def _take_along_ref(ctx, inputs, attrs, out_types, in_types):
+def _take_ref(ctx, inputs, attrs, out_types, in_types):
     return torch.take_along_dim(inputs[0], inputs[1].long(), dim=attrs["axis"])
 
 
-primitive("take_along", Kind.SHAPE, [Arg("x", "tensor"), Arg("idx", "tensor")], internal=True,
-          doc="x[..., idx[..., j], ...] along an axis (torch.take_along_dim)",
-          vjp=lambda e, n, cts: [None if cts[0] is None else e("scatter_along", [cts[0], n.inputs[1]], {
-              "axis": n.attrs["axis"], "size": n.inputs[0].type.shape[n.attrs["axis"]]}), None])(
-    infer=_take_along_infer, reference=_take_along_ref)
+def _take_vjp(e, n, cts):
+    """The gradient adds each taken entry back where it came from: a scatter_along, which
+    unrolls the entries taken per position, so their count must be a literal of at most
+    SCATTER_ALONG_MAX (cross-entropy's one target, top-k's k)."""
+    if cts[0] is None:
+        return [None, None]
+    axis = n.attrs["axis"]
+    k = n.inputs[1].type.shape[axis]
+    if not isinstance(k, int) or k > SCATTER_ALONG_MAX:
+        raise V.NoGradient(f"take(..., axis={axis}) takes {k} entries per position along the axis; its gradient "
+                           f"adds them back one by one and needs a literal count of at most {SCATTER_ALONG_MAX}")
+    return [e("scatter_along", [cts[0], n.inputs[1]], {"axis": axis, "size": n.inputs[0].type.shape[axis]}), None]
+
+
+primitive("take", Kind.SHAPE, [Arg("x", "tensor"), Arg("idx", "tensor"), Arg("axis", "int")],
+          doc="x[..., idx[..., j, ...], ...] along one axis (torch.take_along_dim): out[i][j] = x[i][idx[i][j]] "
+              "for axis=1; idx has x's rank and sizes but along the axis; indices in [0, size)",
+          vjp=_take_vjp)(infer=_take_infer, reference=_take_ref)
 
 
 def _causal_infer(types, attrs):

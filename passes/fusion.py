@@ -35,7 +35,7 @@ from ..ir.types import TensorType
 from .context import PassContext
 
 GLUE_OPS = {"reshape", "permute", "transpose", "slice", "expand", "concat", "gather_rows", "causal",
-            "fill", "unslice", "scatter_along", "take_along",
+            "fill", "unslice", "scatter_along", "take",
             "unpack_int4", "unpack_24", "fp8_bits"}
 # glue that keeps canonical indices canonical (so reductions upstream stay evaluable)
 CANONICAL_GLUE = {"expand"}

@@ -403,7 +403,7 @@ def _scatter_along(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
     axis = n.attrs["axis"]
     k = src.type.shape[axis]
     if not isinstance(k, int) or k > SCATTER_ALONG_MAX:
-        raise LoweringError(f"{ev.group.name}: a scatter of {k} selections per position (top-k's gradient) "
+        raise LoweringError(f"{ev.group.name}: a scatter of {k} selections per position (the gradient of topk or take) "
                             f"is unrolled up to {SCATTER_ALONG_MAX}", n)
     j = ctx.idx[axis] if ctx.idx[axis] is not None else b.const(0)
     out = None
@@ -427,7 +427,7 @@ def _take_along(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
     return ev(x, ctx.with_idx(idx))
 
 
-GLUE = {"fill": _fill, "unslice": _unslice, "scatter_along": _scatter_along, "take_along": _take_along,
+GLUE = {"fill": _fill, "unslice": _unslice, "scatter_along": _scatter_along, "take": _take_along,
         "unpack_int4": _unpack_int4, "unpack_24": _unpack_24, "fp8_bits": _fp8_bits,
         "permute": _permute, "transpose": _transpose, "expand": _expand, "slice": _slice,
         "reshape": _reshape, "concat": _concat, "gather_rows": _gather_rows, "causal": _causal}

@@ -225,13 +225,25 @@ def output_shapes(g: Graph, bindings: Mapping[str, int]) -> list[tuple[int, ...]
     return [tuple(evaluate(d, bindings) for d in t.shape) for t in g.result_types]
 
 
+VIEWS_OF_ALL = ("reshape", "permute", "transpose", "expand")   # views that keep every entry
+
+
 @lru_cache(maxsize=256)
 def index_params(g: Graph) -> tuple[tuple[str, Dim, str], ...]:
     """Integer parameters used as row ids (emb[ids]) or expert indices, with the size their
     entries must stay below."""
     params = {p.value: p.name for p in g.params}
+    producer = g.producers()
     out = []
+
+    def param_behind(v):
+        """The parameter an index tensor is, or is a view of (every entry used or not)."""
+        while v not in params and v in producer and producer[v].op in VIEWS_OF_ALL:
+            v = producer[v].inputs[0]
+        return v
     for n in g.nodes:
+        if n.op == "take" and param_behind(n.inputs[1]) in params:
+            out.append((params[param_behind(n.inputs[1])], n.inputs[0].type.shape[n.attrs["axis"]], "indices"))
         if n.op == "gather_rows" and n.inputs[1] in params:
             out.append((params[n.inputs[1]], n.inputs[0].type.shape[0], "row ids"))
         if n.op == "expert_matmul" and n.inputs[2] in params:

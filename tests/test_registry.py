@@ -204,6 +204,10 @@ CASES.append(Case("gather_rows", [T(f16, 10, 4), T(i32, 2, 3)], {}, lambda t, i:
                   [None, ("index", 10)], id="gather_rows"))
 CASES.append(Case("gather_rows", [T(f32, 7), T(i64, 5)], {}, lambda t, i: t[i], [None, ("index", 7)],
                   id="gather_rows-1d"))
+CASES.append(Case("take", [T(f32, 4, 9), T(i64, 4, 3)], {"axis": 1},
+                  lambda x, i: torch.take_along_dim(x, i, dim=1), [None, ("index", 9)], id="take"))
+CASES.append(Case("take", [T(f16, 6, 2, 5), T(i32, 3, 2, 5)], {"axis": -3},
+                  lambda x, i: torch.take_along_dim(x, i.long(), dim=0), [None, ("index", 6)], id="take-axis0-neg"))
 
 # selection and sources
 CASES.append(Case("topk", [T(f32, 4, 9)], {"k": 3}, lambda x: torch.topk(x, 3, dim=-1), id="topk"))
