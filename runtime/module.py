@@ -57,28 +57,35 @@ _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 def kind_of(p):
     """What ``plain_kinds`` accepts for a parameter without the full check (binding.check_kind):
-    the exact Python types, and an integer parameter's range."""
+    the exact Python types, an integer parameter's range, and whether it is a tensor."""
     t = p.value.type
     if isinstance(t, TensorType):
-        return _TENSOR_TYPES, None
+        return _TENSOR_TYPES, None, True
     if t.dtype.is_float:
-        return (float, int), None
+        return (float, int), None, False
     if t.dtype.is_bool:
-        return (bool,), None
+        return (bool,), None, False
     from ..frontend.build import INT_RANGES
-    return (int,), INT_RANGES.get(t.dtype)
+    return (int,), INT_RANGES.get(t.dtype), False
 
 
-def plain_kinds(args, kinds) -> bool:
-    """Whether every argument is of its parameter's plain kind (a torch.Tensor, a Python number
+PLAIN, PLAIN_GRAD = 1, 2
+
+
+def plain_kinds(args, kinds) -> int:
+    """0 unless every argument is of its parameter's plain kind (a torch.Tensor, a Python number
     of the right kind and range), so the call can go to the dispatcher as it is; anything else
-    (NumPy numbers, 0-d tensors, a mistake) goes through bind_args, which converts or explains."""
-    for a, (types, bounds) in zip(args, kinds):
+    (NumPy numbers, 0-d tensors, a mistake) goes through bind_args, which converts or explains.
+    PLAIN_GRAD where a tensor argument requires grad, PLAIN otherwise (one pass over them)."""
+    grad = False
+    for a, (types, bounds, is_tensor) in zip(args, kinds):
         if type(a) not in types:
-            return False
-        if bounds is not None and not bounds[0] <= a <= bounds[1]:
-            return False
-    return True
+            return 0
+        if is_tensor:
+            grad = grad or a.requires_grad
+        elif bounds is not None and not bounds[0] <= a <= bounds[1]:
+            return 0
+    return PLAIN_GRAD if grad else PLAIN
 
 
 class CompiledOp:
@@ -136,13 +143,19 @@ class CompiledOp:
     def __call__(self, *args, **kwargs):
         """Through the torch dispatcher (what torch.compile sees); the argument count and names
         are checked first so a mistake is an opforge.CallError, not a schema error."""
-        if not kwargs and self._required <= len(args) <= self._nparams and plain_kinds(args, self._kinds):
-            full = args
+        if not kwargs and self._required <= len(args) <= self._nparams:
+            kind = plain_kinds(args, self._kinds)
+            if kind == PLAIN and self._infer is not self._overload:
+                return self._infer(*args)   # no gradient wanted: the plain forward, one dispatch
+            if kind:
+                full = args
         else:
+            kind = 0
+        if not kind:
             values = bind_args(self.graph, args, kwargs)
             full = [values[p.name] for p in self.graph.params]
         if self._infer is not self._overload and not self.gradients.wanted(full):
-            return self._infer(*full)      # no gradient wanted: the plain forward, one dispatch
+            return self._infer(*full)
         return self._overload(*full)
 
     def call_function(self):
