@@ -131,6 +131,19 @@ def test_w8a8_int8_with_a_contraction_longer_than_an_i32_sum_holds():
     assert layer._packed.kernel_count == 3       # quantize x, then two K chunks (one adds the other)
 
 
+@pytest.mark.parametrize("act", ["int8", "fp8"])
+def test_w8a8_propagates_a_nan_of_the_activations_to_its_row(act):
+    """The per-row activation scale is a max that keeps NaN, so the row is NaN, as the
+    reference (and a dense matmul) gives; the other rows are untouched."""
+    op = compiled(f"op lin(x: f16[M, K], w: f16[N, K] @quant({act}, act={act})) -> f16[M, N] {{ return x @ w.T }}",
+                  f"w8a8nan_{act}").lin
+    layer = op.bind(w=torch.randn(48, 40, dtype=torch.float16))
+    x = torch.randn(3, 40, dtype=torch.float16)
+    x[1, 5] = float("nan")
+    y = layer(x)
+    assert y[1].isnan().all() and not y[0].isnan().any() and not y[2].isnan().any()
+
+
 # -- 5. offsets that reach 2**31 take int64 index arithmetic ----------------------------------------
 def test_the_index_width_is_chosen_from_sizes_and_strides():
     from opforge.runtime.indexing import inputs_need_index64, sizes_need_index64, span
