@@ -16,7 +16,7 @@ if __name__ != "opforge":
     _sys.modules[__name__] = _importlib.import_module("opforge")
 else:
     __version__ = "0.1.0"
-    __all__ = ["compile", "load", "SpecError", "CallError", "CacheWarning", "CacheError", "__version__"]
+    __all__ = ["compile", "load", "save_exported", "load_exported", "SpecError", "CallError", "CacheWarning", "CacheError", "__version__"]
 
     def __getattr__(name: str):
         """SpecError, CallError, CacheError and CacheWarning on first use: importing them loads the front end and torch,
@@ -36,6 +36,17 @@ else:
         """Parse and check a spec: the level-1 Program (no kernels)."""
         from .frontend import load_program
         return load_program(path_or_source, namespace)
+
+    def save_exported(ep, path) -> None:
+        """torch.export.save with the specs of the opforge ops the program calls, so that
+        load_exported(path) works in a new process (runtime/export.py)."""
+        from .runtime.export import save
+        save(ep, path)
+
+    def load_exported(path):
+        """Compile the specs stored by save_exported, then torch.export.load the program."""
+        from .runtime.export import load
+        return load(path)
 
     def compile(path_or_source, namespace: str | None = None, **options):
         """Compile a spec: a module whose attributes are the ops, each a registered torch op."""

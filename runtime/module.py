@@ -432,6 +432,8 @@ def compile_module(path_or_source, namespace: str | None = None, *, dtype: str |
         fused, plan = fuse_and_plan(kernel_graph(g))
         compiled[name] = CompiledOp(program.namespace, g, fused, cache, mode, plan)
         compiled[name].default_sizes = shapes
+    from .export import remember
+    remember(program.namespace, program.source.text, program.source.name, dtype, list(compiled), registration)
     return CompiledModule(program.namespace, compiled, program.source.name)
 
 
