@@ -318,7 +318,7 @@ def _get_parser() -> Lark:
     global _parser
     if _parser is None:
         parser = Lark(GRAMMAR.read_text(), parser="lalr", lexer="contextual", postlex=BracketNewlines(),
-                      propagate_positions=False, maybe_placeholders=True)
+                      propagate_positions=False, maybe_placeholders=True, cache=True)
         callbacks = {}
         for rule in parser.rules:
             name = rule.alias or rule.options.template_source or rule.origin.name
