@@ -246,7 +246,58 @@ def _t_pow(b, x, y):
             return b.truediv(1.0, r) if e < 0 else (b.widen(r) if n else r)
         if e == 0.5:
             return b.unary("sqrt", x)
-    return b.unary("exp", b.mul(y, b.unary("log", x)))
+    if not x.dtype.is_float and not y.dtype.is_float:
+        return _int_pow(b, x, y)
+    return _float_pow(b, x, y)
+
+
+def _float_pow(b, x, y):
+    """torch.pow of floats: exp(y * log|x|), then the sign of a negative base to an integer
+    power (odd: negative), NaN for a negative base to a fractional one, and 1 for y == 0 or
+    x == 1 (even where the other operand is NaN). In f32 for 16-bit operands."""
+    x, y = b.widen(x), b.widen(y)
+    if not y.dtype.is_float:
+        y = b.cast(y, x.dtype)
+    if not x.dtype.is_float:
+        x = b.cast(x, y.dtype)
+    mag = b.unary("exp", b.mul(y, b.unary("log", b.unary("abs", x))))
+    if y.op == "const":                          # a literal exponent: its kind is known here
+        e = float(y.args[0])
+        if math.isnan(e):
+            return b.where(b.binop("eq", x, 1.0), 1.0, float("nan"))
+        if not e.is_integer() and not math.isinf(e):
+            r = b.where(b.binop("lt", x, 0.0), float("nan"), mag)
+        elif not math.isinf(e) and abs(e) < 2.0 ** 53 and int(e) % 2:
+            r = b.where(b.binop("lt", b.truediv(1.0, x), 0.0), b.unary("neg", mag), mag)
+        else:
+            r = mag
+        return r if e != 0 else b.const(1.0, x.dtype)
+    big = b.binop("ge", b.unary("abs", y), 2.0 ** 24)           # every float this large is an even integer
+    yi = b.cast(b.where(big, 0.0, y), DType.i64)
+    integral = b.binop("or", big, b.binop("eq", b.cast(yi, y.dtype), y))
+    odd = b.binop("and", b.unary("not", big), b.binop("ne", b.mod(yi, 2), 0))
+    # the sign: of a negative base or -0.0 (1 / x < 0) to an odd integer power
+    flip = b.binop("and", b.binop("lt", b.truediv(1.0, x), 0.0), b.binop("and", integral, odd))
+    r = b.where(flip, b.unary("neg", mag), mag)
+    r = b.where(b.binop("and", b.binop("lt", x, 0.0), b.unary("not", integral)), float("nan"), r)
+    return b.where(b.binop("or", b.binop("eq", y, 0.0), b.binop("eq", x, 1.0)), 1.0, r)
+
+
+def _int_pow(b, x, y):
+    """torch.pow of integers, wrapping as they do: square-and-multiply over the exponent's bits
+    (unrolled); a negative exponent gives 0, except 1 for a base of 1 and +-1 for -1."""
+    bits = max(x.dtype.bits, y.dtype.bits)
+    wide = DType.i64 if bits > 32 else DType.i32
+    x, y = b.cast(x, wide), b.cast(y, wide)
+    r, base = b.const(1, wide), x
+    for i in range(bits - 1):
+        bit = b.binop("eq", b.bitand(b.shr(y, i), 1), 1) if i else b.binop("eq", b.bitand(y, 1), 1)
+        r = b.let(b.where(bit, b.mul(r, base), r), "pw")
+        if i < bits - 2:
+            base = b.let(b.mul(base, base), "sq")
+    odd = b.binop("eq", b.bitand(y, 1), 1)
+    neg = b.where(b.binop("eq", x, 1), 1, b.where(b.binop("eq", x, -1), b.where(odd, -1, 1), 0))
+    return b.where(b.binop("lt", y, 0), neg, r)
 
 
 BINARY_TILE = {

@@ -244,3 +244,31 @@ op t3(x: f32[N]) -> f32[N] { return gelu(x, approximate="tanh") }
     xs = x[x > -5]
     r = torch.nn.functional.gelu(xs.double(), approximate="tanh")
     assert ((mod.t3(xs).double() - r).abs() / r.abs().clamp_min(1e-30)).max() < 1e-5
+
+
+# -- powers: torch.pow's signs, NaNs and integer results ---------------------------------------------
+POW_SPEC = """
+op p9(x: f32[N]) -> f32[N] { return x ** 9 }
+op pxy(x: f32[N], y: f32[N]) -> f32[N] { return x ** y }
+op ph(x: f16[N], y: f16[N]) -> f16[N] { return x ** y }
+op pi(x: i32[N], y: i32[N]) -> i32[N] { return x ** y }
+op pi11(x: i32[N]) -> i32[N] { return x ** 11 }
+"""
+
+
+def test_powers_match_torch_pow():
+    """exp(y * log(x)) alone gave NaN for a negative base to an integer power (x ** 9, x ** y)
+    and rounded integer powers (100000 ** 1 was 99999)."""
+    mod = compiled(POW_SPEC, "powers")
+    x = torch.tensor([-2., 0., -0., 1., float("nan"), -1.5, 3., -3., 2., 0., -2.])
+    y = torch.tensor([9., -1., -1., float("nan"), 0., 0.5, 2., 3., 1e30, 0., 1e30])
+    torch.testing.assert_close(mod.pxy(x, y), torch.pow(x, y), equal_nan=True, rtol=1e-6, atol=0)
+    got, want = mod.pxy(x, y), torch.pow(x, y)
+    assert torch.equal(torch.signbit(got[~want.isnan()]), torch.signbit(want[~want.isnan()]))   # -inf, -512
+    torch.testing.assert_close(mod.p9(x), x ** 9, equal_nan=True, rtol=1e-6, atol=0)
+    xh, yh = x.half(), y.clamp(-5, 5).half()
+    torch.testing.assert_close(mod.ph(xh, yh), torch.pow(xh, yh), equal_nan=True)
+    a = torch.tensor([2, -3, 1, -1, 0, 5, 100000, 2, 3], dtype=torch.int32)
+    b = torch.tensor([-1, -1, -2, -3, -1, 31, 1, 40, 21], dtype=torch.int32)
+    assert torch.equal(mod.pi(a, b), torch.pow(a, b))          # wrapping as torch wraps
+    assert torch.equal(mod.pi11(a), a ** 11)
