@@ -718,6 +718,8 @@ class OpBuilder:
         if kind == "int":
             return self.static_int(x, f"'{a.name}' of '{fname}'")
         if kind == "axes":
+            if isinstance(x, A.Name) and x.id == "None" and a.default is None:
+                return None                      # axis=None: every axis, as when it is left out
             if isinstance(x, (A.TupleLit, A.ListLit)):
                 return tuple(self.static_int(i, f"'{a.name}' of '{fname}'") for i in x.items)
             return self.static_int(x, f"'{a.name}' of '{fname}'")

@@ -272,3 +272,12 @@ def test_powers_match_torch_pow():
     b = torch.tensor([-1, -1, -2, -3, -1, 31, 1, 40, 21], dtype=torch.int32)
     assert torch.equal(mod.pi(a, b), torch.pow(a, b))          # wrapping as torch wraps
     assert torch.equal(mod.pi11(a), a ** 11)
+
+
+def test_axis_none_is_every_axis():
+    """``sum(x, axis=None)``, as the built-ins reference writes the default."""
+    mod = compiled("op f(x: f32[M, N]) -> f32[] { return sum(x, axis=None) }\n"
+                   "op g(x: f32[M, N]) -> f32[1, 1] { return max(x, axis=None, keepdim=true) }", "axisnone")
+    x = torch.randn(3, 5)
+    torch.testing.assert_close(mod.f(x), x.sum())
+    assert torch.equal(mod.g(x), x.amax().reshape(1, 1))
