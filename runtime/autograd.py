@@ -39,7 +39,7 @@ class Variant:
         try:
             self.derivative: Derivative = derive(owner.source, self.wrt)
         except NoGradient as e:
-            raise CallError(f"{op.name}(): no gradient with respect to {', '.join(self.wrt)}: {e}") from None
+            raise CallError(f"{op.public}(): no gradient with respect to {', '.join(self.wrt)}: {e}") from None
         self.forward = op.derived(self.derivative.forward, f"{op.name}__fwd_{self.bits}")
         self.backward = op.derived(self.derivative.backward, f"{op.name}__bwd_{self.bits}")
         self.index = {p.name: i for i, p in enumerate(op.graph.params)}
@@ -67,7 +67,7 @@ class Variant:
         ctx.opforge_variant = self
 
     def backward_of(self, ctx, grads):
-        name = self.owner.op.name
+        name = self.owner.op.public
         if torch.is_grad_enabled():
             raise CallError(f"{name}(): gradients of its gradients (double backward, create_graph=True) "
                             f"are not supported")
@@ -124,7 +124,7 @@ class Gradients:
         for name in self.frozen:
             x = values.get(name)
             if isinstance(x, torch.Tensor) and x.requires_grad:
-                raise CallError(f"{self.op.name}(): '{name}' is a packed weight, frozen once bound: it has no "
+                raise CallError(f"{self.op.public}(): '{name}' is a packed weight, frozen once bound: it has no "
                                 f"gradient (gradients flow through it to the other inputs); leave its "
                                 f"requires_grad off")
         return tuple(isinstance(values.get(n), torch.Tensor) and values[n].requires_grad for n in self.params)

@@ -1,8 +1,13 @@
 """``mod.op.bind(**weights)``: pack weights once and return a ``torch.nn.Module``.
 
-The module holds the packed tensors (and any other bound weights) as buffers, so they move
-with ``.to()`` and save and load with ``state_dict``; calling it with the remaining inputs
-runs the op compiled for those packed layouts (its own torch op, ``<op>__<weight>_<layout>``).
+The module holds the packed tensors (int8, int4, fp8, 2:4, block-sparse, low-rank) as buffers:
+frozen, never differentiated (a gradient asked of one is a CallError). Dense weights (no layout,
+or ``@auto`` chose dense) of a float dtype are trainable ``torch.nn.Parameter``s (with
+requires_grad off where the op has no gradient with respect to one; an integer or bool dense
+tensor is a buffer): copied at bind, in ``parameters()``, their gradients computed by the op's
+derived backward (runtime/autograd.py). Both move with ``.to()``
+and save and load with ``state_dict``; calling the module with the remaining inputs runs the op
+compiled for those packed layouts (its own torch op, ``<op>__<weight>_<layout>``).
 """
 from __future__ import annotations
 
@@ -21,36 +26,60 @@ from .packing import pack
 class BoundOp(torch.nn.Module):
     def __init__(self, op, packed_op, buffers: dict[str, torch.Tensor], layouts: dict[str, Layout | None],
                  report: dict[str, list] | None = None):
+        """``buffers``: every bound tensor by the packed op's parameter name; the dense float
+        ones become Parameters, the rest (packed tensors, integer tensors) buffers."""
         super().__init__()
         self.op_name = op.name
         self._packed = packed_op
         self.layouts = layouts
         self.report = report or {}
+        self.no_gradient: dict[str, str] = {}    # a dense Parameter without a gradient -> why
         for name, t in buffers.items():
-            self.register_buffer(name, t)
+            if name in layouts and layouts[name] is None and t.dtype.is_floating_point:
+                why = _no_gradient(packed_op, name)
+                if why is not None:
+                    self.no_gradient[name] = why
+                self.register_parameter(name, torch.nn.Parameter(t, requires_grad=why is None))
+            else:
+                self.register_buffer(name, t)
         self._bound = tuple(buffers)
         self.free = [p.name for p in packed_op.graph.params if p.name not in buffers]
         self._dense_types = {}
         self._bound_sizes: dict = {}
         # the packed op's arguments in order: a bound buffer's name, or the position of a free
         # input (a call giving exactly the free inputs, positionally, takes this path)
-        self._order = tuple(("buffer", p.name) if p.name in buffers else ("input", self.free.index(p.name))
-                            for p in packed_op.graph.params)
+        self._order = tuple(("param" if p.name in self._parameters else "buffer", p.name) if p.name in buffers
+                            else ("input", self.free.index(p.name)) for p in packed_op.graph.params)
 
     def _apply(self, fn, recurse=True):
         """Device moves apply; dtype changes do not: the spec fixes every tensor's dtype, so an
-        f32 scale stays f32 (and exact) under .half()."""
+        f32 scale stays f32 (and exact) under .half(). A Parameter stays the same object (its
+        data moved, as torch.nn.Module does), so an optimizer built on it keeps working."""
+        def moved(t):
+            u = fn(t)
+            return u if u.dtype == t.dtype else t.to(device=u.device)
+
         for name, b in list(self._buffers.items()):
-            if b is None:
-                continue
-            t = fn(b)
-            self._buffers[name] = t if t.dtype == b.dtype else b.to(device=t.device)
+            if b is not None:
+                self._buffers[name] = moved(b)
+        with torch.no_grad():
+            for p in self._parameters.values():
+                if p is None:
+                    continue
+                data = moved(p)
+                if data is not p:
+                    p.data = data
+                if p.grad is not None:
+                    g = moved(p.grad)
+                    if g is not p.grad:
+                        p.grad = g
         return self
 
     def forward(self, *args, **kwargs):
         if not kwargs and len(args) == len(self.free):
-            bufs = self._buffers
-            return self._packed(*[bufs[x] if kind == "buffer" else args[x] for kind, x in self._order])
+            bufs, params = self._buffers, self._parameters
+            return self._packed(*[args[x] if kind == "input" else (bufs[x] if kind == "buffer" else params[x])
+                                  for kind, x in self._order])
         if len(args) > len(self.free):
             raise CallError(f"{self.op_name}: the bound op takes {len(self.free)} input(s) "
                             f"({', '.join(self.free)}), got {len(args)}")
@@ -79,7 +108,7 @@ class BoundOp(torch.nn.Module):
         out = {}
         for name, layout in self.layouts.items():
             if layout is None:
-                out[name] = getattr(self, name)
+                out[name] = getattr(self, name).detach()
                 continue
             parts = {b[len(name) + 1:]: getattr(self, b) for b in self._bound if b.startswith(f"{name}_")}
             dense = self._dense_types[name]
@@ -102,6 +131,23 @@ class BoundOp(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v if v is not None else 'dense'}" for k, v in self.layouts.items())
+
+
+def _no_gradient(op, name: str) -> str | None:
+    """None where the op has a gradient with respect to its dense parameter ``name`` (the
+    backward is derived now, a graph pass; its kernels are built at the first call that needs
+    it); else why not, and the Parameter is made with requires_grad off, so calls in grad mode
+    still run."""
+    from ..ir.vjp import NoGradient
+    from ..passes.autodiff import derive
+    grads = op.gradients
+    if not grads.differentiable or name not in grads.params:
+        return "the op has no gradient with respect to it (not a float input of an op with a float result)"
+    try:
+        derive(grads.source, (name,))
+    except NoGradient as e:
+        return str(e)
+    return None
 
 
 def check_weight(op, name: str, w: torch.Tensor) -> None:
@@ -132,10 +178,12 @@ def bind(op, calibration=None, **weights) -> BoundOp:
         layout = params[name].layout
         w = w.detach().to(device)
         if layout is not None and layout.kind == "auto":
-            layout, report[name] = choose_layout(op, name, w, dict(layout.kwargs)["tol"], weights, calibration)
+            with torch.no_grad():
+                layout, report[name] = choose_layout(op, name, w, dict(layout.kwargs)["tol"], weights, calibration)
         layouts[name] = layout
         if layout is None:
-            buffers[name] = w.contiguous()
+            # the module's own copy: training it leaves the caller's tensor alone
+            buffers[name] = w.clone(memory_format=torch.contiguous_format)
             continue
         chosen[name] = layout
         for suffix, t in pack(layout, w, name).items():

@@ -260,8 +260,13 @@ class CompiledOp:
                 g = g.replace(name=f"{g.name}__bound")
             g = canonical_graph_of(g.replace(name=f"{g.name}_{_digest(key)}"))
             fused, plan = fuse_and_plan(kernel_graph(g))
-            variant = self._variants[key] = CompiledOp(self.namespace, g, fused, self.cache, self.mode, plan)
+            # the packed tensors (``w_q``, ``w_scale``, ...) are frozen: never differentiated, and a
+            # gradient asked of one is a CallError; dense bound weights stay differentiable
+            packed = tuple(k for k in shapes if k not in bound)
+            variant = self._variants[key] = CompiledOp(self.namespace, g, fused, self.cache, self.mode, plan,
+                                                       frozen=packed)
             variant.default_sizes = self.default_sizes
+            variant.public = self.public    # call errors name the user's op, not the variant
             variant.bound_weights = tuple(shapes)
         return self._variants[key]
 

@@ -254,7 +254,10 @@ def test_state_dict_saves_and_loads(case):
     assert not torch.equal(second(x), y_first)
     buf = io.BytesIO()
     torch.save(first.state_dict(), buf)
-    assert set(first.state_dict()) == {name for name, _ in first.named_buffers()}
+    # the packed tensors are buffers; a dense bias is a Parameter (trainable): both are saved
+    assert set(first.state_dict()) == {name for name, _ in first.named_buffers()} | \
+        {name for name, _ in first.named_parameters()}
+    assert {name for name, _ in first.named_parameters()} == ({"b"} if case.bias else set())
     buf.seek(0)
     result = second.load_state_dict(torch.load(buf))
     assert not result.missing_keys and not result.unexpected_keys
