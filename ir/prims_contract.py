@@ -45,6 +45,14 @@ def _t(e, x):
     return e("transpose", [x], {"a": r - 2, "b": r - 1})
 
 
+def _is_transpose(e, v) -> bool:
+    """Is ``v`` the transpose of its last two axes (``w.T``)? (The emitter of passes/autodiff
+    knows each value's producer; without it, no.)"""
+    n = getattr(e, "producers", {}).get(v)
+    r = v.type.rank
+    return n is not None and n.op == "transpose" and {n.attrs["a"] % r, n.attrs["b"] % r} == {r - 2, r - 1}
+
+
 def _matmul_vjp(e, node, cts):
     """dA = dC @ B^T, dB = A^T @ dC, each summed over the batch axes its operand was broadcast
     along; vector operands as matrices with one row (A) or one column (B)."""
@@ -64,7 +72,22 @@ def _matmul_vjp(e, node, cts):
         if a.type.rank == 1:
             da = e("reshape", [da], {"shape": tuple(a.type.shape)})
     if V.differentiable(b):
-        db = V.unbroadcast(e, e("matmul", [_t(e, A), dC]), B)
+        if B.type.rank == 2 and A.type.rank > 2 and tuple(A.type.shape[:-2]) == batch:
+            # a matrix shared by every batch (a weight: x[B, S, K] @ w.T): one product contracting
+            # the batch axes and rows together, not a product per batch summed afterwards
+            rows = 1
+            for d in A.type.shape[:-1]:
+                rows = rows * d
+            A2 = e("reshape", [A], {"shape": (rows, A.type.shape[-1])})
+            dC2 = e("reshape", [dC], {"shape": (rows, N)})
+            if _is_transpose(e, b):
+                # (dC2^T @ A2)^T: b is a transposed weight (x @ w.T), so w's own gradient is the
+                # product itself (the two transposes cancel), with no copy kernel transposing it
+                db = _t(e, e("matmul", [_t(e, dC2), A2]))
+            else:
+                db = e("matmul", [_t(e, A2), dC2])
+        else:
+            db = V.unbroadcast(e, e("matmul", [_t(e, A), dC]), B)
         if b.type.rank == 1:
             db = e("reshape", [db], {"shape": tuple(b.type.shape)})
     return [da, db]

@@ -78,6 +78,7 @@ def derive(g: Graph, wrt: Sequence[str]) -> Derivative:
             depends.update(o for o in n.outputs if V.differentiable(o))
 
     e = Emitter()
+    e.producers = producer          # rules may look at how an input was made (matmul: w.T)
     ct: dict[Value, Value] = {}
     ct_params: list[Param] = []
     ct_of: list[int] = []

@@ -286,3 +286,25 @@ def test_explain_shows_the_backward_what_is_saved_and_recomputed():
     assert "forward that saves: 1 kernel(s); backward: 2 kernel(s) launched" in grad
     plain = opforge.compile("op ids(x: i32[N]) -> i32[N] { return x + 1 }", namespace=unique_namespace("gexp"))
     assert "== gradient ==\nno gradient: no float tensor input" in str(plain.ids.explain())
+
+
+@pytest.mark.parametrize("weight, use", [("w: f32[N, K]", "x @ w.T"), ("w: f32[K, N]", "x @ w")])
+def test_a_weights_gradient_is_one_product_over_every_batch_row(weight, use):
+    """x[B, S, K] against a matrix shared by every batch: the weight's gradient contracts the
+    batch axes and rows in one matmul (no per-batch product summed afterwards, no transposing
+    copy): the backward is two matmul kernels, and its gradients are the reference's."""
+    mod = opforge.compile(f"op f(x: f32[B, S, K], {weight}) -> f32[B, S, N] {{\n    return {use}\n}}\n",
+                          namespace=unique_namespace("gweight"))
+    w_shape = (7, 33) if use.endswith(".T") else (33, 7)
+    x = torch.randn(3, 5, 33, dtype=torch.float32, requires_grad=True)
+    w = torch.randn(*w_shape, requires_grad=True)
+    gy = torch.randn(3, 5, 7)
+    (mod.f(x, w) * gy).sum().backward()
+    (var,) = mod.f.gradients._variants.values()
+    assert [grp.kind for grp in var.backward.fused.groups] == ["matmul", "matmul"]
+    assert not any(n.op == "sum" for n in var.backward.graph.nodes)
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ((xr @ (wr.T if use.endswith(".T") else wr)) * gy.double()).sum().backward()
+    tol = gradient_tolerance_for(mod.f.graph)
+    assert_close(x.grad, xr.grad, tol, "d/dx")
+    assert_close(w.grad, wr.grad, tol, "d/dw")
