@@ -290,12 +290,12 @@ def _int_pow(b, x, y):
     wide = DType.i64 if bits > 32 else DType.i32
     x, y = b.cast(x, wide), b.cast(y, wide)
     r, base = b.const(1, wide), x
+    odd = b.binop("eq", b.bitand(y, 1), 1)
     for i in range(bits - 1):
-        bit = b.binop("eq", b.bitand(b.shr(y, i), 1), 1) if i else b.binop("eq", b.bitand(y, 1), 1)
+        bit = b.binop("eq", b.bitand(b.shr(y, i), 1), 1) if i else odd
         r = b.let(b.where(bit, b.mul(r, base), r), "pw")
         if i < bits - 2:
             base = b.let(b.mul(base, base), "sq")
-    odd = b.binop("eq", b.bitand(y, 1), 1)
     neg = b.where(b.binop("eq", x, 1), 1, b.where(b.binop("eq", x, -1), b.where(odd, -1, 1), 0))
     return b.where(b.binop("lt", y, 0), neg, r)
 

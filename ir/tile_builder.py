@@ -382,7 +382,7 @@ class TileBuilder:
             b3 = self.cast(self.expand_dims(b, 0), acc.dtype)
             prod = TExpr("mul", (a3, b3), acc.dtype, broadcast(a3.shape, b3.shape))
             summed = TExpr("reduce", (prod, 1, "sum"), acc.dtype, (prod.shape[0], 1, prod.shape[2]))
-            return self.add(acc, TExpr("reshape", (summed, tuple(acc.shape)), acc.dtype, tuple(acc.shape)))
+            return self.add(acc, self.reshape(summed, acc.shape))
         imprecise = a.shape[1] if a.dtype == b.dtype == DType.f8e4m3 else None
         return TExpr("dot", (a, b, acc, precision, imprecise), acc.dtype, acc.shape)
 

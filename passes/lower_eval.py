@@ -417,7 +417,7 @@ def _scatter_along(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
     return b.let(out, "scattered")
 
 
-def _take_along(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
+def _take(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
     b = ev.b
     x, ids = n.inputs
     axis = n.attrs["axis"]
@@ -427,7 +427,7 @@ def _take_along(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
     return ev(x, ctx.with_idx(idx))
 
 
-GLUE = {"fill": _fill, "unslice": _unslice, "scatter_along": _scatter_along, "take": _take_along,
+GLUE = {"fill": _fill, "unslice": _unslice, "scatter_along": _scatter_along, "take": _take,
         "unpack_int4": _unpack_int4, "unpack_24": _unpack_24, "fp8_bits": _fp8_bits,
         "permute": _permute, "transpose": _transpose, "expand": _expand, "slice": _slice,
         "reshape": _reshape, "concat": _concat, "gather_rows": _gather_rows, "causal": _causal}

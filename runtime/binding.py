@@ -242,8 +242,8 @@ def index_params(g: Graph) -> tuple[tuple[str, Dim, str], ...]:
             v = producer[v].inputs[0]
         return v
     for n in g.nodes:
-        if n.op == "take" and param_behind(n.inputs[1]) in params:
-            out.append((params[param_behind(n.inputs[1])], n.inputs[0].type.shape[n.attrs["axis"]], "indices"))
+        if n.op == "take" and (idx := param_behind(n.inputs[1])) in params:
+            out.append((params[idx], n.inputs[0].type.shape[n.attrs["axis"]], "indices"))
         if n.op == "gather_rows" and n.inputs[1] in params:
             out.append((params[n.inputs[1]], n.inputs[0].type.shape[0], "row ids"))
         if n.op == "expert_matmul" and n.inputs[2] in params:
@@ -253,10 +253,15 @@ def index_params(g: Graph) -> tuple[tuple[str, Dim, str], ...]:
 
 def check_indices(g: Graph, values: Mapping[str, Any], bindings: Mapping[str, int]) -> None:
     """Kernels cannot raise, so index tensors that come from the caller are checked here."""
+    check_index_args(g.name, index_checks(g, bindings), [values[p.name] for p in g.params])
+
+
+def index_checks(g: Graph, bindings: Mapping[str, int]) -> tuple:
+    """``index_params`` at ``bindings``, as check_index_args takes them: (argument position,
+    bound, parameter name, what)."""
     names = [p.name for p in g.params]
-    checks = tuple((names.index(name), evaluate(limit, bindings), name, what)
-                   for name, limit, what in index_params(g))
-    check_index_args(g.name, checks, [values[n] for n in names])
+    return tuple((names.index(name), evaluate(limit, bindings), name, what)
+                 for name, limit, what in index_params(g))
 
 
 def check_index_args(op: str, checks, args: Sequence[Any]) -> None:

@@ -152,13 +152,9 @@ class PlanRunner:
             args = None
             if self.tuner is not None and not interpreting():
                 args = kernel_args(one, tuning, scalars, bindings)
-            cfg = self.config(one, bindings, args, tuning)
-            grid = self.grid(one, bindings, cfg)
-            if 0 in grid:
-                continue
-            fn, _ = self.kernel(one)
-            meta = {**cfg.as_dict(), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-            calls.append(KernelCall(fn, grid, template, tuple(ptrs), meta, kernel.name, cfg))
+            call = self.kernel_call(one, bindings, args, tuning, template, tuple(ptrs))
+            if call is not None:
+                calls.append(call)
         rec = LaunchRecord(len(plan.inputs), tuple(allocs), tuple(calls), tuple(slots[name] for name in plan.outputs),
                            self.fused.graph.tuple_result or len(plan.outputs) != 1, wide,
                            tuple(lnch.kernels[0].name for lnch in chosen))
@@ -184,13 +180,20 @@ class PlanRunner:
         runs and tests that run a plan step by step; calls go through records)."""
         one = launch if kernel is launch.kernel else Launch(kernel, launch.group)
         args = kernel_args(one, buffers, scalars, bindings)
+        call = self.kernel_call(one, bindings, args, buffers, args, ())
+        if call is not None:
+            self.launcher(call, args)
+
+    def kernel_call(self, one: Launch, bindings, args, buffers, template, ptrs) -> KernelCall | None:
+        """The call of one kernel: its config (tuned on ``args`` where given), grid and launch
+        options; None when the grid is empty (a size-0 axis)."""
         cfg = self.config(one, bindings, args, buffers)
         grid = self.grid(one, bindings, cfg)
         if 0 in grid:
-            return
+            return None
         fn, _ = self.kernel(one)
         meta = {**cfg.as_dict(), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-        self.launcher(KernelCall(fn, grid, args, (), meta, kernel.name, cfg), args)
+        return KernelCall(fn, grid, template, ptrs, meta, one.kernel.name, cfg)
 
     @staticmethod
     def grid(launch: Launch, bindings, cfg: Config) -> tuple[int, ...]:

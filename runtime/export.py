@@ -38,7 +38,7 @@ def remember(namespace: str, source_text: str, source_name: str, dtype, ops, reg
 
 def _called_ops(ep) -> set[tuple[str, str]]:
     out = set()
-    for mod in [ep.graph_module] + [m for _, m in ep.graph_module.named_modules()]:
+    for _, mod in ep.graph_module.named_modules():      # the root module first
         for node in getattr(getattr(mod, "graph", None), "nodes", ()):
             target = node.target
             if isinstance(target, torch._ops.OpOverload):
@@ -58,7 +58,7 @@ def save(ep, path) -> None:
         op = _IMPLS[qual]
         if ns not in _ORIGINS:
             raise CallError(f"opforge.save_exported: {qual} was not compiled by opforge.compile in this process")
-        if getattr(op, "bound_weights", ()) or "__w_" in name:
+        if op.variant_of is not None:
             raise CallError(f"opforge.save_exported: {qual} is a bound layer's packed variant; its kernels depend "
                             f"on the packed weights, so it cannot be restored from the spec: export the dense op, "
                             f"or bind the layer again in the loading process before torch.export.load")

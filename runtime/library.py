@@ -33,6 +33,8 @@ from ..ir.types import TensorType
 _IMPLS: dict[str, object] = {}        # "ns::name" -> the CompiledOp behind it
 _SCHEMAS: dict[str, tuple[str, str]] = {}   # "ns::name" -> (schema, registration)
 _LIBRARIES: dict[str, torch.library.Library] = {}   # kept alive: a Library's registrations end with it
+_DIRECT: dict[str, Callable] = {}     # "ns::name" -> the call function registered under library
+MODES = ("library", "custom_op", "triton_op")
 
 
 def library_of(namespace: str) -> torch.library.Library:
@@ -41,8 +43,6 @@ def library_of(namespace: str) -> torch.library.Library:
     if lib is None:
         lib = _LIBRARIES[namespace] = torch.library.Library(namespace, "FRAGMENT")
     return lib
-_DIRECT: dict[str, Callable] = {}     # "ns::name" -> the call function registered under library
-MODES = ("library", "custom_op", "triton_op")
 
 
 class RegistrationError(RuntimeError):
@@ -103,17 +103,22 @@ def registration_mode(requested: str | None = None) -> str:
     return mode
 
 
+def _same_schema(qual: str, schema: str) -> None:
+    """A spec compiled again re-points ``qual``; its schema must be the registered one."""
+    old_schema, _ = _SCHEMAS[qual]
+    if old_schema != schema:
+        raise RegistrationError(
+            f"torch.ops.{qual.replace('::', '.')} is already registered as {old_schema}; the new spec "
+            f"gives {schema}. torch.library cannot redefine an op: pass another namespace= "
+            f"(or restart the process)")
+
+
 def register(namespace: str, g: Graph, compiled, mode: str) -> Callable:
     """Register (or re-point) ``namespace::g.name``; returns ``torch.ops.namespace.name``."""
     qual = f"{namespace}::{g.name}"
     schema = schema_of(g)
     if qual in _SCHEMAS:
-        old_schema, old_mode = _SCHEMAS[qual]
-        if old_schema != schema:
-            raise RegistrationError(
-                f"torch.ops.{namespace}.{g.name} is already registered as {old_schema}; the new spec "
-                f"gives {schema}. torch.library cannot redefine an op: pass another namespace= "
-                f"(or restart the process)")
+        _same_schema(qual, schema)
         _IMPLS[qual] = compiled
         if qual in _DIRECT:
             _DIRECT[qual].__globals__.update(compiled.call_state())
@@ -159,12 +164,7 @@ def register_composite(namespace: str, g: Graph, compiled) -> Callable:
     qual = f"{namespace}::{g.name}"
     schema = schema_of(g)
     if qual in _SCHEMAS:
-        old_schema, _ = _SCHEMAS[qual]
-        if old_schema != schema:
-            raise RegistrationError(
-                f"torch.ops.{namespace}.{g.name} is already registered as {old_schema}; the new spec "
-                f"gives {schema}. torch.library cannot redefine an op: pass another namespace= "
-                f"(or restart the process)")
+        _same_schema(qual, schema)
         _IMPLS[qual] = compiled
         return getattr(getattr(torch.ops, namespace), g.name)
     names = [p.name for p in g.params]

@@ -27,7 +27,7 @@ from ..passes.fusion import FusedGraph, fuse, print_fused
 from ..passes.context import PassContext
 from ..passes.pipeline import kernel_graph, prepared_graph
 from ..passes.plan import build_plan, fuse_and_plan
-from .binding import CallError, bind_args, bind_sizes, check_index_args, index_params, output_shapes
+from .binding import CallError, bind_args, bind_sizes, check_index_args, index_checks, output_shapes
 from .cache import KernelCache
 from .device import describe, interpreting, kernel_device
 from .executor import PlanRunner
@@ -102,6 +102,7 @@ class CompiledOp:
         self.public = graph.name    # the name errors give (a derived op's is its op's)
         self.default_sizes: dict = {}      # the spec file's "# shapes:" sizes (explain's default)
         self.bound_weights: tuple = ()     # a packed variant's bound (packed) parameters
+        self.variant_of: "CompiledOp | None" = None    # the op a bound layer's variant was made from
         self.fused = fused
         self.plan = plan if plan is not None else build_plan(fused)
         wrap = torch.library.wrap_triton if mode == "triton_op" else None
@@ -136,26 +137,21 @@ class CompiledOp:
         g = run_passes(g.replace(name=name), [canonicalize], PassContext())
         fused, plan = fuse_and_plan(kernel_graph(g))
         op = CompiledOp(self.namespace, g, fused, self.cache, self.mode, plan, derived=True)
-        op.public = self.public
+        op.public, op.variant_of = self.public, self.variant_of
         return op
 
     # -- calling -------------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
         """Through the torch dispatcher (what torch.compile sees); the argument count and names
         are checked first so a mistake is an opforge.CallError, not a schema error."""
-        if not kwargs and self._required <= len(args) <= self._nparams:
-            kind = plain_kinds(args, self._kinds)
-            if kind == PLAIN and self._infer is not self._overload:
-                return self._infer(*args)   # no gradient wanted: the plain forward, one dispatch
-            if kind:
-                full = args
+        kind = plain_kinds(args, self._kinds) if not kwargs and self._required <= len(args) <= self._nparams else 0
+        if kind:
+            full = args
         else:
-            kind = 0
-        if not kind:
             values = bind_args(self.graph, args, kwargs)
             full = [values[p.name] for p in self.graph.params]
-        if self._infer is not self._overload and not self.gradients.wanted(full):
-            return self._infer(*full)
+        if self._infer is not self._overload and (kind == PLAIN or not self.gradients.wanted(full)):
+            return self._infer(*full)      # no gradient wanted: the plain forward, one dispatch
         return self._overload(*full)
 
     def call_function(self):
@@ -206,8 +202,7 @@ class CompiledOp:
             self._check_interpreter_dtypes()
         names = [p.name for p in self.graph.params]
         args = [values[n] for n in names]
-        checks = tuple((names.index(name), evaluate(limit, bindings), name, what)
-                       for name, limit, what in index_params(self.graph))
+        checks = index_checks(self.graph, bindings)
         check_index_args(self.name, checks, args)
         rec = self.runner.record(values, bindings, device)
         rec.index_checks = checks
@@ -268,6 +263,7 @@ class CompiledOp:
             variant.default_sizes = self.default_sizes
             variant.public = self.public    # call errors name the user's op, not the variant
             variant.bound_weights = tuple(shapes)
+            variant.variant_of = self
         return self._variants[key]
 
     # -- looking inside ------------------------------------------------------------------------
@@ -303,6 +299,7 @@ class CompiledOp:
         if target is not None:
             parts.append(self.resources_text(target, sizes or self.default_sizes))
         return Explanation("\n\n".join(parts)).written_to(file)
+
     def gradient_text(self, sizes: dict | None = None) -> str:
         """The backward with respect to every differentiable input: what the forward saves for
         it (each value's type, and the bytes at ``sizes`` where they are all given), what the
