@@ -52,13 +52,18 @@ class ListLit(Expr):
 
 @dataclass(frozen=True)
 class BinOp(Expr):
-    op: str           # add sub mul div floordiv matmul pow, or a comparison lt le gt ge eq ne
+    op: str           # add sub mul div floordiv matmul pow, a comparison lt le gt ge eq ne, and or
     lhs: Expr
     rhs: Expr
 
 
 @dataclass(frozen=True)
 class Neg(Expr):
+    operand: Expr
+
+
+@dataclass(frozen=True)
+class Not(Expr):
     operand: Expr
 
 

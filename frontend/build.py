@@ -27,10 +27,11 @@ DTYPE_ALIASES = {"float32": "f32", "float": "f32", "float16": "f16", "half": "f1
                  "float64": "f32", "double": "f32", "int32": "i32", "int64": "i64", "int": "i64",
                  "int8": "i8", "uint8": "u8", "fp8": "f8e4m3", "float8": "f8e4m3", "f64": "f32"}
 BINOP_PRIM = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "pow": "pow", "matmul": "matmul",
-              "lt": "lt", "le": "le", "gt": "gt", "ge": "ge", "eq": "eq", "ne": "ne"}
+              "lt": "lt", "le": "le", "gt": "gt", "ge": "ge", "eq": "eq", "ne": "ne",
+              "and": "logical_and", "or": "logical_or", "floordiv": "floordiv"}
 RECURSION_LIMIT = 20_000
 OPERATOR_TEXT = {"add": "+", "sub": "-", "mul": "*", "div": "/", "floordiv": "//", "pow": "**", "matmul": "@",
-                 "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
+                 "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!=", "and": "&", "or": "|"}
 
 
 INT_RANGES = {DType.i64: (-2 ** 63, 2 ** 63 - 1), DType.i32: (-2 ** 31, 2 ** 31 - 1),
@@ -469,6 +470,9 @@ class OpBuilder:
             if v in self.consts and not isinstance(self.consts[v], bool):
                 return self.const(-self.consts[v], v.type.dtype, e.span)
             return self.emit("neg", [v], {}, e.span, [e.operand])[0]
+        if isinstance(e, A.Not):
+            v = self.value(e.operand)
+            return self.emit("logical_not", [v], {}, e.span, [e.operand])[0]
         if isinstance(e, A.Attribute):
             return self.attribute(e)
         if isinstance(e, A.Index):
@@ -516,9 +520,6 @@ class OpBuilder:
         return self.dim_values[s]
 
     def binop(self, e: A.BinOp) -> Value:
-        if e.op == "floordiv":
-            raise SpecError("'//' is only for sizes (such as E // 2 in a slice or reshape)", e.span,
-                            "for values write a / b")
         lhs, rhs = self.value(e.lhs), self.value(e.rhs)
         return self.emit(BINOP_PRIM[e.op], [lhs, rhs], {}, e.span, [e.lhs, e.rhs])[0]
 

@@ -157,6 +157,7 @@ class ToAst:
 
     add, sub, mul, div = _bin("add"), _bin("sub"), _bin("mul"), _bin("div")
     floordiv, matmul, pow = _bin("floordiv"), _bin("matmul"), _bin("pow")
+    and_, or_ = _bin("and"), _bin("or")
 
     def compare(self, ext, children):
         lhs, op, rhs = children
@@ -164,6 +165,9 @@ class ToAst:
 
     def neg(self, ext, children):
         return A.Neg(self._span(ext), children[0])
+
+    def not_(self, ext, children):
+        return A.Not(self._span(ext), children[0])
 
     def call(self, ext, children):
         name, *args = children
@@ -357,7 +361,7 @@ def _describe(tok_type: str, parser: Lark) -> str:
     return TOKEN_TEXT.get(tok_type, tok_type.lower())
 
 
-OPERATORS = {"'*'", "'**'", "'+'", "'-'", "'/'", "'//'", "'@'", "'.'", "'['", "'('", "a comparison"}
+OPERATORS = {"'*'", "'**'", "'+'", "'-'", "'/'", "'//'", "'@'", "'.'", "'['", "'('", "a comparison", "'&'", "'|'"}
 EXPRESSION = {"a name", "an integer", "a number", "a string", "'true'", "'false'", "'inf'", "'('", "'['", "'-'"}
 STATEMENT_END = {"a newline", "';'"}
 
@@ -435,8 +439,10 @@ def _syntax_error(e: UnexpectedInput, source: Source, parser: Lark) -> SpecError
     if isinstance(e, UnexpectedCharacters):
         ch = text[e.pos_in_stream] if e.pos_in_stream < len(text) else "?"
         hint = None
-        if ch in "&|~!%^":
-            hint = "the language has no bitwise or logical operators; use where() and comparisons"
+        if ch == "!":
+            hint = "'not' is written ~ (on bool values): ~(j > i)"
+        elif ch in "%^":
+            hint = "the language has no '%' or '^'; the logical operators are &, | and ~ on bools"
         elif ch == "'":
             hint = 'strings use double quotes: "tanh"'
         elif ch == '"':
@@ -476,6 +482,8 @@ def _syntax_error(e: UnexpectedInput, source: Source, parser: Lark) -> SpecError
         unclosed = [(b, at) for b, at in stack if b in "([" and _line_col(text, at)[0] < tok.line]
         if str(tok) == "=" and inside != "[":
             hint = "'=' assigns a name at the start of a statement; compare with '=='"
+        elif str(tok) in ("&", "|") and text[max(tok.start_pos - 1, 0)] == str(tok):
+            hint = f"the logical operators are single characters: a {tok} b (and ~a for not)"
         elif tok.type == "_NL" and "'{'" in exp:
             hint = "an op's body starts with '{' on the line of its result type"
         elif exp == "'op'":

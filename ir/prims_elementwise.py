@@ -367,6 +367,85 @@ for _name, _fn in COMPARE.items():
         infer=_binary_rule(_name, compare=True), reference=_binary_ref(_fn, compare=True))
 
 
+# -- logical operators and integer floor division ----------------------------------------------
+LOGICAL = {"logical_and": ("&", torch.logical_and), "logical_or": ("|", torch.logical_or)}
+
+
+def _need_bool(t, sym: str, arg: int) -> None:
+    if not t.dtype.is_bool:
+        example = "~(x > 0.0)" if sym == "~" else f"(x > 0.0) {sym} (x < 1.0)"
+        if not t.dtype.is_float:
+            example = "~(j > i)" if sym == "~" else f"(j <= i) {sym} (j > i - W)"
+        raise RuleError(f"'{sym}' needs bool operands, got {t}",
+                        hint=f"'&', '|' and '~' are logical: compare first, e.g. {example}", arg=arg)
+
+
+def _logical_rule(name: str):
+    sym = LOGICAL[name][0]
+
+    def infer(types, attrs):
+        for i, t in enumerate(types):
+            _need_bool(t, sym, i)
+        return [rules.make_type(DType.bool, rules.elementwise(types, sym)[1])]
+    return infer
+
+
+def _logical_ref(fn):
+    def ref(ctx, inputs, attrs, out_types, in_types):
+        return fn(*(x.to(torch.bool) for x in inputs))
+    return ref
+
+
+for _name, (_sym, _fn) in LOGICAL.items():
+    primitive(_name, Kind.POINTWISE, AB, internal=True, doc=f"logical {_name[8:]} of bools (written {_sym})",
+              tile=lambda b, args, attrs, _op=_name[8:]: b.binop(_op, *args),
+              vjp=V.no_grad("a logical operator gives bool"))(
+        infer=_logical_rule(_name), reference=_logical_ref(_fn))
+
+
+def _not_infer(types, attrs):
+    (t,) = types
+    _need_bool(t, "~", 0)
+    return [t]
+
+
+primitive("logical_not", Kind.POINTWISE, [X], internal=True, doc="logical not of a bool (written ~)",
+          tile=lambda b, args, attrs: b.unary("not", args[0]), vjp=V.no_grad("a logical operator gives bool"))(
+    infer=_not_infer, reference=lambda ctx, inputs, attrs, out_types, in_types: torch.logical_not(inputs[0].to(torch.bool)))
+
+
+def _floordiv_infer(types, attrs):
+    for i, t in enumerate(types):
+        if not t.dtype.is_int:
+            raise RuleError(f"'//' on values needs integer operands, got {t}",
+                            hint="for floats write floor division out: a / b, or cast to an integer first", arg=i)
+    dtype, shape = rules.elementwise(types, "//")
+    return [rules.make_type(dtype, shape)]
+
+
+def _floordiv_ref(ctx, inputs, attrs, out_types, in_types):
+    dt = ctx.dt(out_types[0].dtype)
+    a, b = (x.to(dt) for x in inputs)
+    return torch.div(a, b, rounding_mode="floor")
+
+
+def _t_floordiv(b, x, y):
+    """Python's (and torch's) floor division of integers: Triton's // truncates toward zero,
+    so a quotient with a nonzero remainder of the other sign than the divisor steps down."""
+    q = b.floordiv(x, y)
+    r = b.mod(x, y)
+    if y.op == "const" and y.args[0] > 0:     # a positive divisor (a chunk size): r < 0 steps down
+        fix = b.binop("lt", r, 0)
+    else:
+        fix = b.binop("and", b.binop("ne", r, 0), b.binop("ne", b.binop("lt", r, 0), b.binop("lt", y, 0)))
+    return b.sub(q, b.cast(fix, q.dtype))
+
+
+primitive("floordiv", Kind.POINTWISE, AB, internal=True, doc="floor division of integers (written //), as torch",
+          tile=lambda b, args, attrs: _t_floordiv(b, *args), vjp=V.no_grad("integer division has no gradient"))(
+    infer=_floordiv_infer, reference=_floordiv_ref)
+
+
 # -- where, cast --------------------------------------------------------------------------------
 def _where_infer(types, attrs):
     c, a, b = types

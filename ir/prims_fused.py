@@ -118,6 +118,56 @@ primitive("flash_attention_bwd", Kind.FUSED, [Arg("q", "tensor"), Arg("k", "tens
     infer=_flash_bwd_infer, reference=_flash_bwd_ref)
 
 
+def _flash_mod_infer(types, attrs):
+    s, v = (rules.need_tensor(t, "flash_attention_mod", i) for i, t in enumerate(types))
+    if s.dtype != v.dtype or s.rank < 2 or v.rank < 2 or s.shape[-1] != v.shape[-2]:
+        raise RuleError(f"flash_attention_mod: scores {s}, v {v} do not fit")
+    batch = tuple(rules.broadcast_shapes([s.shape[:-2], v.shape[:-2]]))
+    return [TensorType(s.dtype, batch + (s.shape[-2], v.shape[-1])),
+            TensorType(accumulator(s.dtype), batch + (s.shape[-2],))]
+
+
+def _flash_mod_ref(ctx, inputs, attrs, out_types, in_types):
+    """softmax(s) @ v with the roundings of the two nodes it replaced."""
+    s, v = inputs
+    dt = in_types[0].dtype
+    acc = ctx.dt(accumulator(dt))
+    p = torch.softmax(s.to(ctx.compute_dt(dt)), dim=-1).to(ctx.dt(dt))
+    out = torch.matmul(p.to(acc), v.to(acc)).to(ctx.dt(out_types[0].dtype))
+    lse = torch.logsumexp(s.to(acc), dim=-1)
+    return [out, lse.expand(tuple(out.shape[:-1]))]
+
+
+def _flash_mod_vjp(e, node, cts):
+    """The unfused backward of softmax(s) @ v (the S x T probabilities recomputed from the
+    saved scores by a row kernel, then the ordinary matmul and softmax gradients); the
+    gradient of s flows on through the score cone's own rules to q and k. A fused backward
+    for score changes is future work (docs/language.md, Attention)."""
+    do, dlse = cts
+    if dlse is not None:
+        raise V.NoGradient("the log-sum-exp of flash attention is internal (no gradient)")
+    if do is None:
+        return [None, None]
+    s, v = node.inputs
+    r = s.type.rank
+    p = e("softmax", [s], {"axis": r - 1})
+    dv = e("matmul", [e("transpose", [p], {"a": r - 2, "b": r - 1}), do])
+    dp = e("matmul", [do, e("transpose", [v], {"a": v.type.rank - 2, "b": v.type.rank - 1})])
+    dp = V.unbroadcast(e, dp, p)
+    dot = e("sum", [e("mul", [dp, p])], {"axis": (r - 1,), "keepdim": True})
+    ds = e("mul", [p, e("sub", [dp, dot])])
+    return [V.like(e, ds, s) if V.differentiable(s) else None,
+            V.unbroadcast(e, dv, v) if V.differentiable(v) else None]
+
+
+primitive("flash_attention_mod", Kind.FUSED, [Arg("s", "tensor"), Arg("v", "tensor")],
+          internal=True, n_outputs=2,
+          doc="softmax(s) @ v in one kernel with the scores' matmul and the pointwise work that "
+              "computes s from it (score changes, masks from positions), never storing the scores; "
+              "the second result is each row's log-sum-exp",
+          vjp=_flash_mod_vjp)(infer=_flash_mod_infer, reference=_flash_mod_ref)
+
+
 # -- mixture of experts -------------------------------------------------------------------------
 def moe_block(slots: int, experts: int) -> int:
     """Rows per block of the grouped expert GEMMs (and the padding of the sorted slots): big

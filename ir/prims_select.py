@@ -130,3 +130,14 @@ primitive("causal", Kind.SOURCE, [Arg("S", "dim"), Arg("T", "dim")],
           doc="bool[S, T] mask, true where j <= i + T - S (queries aligned to the end of the keys)",
           vjp=V.no_grad("a mask has no inputs"))(
     infer=_causal_infer, reference=_causal_ref)
+
+
+def _arange_ref(ctx, inputs, attrs, out_types, in_types):
+    return torch.arange(evaluate(attrs["N"], ctx.bindings), device=ctx.device, dtype=torch.int64)
+
+
+primitive("arange", Kind.SOURCE, [Arg("N", "dim")],
+          doc="i64[N] = 0, 1, ..., N-1: positions, for masks and biases built by broadcasting "
+              "(i = arange(S)[:, None], j = arange(T)[None, :])",
+          vjp=V.no_grad("positions have no gradient"))(
+    infer=lambda types, attrs: [TensorType(DType.i64, (attrs["N"],))], reference=_arange_ref)

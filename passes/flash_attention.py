@@ -11,12 +11,20 @@ once and not a result:
 
 (scale and mask in either order). The rewrite keeps q, k, v and the mask as they were (views
 included) and drops the S x T intermediates, which the kernel never materialises.
+
+Any other change of the scores (soft-capping ``tanh(s / c) * c``, an ALiBi or relative-position
+bias, a bias tensor, a mask computed from positions with ``arange`` and ``&``) takes the general
+form, ``flash_attention_mod(s, v)``: only ``softmax(s) @ v`` is replaced; the scores' matmul
+and the pointwise *score cone* that computes ``s`` from it stay in the graph, and fusion puts
+them into the flash kernel (:func:`score_cone`), where they are evaluated on each tile of scores.
 """
 from __future__ import annotations
 
 import math
 
+from ..ir import registry
 from ..ir.graph import Attrs, Graph, Node, Value
+from ..ir.registry import Kind
 from ..ir.types import ScalarType, TensorType, accumulator
 from .canonicalize import dead_code
 from .context import PassContext
@@ -84,12 +92,104 @@ def match(p_node: Node, producer, users, outputs):
     return dict(q=q, k=k, v=v, scale=scale, mask=mask, causal=causal, out=o_node, first=qk)
 
 
+def is_score_matmul(n: Node | None, producer) -> bool:
+    """``q @ transpose(k)`` over the last two axes."""
+    if n is None or n.op != "matmul":
+        return False
+    q, kt = n.inputs
+    tn = producer.get(kt)
+    r = kt.type.rank
+    return (tn is not None and tn.op == "transpose" and r >= 2 and q.type.rank >= 2
+            and (tn.attrs["a"], tn.attrs["b"]) == (r - 2, r - 1))
+
+
+def score_cone(s: Value, nodes, producer, users, outputs) -> tuple[list[Node], Node] | None:
+    """The nodes that compute the scores ``s`` inside a flash kernel, and the scores' matmul.
+
+    The cone is every pointwise node that ``s`` depends on whose results are used only inside
+    the cone (and are not results of the graph), plus the one ``q @ k.T`` matmul at its edge,
+    of ``s``'s shape (that matmul may be a result: the backward saves the scores). Values at the
+    cone's edge (parameters, views, other kernels' results) are read per tile. None when ``s``
+    does not come from exactly one such matmul through pointwise work."""
+    sink = producer.get(s)
+    if sink is None:
+        return None
+    order = {n: i for i, n in enumerate(nodes)}
+    inside: set[Node] = set()
+    mm: list[Node] = []
+    for n in sorted(_ancestors(sink, producer), key=order.__getitem__, reverse=True):
+        if len(n.outputs) != 1 or (n is not sink and not all(u in inside for u in users.get(n.out, []))):
+            continue
+        if is_score_matmul(n, producer) and tuple(n.out.type.shape) == tuple(s.type.shape):
+            mm.append(n)
+            inside.add(n)
+        elif registry.get(n.op).kind is Kind.POINTWISE and (n is sink or n.out not in outputs):
+            inside.add(n)
+    if len(mm) != 1 or sink not in inside:
+        return None
+    return [n for n in nodes if n in inside and n is not mm[0]], mm[0]
+
+
+def _ancestors(n: Node, producer) -> set[Node]:
+    """n and every node it depends on, stopping at matmuls (the scores' matmul is an edge)."""
+    seen: set[Node] = set()
+    stack = [n]
+    while stack:
+        x = stack.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        if x.op == "matmul":
+            continue
+        stack.extend(p for p in (producer.get(v) for v in x.inputs) if p is not None)
+    return seen
+
+
+def match_general(p_node: Node, nodes, producer, users, outputs):
+    """softmax(s) @ v with s any pointwise function of q @ k.T: the pieces, or None."""
+    if p_node.op != "softmax" or p_node.attrs["axis"] != p_node.out.type.rank - 1 or p_node.out.type.rank < 2:
+        return None
+    o_node = _single_use(p_node.out, users, outputs)
+    if o_node is None or o_node.op != "matmul" or o_node.inputs[0] is not p_node.out:
+        return None
+    s = p_node.inputs[0]
+    if _single_use(s, users, outputs) is None or o_node.inputs[1].type.rank < 2:
+        return None
+    if score_cone(s, nodes, producer, users, outputs) is None:
+        return None
+    return dict(s=s, v=o_node.inputs[1], out=o_node, softmax=p_node)
+
+
+def _simple_mask(m) -> bool:
+    """A mask the simple form reads as it is: none, causal(S, T), or a stored tensor (a
+    parameter or a view of one); a mask computed from positions goes to the general form."""
+    return m["mask"] is None or m["causal"] is not None or _is_stored(m["mask"], m["producer"])
+
+
+def _is_stored(v: Value, producer) -> bool:
+    n = producer.get(v)
+    while n is not None:
+        if n.op not in ("reshape", "expand", "slice", "permute", "transpose"):
+            return False
+        n = producer.get(n.inputs[0])
+    return True
+
+
 def rewrite_flash_attention(g: Graph, ctx: PassContext | None = None) -> Graph:
     producer, users, outputs = g.producers(), g.users(), set(g.outputs)
     replace: dict[Node, Node] = {}      # the final matmul -> the fused node
     for n in g.nodes:
         m = match(n, producer, users, outputs)
-        if m is None:
+        if m is not None:
+            m["producer"] = producer
+        if m is None or not _simple_mask(m):
+            gm = match_general(n, g.nodes, producer, users, outputs)
+            if gm is None:
+                continue
+            out = gm["out"].out
+            lse = Value(TensorType(accumulator(out.type.dtype), tuple(out.type.shape[:-1])), "lse")
+            replace[gm["out"]] = Node("flash_attention_mod", (gm["s"], gm["v"]), Attrs({}), (out, lse),
+                                      gm["out"].span)
             continue
         inputs = [m["q"], m["k"], m["v"]]
         if m["scale"] is not None:

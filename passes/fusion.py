@@ -33,15 +33,16 @@ from ..ir.graph import Graph, Node, Value
 from ..ir.registry import Kind
 from ..ir.types import TensorType
 from .context import PassContext
+from .flash_attention import score_cone
 
-GLUE_OPS = {"reshape", "permute", "transpose", "slice", "expand", "concat", "gather_rows", "causal",
+GLUE_OPS = {"reshape", "permute", "transpose", "slice", "expand", "concat", "gather_rows", "causal", "arange",
             "fill", "unslice", "scatter_along", "take",
             "unpack_int4", "unpack_24", "fp8_bits"}
 # glue that keeps canonical indices canonical (so reductions upstream stay evaluable)
 CANONICAL_GLUE = {"expand"}
 ROW_REDUCTIONS = {"sum", "mean", "max", "min", "softmax", "log_softmax"}
 OWN_GROUP = {"matmul": "matmul", "topk": "topk", "cumsum": "scan", "expert_matmul": "expert",
-             "flash_attention": "flash", "flash_attention_bwd": "flash_bwd", "expert_gemm": "moe", "moe_align": "moe_align",
+             "flash_attention": "flash", "flash_attention_mod": "flash", "flash_attention_bwd": "flash_bwd", "expert_gemm": "moe", "moe_align": "moe_align",
              "moe_router": "router", "scatter_rows": "scatter", "expert_wgrad": "wgrad", "matmul_i32": "matmul", "matmul_f8": "matmul", "bsr_matmul": "bsr", "lowrank_matmul": "lowrank"}
 # contractions that take their consumers as epilogues
 JOINS_CONSUMERS = {"matmul", "matmul_i32", "matmul_f8", "expert_gemm", "bsr_matmul", "lowrank_matmul"}
@@ -138,6 +139,12 @@ class Partitioner:
         self.dom: list[tuple | None] = []        # per group: (domain, axes) or None
         self.prologue: set[Node] = set()         # nodes computing a matmul operand in their group
         self.dag = self._compute_dag()
+        self.cone: dict[Node, Node] = {}         # score-cone node -> its flash_attention_mod
+        for n in g.nodes:
+            if n.op == "flash_attention_mod":
+                found = score_cone(n.inputs[0], g.nodes, self.producer, self.users, self.outputs)
+                for m in (found[0] + [found[1]]) if found else ():
+                    self.cone[m] = n
 
     def cls(self, n: Node) -> str:
         return node_class(n, self.recompute)
@@ -201,7 +208,11 @@ class Partitioner:
     # -- joining -------------------------------------------------------------------------------
     def try_join(self, n: Node) -> int | None:
         """The consumer group n joins, or None. With consumers in several groups, n may join
-        one of them if its result can be stored there for the others to read."""
+        one of them if its result can be stored there for the others to read. The scores'
+        matmul and the pointwise work of a flash kernel's score cone join that kernel."""
+        f = self.cone.get(n)
+        if f is not None and f in self.group_of and n not in self.alone:
+            return self.group_of[f]
         if n in self.alone or (n.op in OWN_GROUP and n.op not in JOINS_CONSUMERS):
             return None
         if n.op not in JOINS_CONSUMERS and not is_row_node(n):

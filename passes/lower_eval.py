@@ -335,6 +335,12 @@ def _causal(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
     return b.let(b.binop("le", b.add(j, ev.size(S)), b.add(i, ev.size(T))), "causal")
 
 
+def _arange(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
+    """A position is its own index."""
+    (i,) = ctx.idx
+    return ev.b.let(ev.b.cast(i if i is not None else ev.b.const(0), DType.i64), "pos")
+
+
 def _unpack_int4(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
     """u8 nibble k of row n: byte k // 2, low half for even k."""
     b = ev.b
@@ -430,4 +436,4 @@ def _take(ev: Evaluator, n: Node, v: Value, ctx: Ctx) -> TExpr:
 GLUE = {"fill": _fill, "unslice": _unslice, "scatter_along": _scatter_along, "take": _take,
         "unpack_int4": _unpack_int4, "unpack_24": _unpack_24, "fp8_bits": _fp8_bits,
         "permute": _permute, "transpose": _transpose, "expand": _expand, "slice": _slice,
-        "reshape": _reshape, "concat": _concat, "gather_rows": _gather_rows, "causal": _causal}
+        "reshape": _reshape, "concat": _concat, "gather_rows": _gather_rows, "causal": _causal, "arange": _arange}

@@ -22,6 +22,7 @@ from .fusion import FusedGraph, Group
 from .lower_eval import Ctx, Evaluator, address, unflatten
 from .lower_matmul import operand_ctx
 from .lower_row import kernel_name, prod, store
+from .mask_range import TileOps, key_range_of
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -34,13 +35,22 @@ PRESETS = ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4),
 class Flash:
     def __init__(self, fg: FusedGraph, group: Group):
         self.fg, self.group = fg, group
-        (self.node,) = group.nodes
+        (self.node,) = (n for n in group.nodes if n.op in ("flash_attention", "flash_attention_mod"))
         n = self.node
-        self.q, self.k, self.v = n.inputs[:3]
-        rest = list(n.inputs[3:])
-        self.scale = rest.pop(0) if n.attrs["scale"] else None
-        self.mask = rest.pop(0) if n.attrs["mask"] == "tensor" else None
-        self.causal = n.attrs["mask"] == "causal"
+        self.mod = n.op == "flash_attention_mod"
+        self.scale = self.mask = self.range = None
+        self.causal = False
+        if self.mod:     # the scores' matmul and the cone computing s from it are in the group
+            (mm,) = (m for m in group.nodes if m.op == "matmul")
+            self.mm, self.s = mm, n.inputs[0]
+            self.q, self.k, self.v = mm.inputs[0], fg.graph.producers()[mm.inputs[1]].inputs[0], n.inputs[1]
+            self.range = key_range_of(self.s, fg.graph.producers())
+        else:
+            self.q, self.k, self.v = n.inputs[:3]
+            rest = list(n.inputs[3:])
+            self.scale = rest.pop(0) if n.attrs["scale"] else None
+            self.mask = rest.pop(0) if n.attrs["mask"] == "tensor" else None
+            self.causal = n.attrs["mask"] == "causal"
         self.out, self.lse = n.outputs
         self.acc = accumulator(self.q.type.dtype)     # f32 (f64 for float64 gradient checks)
         self.S, self.E = self.q.type.shape[-2:]
@@ -85,8 +95,9 @@ class Flash:
         b.comment("the query tile stays in registers")
         q_ctx = operand_ctx(q, batch_idx, len(self.batch), (rows, e_cols))
         qt = b.let(b.cast(ev(q, Ctx(q_ctx.idx, b.and_(row_ok, b.lt(e_cols, sE)))), q.type.dtype), "q")
-        qk_scale = b.mul(ev(self.scale, Ctx((), None)) if self.scale is not None else 1.0, LOG2E)
-        qk_scale = b.let(b.cast(qk_scale, self.acc), "qk_scale")
+        if not self.mod:
+            qk_scale = b.mul(ev(self.scale, Ctx((), None)) if self.scale is not None else 1.0, LOG2E)
+            qk_scale = b.let(b.cast(qk_scale, self.acc), "qk_scale")
         m_i = b.declare(b.full(("BLOCK_M", 1), float("-inf"), self.acc), "m_i")
         l_i = b.declare(b.full(("BLOCK_M", 1), 0.0, self.acc), "l_i")
         acc = b.declare(b.full(("BLOCK_M", "BLOCK_EV"), 0.0, self.acc), "acc")
@@ -96,6 +107,12 @@ class Flash:
             if self.T != self.S:    # + T - S, as two sizes (T - S may be negative)
                 last = b.sub(b.add(last, sT), b.size(self.S))
             hi = b.let(b.maximum(b.minimum(last, sT), 0), "hi")
+        elif self.range is not None:
+            b.comment("the mask's positions bound the keys this row block can see: tiles outside are never loaded")
+            lo, hi = self.range.bounds(TileOps(b, self.fg.names), b.mul(pid_m, BM), BM, b.size(self.S), sT)
+            lo = b.let(b.mul(b.floordiv(lo, BN), BN), "lo")
+            hi = b.let(hi, "hi")
+            start = lo if isinstance(start, int) and start == 0 else b.let(b.maximum(start, lo), "kv_lo")
         else:
             hi = sT
         stop = stop_of(hi)
@@ -105,9 +122,18 @@ class Flash:
             col_ok = b.lt(cols, sT)
             k_ctx = operand_ctx(k, batch_idx, len(self.batch), (cols, e_rows))
             kt = ev(k, Ctx(k_ctx.idx, b.and_(b.lt(e_rows, sE), col_ok)))
-            qk = b.let(b.mul(b.dot(qt, b.cast(kt, k.type.dtype), b.full(("BLOCK_M", "BLOCK_N"), 0.0, self.acc)),
-                             qk_scale), "qk")
+            raw = b.dot(qt, b.cast(kt, k.type.dtype), b.full(("BLOCK_M", "BLOCK_N"), 0.0, self.acc))
             keep = b.and_(row_ok, col_ok)
+            if self.mod:
+                b.comment("the spec's scores, evaluated on this tile (in log2 units for exp2)")
+                s_ctx = operand_ctx(self.s, batch_idx, len(self.batch), (rows, cols))
+                s_ctx = Ctx(s_ctx.idx, keep)
+                ev.bind(self.mm.out, s_ctx, b.let(raw, "qk_raw"))
+                if self.mm.out in self.group.outputs:    # saved for the backward
+                    store(ev, self.fg.buffer(self.group, self.mm.out), self.mm.out, s_ctx)
+                qk = b.let(b.mul(b.cast(ev(self.s, s_ctx), self.acc), LOG2E), "qk")
+            else:
+                qk = b.let(b.mul(raw, qk_scale), "qk")
             if self.causal:
                 if self.T == self.S:
                     keep = b.and_(keep, b.binop("le", cols, rows))
@@ -154,7 +180,9 @@ class Flash:
 
     def doc(self, what: str) -> str:
         return (f"{self.group.name} ({what})" + (", causal" if self.causal else "")
-                + (", masked" if self.mask is not None else ""))
+                + (", masked" if self.mask is not None else "")
+                + (", scores from the spec" if self.mod else "")
+                + (f", keys bounded by {self.range.text}" if self.range is not None else ""))
 
 
 def _presets():

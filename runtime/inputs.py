@@ -5,7 +5,8 @@ contraction (``x @ w.T``, an expert weight) is scaled by 1/sqrt(K), its fan-in, 
 weights are, so deep blocks keep activations near unit scale instead of overflowing f16 or
 turning softmax into an argmax that flips under rounding. Integer tensors that index something
 get values inside its range: the ids of a gather stay below the table's row count, the expert
-indices of expert_matmul below the expert count.
+indices of expert_matmul below the expert count. Integer tensors compared with positions
+(``j < lens[b]`` against ``arange(T)``) are lengths: values in [1, T], so no row is empty.
 """
 from __future__ import annotations
 
@@ -32,6 +33,35 @@ def index_ranges(g: Graph) -> dict[Value, object]:
 
 
 VIEW_OPS = {"transpose", "permute", "reshape"}
+POSITION_VIEWS = VIEW_OPS | {"expand", "slice", "cast"}
+COMPARISONS = {"lt", "le", "gt", "ge"}
+
+
+def length_ranges(g: Graph) -> dict[Value, object]:
+    """Integer parameter compared with arange(N) positions -> N (its entries lie in [1, N])."""
+    producer = {v: n for n in g.nodes for v in n.outputs}
+    params = {p.value for p in g.params}
+
+    def root(v: Value):
+        while v not in params:
+            n = producer.get(v)
+            if n is None:
+                return None
+            if n.op == "arange":
+                return n
+            if n.op not in POSITION_VIEWS:
+                return None
+            v = n.inputs[0]
+        return v
+
+    out: dict[Value, object] = {}
+    for n in g.nodes:
+        if n.op in COMPARISONS:
+            a, b = (root(x) for x in n.inputs)
+            for pos, other in ((a, b), (b, a)):
+                if getattr(pos, "op", None) == "arange" and other in params and not other.type.dtype.is_float:
+                    out[other] = pos.attrs["N"]
+    return out
 
 
 def fan_in(g: Graph) -> dict[Value, object]:
@@ -63,6 +93,7 @@ def random_inputs(g: Graph, bindings: Mapping[str, int], *, seed: int = 0, devic
                   scale: float = 1.0) -> dict[str, object]:
     gen = torch.Generator(device="cpu").manual_seed(seed)
     ranges = index_ranges(g)
+    lengths = length_ranges(g)
     fans = fan_in(g)
     out: dict[str, object] = {}
     for p in g.params:
@@ -78,6 +109,9 @@ def random_inputs(g: Graph, bindings: Mapping[str, int], *, seed: int = 0, devic
                 x = _distinct_rows(shape, hi, gen)
             else:
                 x = torch.randint(0, max(hi, 1), shape, generator=gen)
+        elif p.value in lengths:
+            n = max(evaluate(lengths[p.value], bindings), 1)
+            x = torch.randint(1, n + 1, shape, generator=gen)
         elif dt.is_float:
             k = evaluate(fans[p.value], bindings) if p.value in fans else 1
             x = torch.randn(shape, generator=gen) * (scale / max(k, 1) ** 0.5)

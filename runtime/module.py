@@ -295,6 +295,10 @@ class CompiledOp:
         for stage in ("graph", "fused", "tile", "triton"):
             parts.append(f"== {stage} ==\n{self.stage_text(stage)}")
         parts.append(f"== bytes requested ==\n{self.traffic_text(sizes)}")
+        from ..passes.mask_range import attention_text
+        attn = attention_text(self.fused, sizes if sizes is not None else self.default_sizes)
+        if attn is not None:
+            parts.append(f"== attention ==\n{attn}")
         parts.append(f"== gradient ==\n{self.gradient_text(sizes if sizes is not None else self.default_sizes)}")
         if target is not None:
             parts.append(self.resources_text(target, sizes or self.default_sizes))

@@ -164,6 +164,7 @@ LARGE = {
     "lora": dict(M=4096, K=4096, N=4096, R=16),
     "quant_linear": dict(M=4096, K=4096, N=11008),
     "sparse_linear": dict(M=4096, K=4096, N=11008),
+    "attention_variants": dict(B=1, H=32, G=8, R=4, S=4096, T=4096, E=128),
 }
 
 

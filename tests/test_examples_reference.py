@@ -15,6 +15,7 @@ the PyTorch versions below use the dense weight, exactly as written in the spec.
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -109,6 +110,43 @@ def t_dense_linear_bias(x, w, bias):
     return F.linear(x, w, bias)
 
 
+def _positions(s, t):
+    return torch.arange(s)[:, None], torch.arange(t)[None, :]
+
+
+def t_sliding_window(q, k, v, window):
+    i, j = _positions(q.shape[-2], k.shape[-2])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - window))
+
+
+def t_softcap_gqa(q, k, v, cap):
+    s = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+    s = torch.tanh(s / cap) * cap
+    i, j = _positions(q.shape[-2], k.shape[-2])
+    return torch.softmax(torch.where(j <= i, s, float("-inf")), dim=-1) @ v
+
+
+def t_alibi(q, k, v):
+    i, j = _positions(q.shape[-2], k.shape[-2])
+    h = q.shape[1]
+    # 2^(-8 (h+1) / H), with the spec's literal -8 ln 2 as the f32 it is
+    c = torch.tensor(-8.0 * math.log(2.0), dtype=torch.float32).item()
+    slopes = torch.exp(torch.arange(1, h + 1, dtype=q.dtype) * c / h)
+    bias = slopes[:, None, None] * (j - i).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.where(j <= i, bias, float("-inf")))
+
+
+def t_packed_docs(q, k, v, doc):
+    i, j = _positions(q.shape[-2], k.shape[-2])
+    same = doc[:, None, :, None] == doc[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=same & (j <= i))
+
+
+def t_decode_kv(q, k, v, lens):
+    j = torch.arange(k.shape[-2])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=j < lens[:, None, None, None])
+
+
 IMPLS = {
     ("llama", "rms_norm"): lambda i: t_rms_norm(i["x"], i["w"], i["eps"]),
     ("llama", "rotary"): lambda i: t_rotary(i["x"], i["cos"], i["sin"]),
@@ -130,6 +168,11 @@ IMPLS = {
     ("sparse_linear", "linear_24"): lambda i: t_dense_linear_bias(**i),
     ("sparse_linear", "linear_block_sparse"): lambda i: t_dense_linear(**i),
     ("sparse_linear", "linear_lowrank"): lambda i: t_dense_linear(**i),
+    ("attention_variants", "sliding_window"): lambda i: t_sliding_window(**i),
+    ("attention_variants", "softcap_gqa"): lambda i: t_softcap_gqa(**i),
+    ("attention_variants", "alibi"): lambda i: t_alibi(**i),
+    ("attention_variants", "packed_docs"): lambda i: t_packed_docs(**i),
+    ("attention_variants", "decode_kv"): lambda i: t_decode_kv(**i),
 }
 
 # Awkward sizes per file (beyond the '# shapes:' line), with scalar overrides per set so that a
@@ -156,6 +199,10 @@ AWKWARD = {
     "sparse_linear": [
         ({"M": 1, "K": 64, "N": 7}, {}),
         ({"M": 7, "K": 96, "N": 33}, {}),
+    ],
+    "attention_variants": [
+        ({"B": 1, "H": 3, "G": 1, "R": 3, "S": 7, "T": 9, "E": 5}, {"window": 3, "cap": 0.5}),
+        ({"B": 3, "H": 1, "G": 3, "R": 1, "S": 1, "T": 1, "E": 1}, {"window": 1}),
     ],
 }
 
@@ -191,7 +238,7 @@ def to_f64(values):
 
 def test_every_example_op_has_a_torch_version():
     ops = set(all_ops())
-    assert len(ops) == 20, sorted(ops)
+    assert len(ops) == 25, sorted(ops)
     assert ops == set(IMPLS), f"missing: {ops - set(IMPLS)}, stale: {set(IMPLS) - ops}"
     assert {f.stem for f in EXAMPLE_FILES} == set(AWKWARD)
 

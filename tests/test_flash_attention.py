@@ -251,10 +251,6 @@ op nf(q: f16[S, E], k: f16[T, E], v: f16[S, E]) -> f16[T, E] {
     p = softmax(q @ k.T, axis=0)
     return p.T @ v
 }""", dict(S=7, T=9, E=16)),
-    "finite_fill": ("""
-op nf(q: f16[S, E], k: f16[T, E], v: f16[T, E]) -> f16[S, E] {
-    return softmax(where(causal(S, T), q @ k.T, -1e4), axis=-1) @ v
-}""", dict(S=7, T=9, E=16)),
     "scores_used_twice": ("""
 op nf(q: f16[S, E], k: f16[T, E], v: f16[T, E]) -> f16[S, E] {
     s = q @ k.T

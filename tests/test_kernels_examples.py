@@ -36,6 +36,7 @@ AWKWARD = {
     "moe": dict(T=7, D=33, F=5, E=3),
     "quant_linear": dict(M=1, K=33, N=7),
     "sparse_linear": dict(M=1, K=33, N=7),
+    "attention_variants": dict(B=1, H=3, G=1, R=3, S=7, T=9, E=5),
 }
 # and a third with every size as small as the spec allows (1, or 2 where it must be even)
 TINY = {
@@ -44,6 +45,7 @@ TINY = {
     "moe": dict(T=1, D=1, F=1, E=2),
     "quant_linear": dict(M=1, K=1, N=1),
     "sparse_linear": dict(M=1, K=1, N=1),
+    "attention_variants": dict(B=1, H=1, G=1, R=1, S=1, T=1, E=1),
 }
 
 

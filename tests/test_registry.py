@@ -25,9 +25,10 @@ from opforge.ir.types import DType, ScalarType, TensorType
 # DSL.md, "Built-ins (first version)"
 DSL_BUILTINS = """abs exp log sqrt rsqrt sin cos tanh sigmoid relu silu gelu softplus maximum minimum where
 cast sum mean max min softmax log_softmax cumsum reshape permute transpose concat topk causal
-expert_matmul""".split()
+expert_matmul arange""".split()
 # Written as operators or produced by the front end and passes; never callable by name.
-INTERNAL = "add sub mul div pow neg lt le gt ge eq ne matmul const dim slice expand gather_rows call".split()
+INTERNAL = ("add sub mul div pow neg lt le gt ge eq ne matmul const dim slice expand gather_rows call "
+            "logical_and logical_or logical_not floordiv").split()
 
 f32, f16, bf16, f64, i32, i64, b8 = DType.f32, DType.f16, DType.bf16, DType.f64, DType.i32, DType.i64, DType.bool
 
@@ -157,6 +158,13 @@ for _name, _fn in {"lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.g
     CASES.append(Case(_name, [T(f16, 4, 6), T(f16, 6)], {}, _fn, id=f"{_name}-f16"))
     CASES.append(Case(_name, [T(i32, 4, 6), S(i64)], {}, _fn, [None, ("value", 0)], id=f"{_name}-int-scalar"))
 CASES.append(Case("eq", [T(b8, 4, 6), T(b8, 4, 6)], {}, torch.eq, id="eq-bool"))
+CASES.append(Case("logical_and", [T(b8, 4, 1), T(b8, 6)], {}, torch.logical_and, id="and-bcast"))
+CASES.append(Case("logical_or", [T(b8, 4, 6), T(b8, 4, 6)], {}, torch.logical_or, id="or"))
+CASES.append(Case("logical_not", [T(b8, 5, 3)], {}, torch.logical_not, id="not"))
+CASES.append(Case("floordiv", [T(i64, 4, 6), S(i64)], {}, lambda a, b: torch.div(a, b, rounding_mode="floor"),
+                  [None, "nonzero"], id="floordiv-i64"))
+CASES.append(Case("floordiv", [T(i32, 4, 6), T(i32, 6)], {}, lambda a, b: torch.div(a, b, rounding_mode="floor"),
+                  [None, "nonzero"], id="floordiv-i32-neg"))
 CASES.append(Case("where", [T(b8, 4, 6), T(f16, 4, 6), S(f32)], {},
                   lambda c, a, b: torch.where(c, a, b), [None, None, ("value", -math.inf)], id="where-f16-inf"))
 CASES.append(Case("where", [T(b8, 4, 1), T(i32, 4, 6), T(i32, 6)], {}, torch.where, id="where-i32-bcast"))
@@ -217,6 +225,8 @@ CASES.append(Case("topk", [T(i32, 5, 7)], {"k": 7}, lambda x: torch.sort(x, dim=
 CASES.append(Case("causal", [], {"S": 3, "T": 5}, lambda: torch.ones(3, 5, dtype=torch.bool).tril(2), id="causal-static"))
 CASES.append(Case("causal", [], {"S": M, "T": N}, lambda: torch.ones(6, 4, dtype=torch.bool).tril(-2),
                   bindings={"M": 6, "N": 4}, id="causal-symbolic"))
+CASES.append(Case("arange", [], {"N": 5}, lambda: torch.arange(5), id="arange-static"))
+CASES.append(Case("arange", [], {"N": M}, lambda: torch.arange(6), bindings={"M": 6}, id="arange-symbolic"))
 CASES.append(Case("const", [], {"value": 2.5, "dtype": f16}, lambda: torch.tensor(2.5), id="const-f16"))
 CASES.append(Case("const", [], {"value": 7, "dtype": i64}, lambda: torch.tensor(7), id="const-i64"))
 CASES.append(Case("dim", [], {"size": M / 2}, lambda: torch.tensor(5), bindings={"M": 10}, id="dim"))

@@ -58,7 +58,7 @@ def test_torch_compile_fullgraph_gives_the_same_results():
         h = m.norm(x, w_norm)
         y = m.proj(h, w, b)
         probs, s = m.split(y)
-        return probs * 2 + 1, s.sum()
+        return probs * 2 + 1, s, s.sum()
 
     gen = torch.Generator().manual_seed(0)
     compiled_block = torch.compile(block, fullgraph=True)
@@ -69,7 +69,11 @@ def test_torch_compile_fullgraph_gives_the_same_results():
         got = compiled_block(x, w_norm, w, b)
         for e, c in zip(eager, got):
             assert e.dtype == c.dtype and e.shape == c.shape
+        # opforge's results are bit-identical under torch.compile; the sum after them is torch's
+        # own (inductor may sum in another order than eager: an ulp apart on some CPUs)
+        for e, c in zip(eager[:2], got[:2]):
             torch.testing.assert_close(c, e, rtol=0, atol=0)
+        torch.testing.assert_close(got[2], eager[2], rtol=1e-6, atol=0)
     torch._dynamo.reset()
 
 

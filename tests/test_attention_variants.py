@@ -1,0 +1,385 @@
+"""Attention as users write it (issue 14): positions, logical masks and score changes in one
+flash kernel, and the key tiles a mask of positions skips.
+
+Each variant is compared with ``scaled_dot_product_attention`` (or torch written out, for
+soft-capping) given the equivalent explicit mask or bias, through the interpreter, at sizes that
+are not multiples of the tiles, in f32 and f16; and each is one kernel of the plan.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from opforge.passes.lower_flash import Flash
+from opforge.passes.mask_range import key_range_of, tile_count
+from opforge.runtime.tolerances import TOLERANCES, assert_close
+from opforge.ir.types import DType
+
+from .kernel_helpers import compiled
+
+DTYPES = {"f32": (torch.float32, DType.f32), "f16": (torch.float16, DType.f16)}
+
+
+def positions(s: int, t: int):
+    return torch.arange(s)[:, None], torch.arange(t)[None, :]
+
+
+def flash_group(op):
+    """The plan has one kernel, and it is the flash kernel of the general form."""
+    assert op.kernel_count == 1, [g.kind for g in op.fused.groups]
+    (grp,) = op.fused.groups
+    assert grp.kind == "flash"
+    assert any(n.op == "flash_attention_mod" for n in grp.nodes)
+    return grp
+
+
+def check(out, ref, dtype: str, what: str):
+    assert_close(out.double(), ref.double(), TOLERANCES[DTYPES[dtype][1]], what)
+
+
+def rand(*shape, dtype="f32", seed=0):
+    g = torch.Generator().manual_seed(seed + sum(shape))
+    return torch.randn(*shape, generator=g).to(DTYPES[dtype][0])
+
+
+SWA = """
+op swa(q: $T[B, H, S, E], k: $T[B, H, T, E], v: $T[B, H, T, E], w: i64) -> $T[B, H, S, E] {
+    i = arange(S)[:, None] + (T - S)
+    j = arange(T)[None, :]
+    s = (q @ k.T) * 0.3
+    return softmax(where(j <= i & j > i - w, s, -inf), axis=-1) @ v
+}
+"""
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("S, T, w", [(37, 37, 5), (19, 45, 11), (1, 70, 16)])
+def test_sliding_window_is_one_kernel_and_matches_sdpa(dtype, S, T, w):
+    op = compiled(SWA.replace("$T", dtype), "swa").swa
+    grp = flash_group(op)
+    B, H, E = 2, 3, 12
+    q, k, v = rand(B, H, S, E, dtype=dtype), rand(B, H, T, E, dtype=dtype, seed=1), rand(B, H, T, E, dtype=dtype, seed=2)
+    i, j = positions(S, T)
+    i = i + (T - S)
+    mask = (j <= i) & (j > i - w)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=0.3)
+    check(op(q, k, v, w), ref, dtype, f"sliding window {w} at S={S}, T={T}")
+    assert "keys bounded by" in next(k for k in op.plan.kernels).doc or grp
+
+
+SOFTCAP_GQA = """
+op gemma(q: $T[B, G, R, S, E], k: $T[B, G, 1, S, E], v: $T[B, G, 1, S, E], cap: f32) -> $T[B, G, R, S, E] {
+    s = (q @ k.T) * rsqrt(cast(E, f32))
+    return softmax(where(causal(S, S), tanh(s / cap) * cap, -inf), axis=-1) @ v
+}
+"""
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_softcapped_grouped_query_attention(dtype):
+    op = compiled(SOFTCAP_GQA.replace("$T", dtype), "gemma").gemma
+    flash_group(op)
+    B, G, R, S, E, cap = 2, 2, 3, 29, 16, 2.0       # a small cap: the tanh really bends the scores
+    q = rand(B, G, R, S, E, dtype=dtype)
+    k, v = rand(B, G, 1, S, E, dtype=dtype, seed=1), rand(B, G, 1, S, E, dtype=dtype, seed=2)
+    s = q.double() @ k.double().transpose(-2, -1) / math.sqrt(E)
+    s = torch.tanh(s / cap) * cap
+    i, j = positions(S, S)
+    ref = torch.softmax(torch.where(j <= i, s, -math.inf), -1) @ v.double()
+    check(op(q, k, v, cap), ref, dtype, "soft-capped GQA")
+
+
+ALIBI = """
+op alibi(q: $T[B, H, S, E], k: $T[B, H, S, E], v: $T[B, H, S, E], slopes: $T[H]) -> $T[B, H, S, E] {
+    i = arange(S)[:, None]
+    j = arange(S)[None, :]
+    s = (q @ k.T) * rsqrt(cast(E, f32)) + slopes[:, None, None] * cast(j - i, $T)
+    return softmax(where(j <= i, s, -inf), axis=-1) @ v
+}
+"""
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_alibi_bias_from_positions_and_a_per_head_vector(dtype):
+    op = compiled(ALIBI.replace("$T", dtype), "alibi").alibi
+    flash_group(op)
+    B, H, S, E = 1, 4, 41, 8
+    q, k, v = (rand(B, H, S, E, dtype=dtype, seed=s) for s in range(3))
+    slopes = (2.0 ** (-8.0 * torch.arange(1, H + 1) / H)).to(DTYPES[dtype][0])
+    i, j = positions(S, S)
+    bias = torch.where(j <= i, slopes.double()[:, None, None] * (j - i), -math.inf)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=bias)
+    check(op(q, k, v, slopes), ref, dtype, "ALiBi")
+
+
+BIAS_TENSOR = """
+op rel(q: $T[B, H, S, E], k: $T[B, H, S, E], v: $T[B, H, S, E], bias: $T[H, S, S], scale: f32) -> $T[B, H, S, E] {
+    return softmax(q @ k.T * scale + bias, axis=-1) @ v
+}
+"""
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_a_bias_tensor_indexed_by_head_and_positions(dtype):
+    op = compiled(BIAS_TENSOR.replace("$T", dtype), "rel").rel
+    flash_group(op)
+    B, H, S, E = 2, 3, 23, 8
+    q, k, v = (rand(B, H, S, E, dtype=dtype, seed=s) for s in range(3))
+    bias = rand(H, S, S, dtype=dtype, seed=7)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=bias.double(), scale=0.5)
+    check(op(q, k, v, bias, 0.5), ref, dtype, "T5-style bias tensor")
+
+
+DOCS = """
+op docs(q: $T[B, H, S, E], k: $T[B, H, S, E], v: $T[B, H, S, E], doc: i64[B, S]) -> $T[B, H, S, E] {
+    i = arange(S)[:, None]
+    j = arange(S)[None, :]
+    same = doc[:, None, :, None] == doc[:, None, None, :]
+    return softmax(where(same & (j <= i), q @ k.T, -inf), axis=-1) @ v
+}
+"""
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_packed_documents_mask_from_data(dtype):
+    op = compiled(DOCS.replace("$T", dtype), "docs").docs
+    grp = flash_group(op)
+    B, H, S, E = 2, 2, 50, 8
+    q, k, v = (rand(B, H, S, E, dtype=dtype, seed=s) for s in range(3))
+    doc = torch.sort(torch.randint(0, 5, (B, S), generator=torch.Generator().manual_seed(3)), -1).values
+    i, j = positions(S, S)
+    mask = (doc[:, None, :, None] == doc[:, None, None, :]) & (j <= i)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=1.0)
+    check(op(q, k, v, doc), ref, dtype, "packed documents")
+    # the causal half still bounds the keys; the document half is evaluated per tile
+    kr = key_range_of(next(n for n in grp.nodes if n.op == "flash_attention_mod").inputs[0],
+                      op.fused.graph.producers())
+    assert kr is not None and kr.lo is None and kr.hi is not None
+
+
+DECODE = """
+op dec(q: $T[B, H, 1, E], k: $T[B, H, T, E], v: $T[B, H, T, E], lens: i64[B]) -> $T[B, H, 1, E] {
+    j = arange(T)[None, :]
+    return softmax(where(j < lens[:, None, None, None], q @ k.T * 0.25, -inf), axis=-1) @ v
+}
+"""
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_decode_over_a_kv_cache_with_lengths_on_the_split_kv_path(dtype):
+    op = compiled(DECODE.replace("$T", dtype), "dec").dec
+    flash_group(op)
+    B, H, T, E = 3, 2, 300, 16
+    q = rand(B, H, 1, E, dtype=dtype)
+    k, v = rand(B, H, T, E, dtype=dtype, seed=1), rand(B, H, T, E, dtype=dtype, seed=2)
+    lens = torch.tensor([1, 137, 300])
+    mask = torch.arange(T)[None, :] < lens[:, None, None, None]
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=0.25)
+    check(op(q, k, v, lens), ref, dtype, "decode with lengths")
+    names = [kn.name for kn in op.plan.kernels]
+    assert any("splitkv" in n for n in names), names     # the flash-decoding alternative exists
+
+
+def test_finite_fill_is_a_score_change_not_a_mask():
+    src = """
+op ff(q: f32[S, E], k: f32[T, E], v: f32[T, E]) -> f32[S, E] {
+    return softmax(where(causal(S, T), q @ k.T, -1e4), axis=-1) @ v
+}"""
+    op = compiled(src, "ff").ff
+    grp = flash_group(op)
+    S, T, E = 7, 9, 16
+    q, k, v = rand(S, E), rand(T, E, seed=1), rand(T, E, seed=2)
+    i, j = positions(S, T)
+    s = torch.where(j <= i + T - S, q.double() @ k.double().T, -1e4)
+    check(op(q, k, v), torch.softmax(s, -1) @ v.double(), "f32", "finite fill")
+    node = next(n for n in grp.nodes if n.op == "flash_attention_mod")
+    assert key_range_of(node.inputs[0], op.fused.graph.producers()) is None   # -1e4 skips nothing
+
+
+# -- tile skipping ------------------------------------------------------------------------------
+WINDOW = """
+op win(q: f32[S, E], k: f32[S, E], v: f32[S, E]) -> f32[S, E] {
+    i = arange(S)[:, None]
+    j = arange(S)[None, :]
+    return softmax(where(j <= i & j > i - 64, q @ k.T, -inf), axis=-1) @ v
+}
+"""
+
+
+def analytic_window_tiles(S: int, W: int, BM: int, BN: int) -> int:
+    """Key tiles that hold at least one key some row of the block sees (aligned to BN)."""
+    n = 0
+    for i0 in range(0, S, BM):
+        i1 = min(i0 + BM, S) - 1
+        lo, hi = max(i0 - W + 1, 0), i1 + 1
+        n += len(range(lo // BN, math.ceil(hi / BN)))
+    return n
+
+
+@pytest.mark.parametrize("BM, BN", [(128, 64), (64, 64), (16, 16)])
+def test_a_sliding_window_of_64_over_1024_computes_the_analytic_tile_count(BM, BN):
+    op = compiled(WINDOW, "win").win
+    grp = flash_group(op)
+    node = next(n for n in grp.nodes if n.op == "flash_attention_mod")
+    kr = key_range_of(node.inputs[0], op.fused.graph.producers())
+    done, total = tile_count(kr, 1024, 1024, BM, BN, {"S": 1024})
+    assert total == math.ceil(1024 / BM) * math.ceil(1024 / BN)
+    assert done == analytic_window_tiles(1024, 64, BM, BN)
+    assert done < total / 4          # e.g. 23 of 128 at 128 x 64, not S x S / tile^2
+    text = op.explain(sizes={"S": 1024, "E": 16})
+    assert "== attention ==" in text and "tiles computed at S=1024, T=1024, BLOCK_M=128, BLOCK_N=64: 23 of 128" in text
+
+
+def test_the_kernel_loops_over_the_bounded_range_and_stays_right_at_long_sizes():
+    """The generated loop starts and stops at the bounds (tiles outside are never loaded), and
+    the result at S = 400 (several windows) through the interpreter is SDPA's."""
+    op = compiled(WINDOW, "win").win
+    src = op.stage_text("triton")
+    assert "for start_n in range(lo, hi, BLOCK_N):" in src
+    assert "lo = " in src and "hi = " in src
+    S, E = 400, 16
+    q, k, v = rand(S, E), rand(S, E, seed=1), rand(S, E, seed=2)
+    i, j = positions(S, S)
+    ref = F.scaled_dot_product_attention(q.double()[None], k.double()[None], v.double()[None],
+                                         attn_mask=(j <= i) & (j > i - 64), scale=1.0)[0]
+    check(op(q, k, v), ref, "f32", "window 64 at S=400")
+
+
+@pytest.mark.parametrize("mask, torch_mask, expect", [
+    ("j <= i", "j <= i", (None, "i_last + 1")),
+    ("j < i + 1 & j >= i - 7", "(j < i + 1) & (j >= i - 7)", ("i_first - 7", "i_last + 1")),
+    ("j < 5 | j <= i", "(j < 5) | (j <= i)", (None, "max(5, i_last + 1)")),     # a prefix of 5 keys, then causal
+    ("i // 8 == j // 8", "i // 8 == j // 8", ("i_first // 8 * 8", "(i_last // 8 + 1) * 8")),   # chunks of 8
+    ("i - 3 < j & j <= i", "(i - 3 < j) & (j <= i)", ("i_first - 3 + 1", "i_last + 1")),   # j on the right
+    ("~(j > i)", "~(j > i)", None),                                # ~ bounds nothing
+    ("j != i", "j != i", None),
+])
+def test_key_ranges_read_from_masks(mask, torch_mask, expect):
+    src = f"""
+op m(q: f32[S, E], k: f32[S, E], v: f32[S, E]) -> f32[S, E] {{
+    i = arange(S)[:, None]
+    j = arange(S)[None, :]
+    return softmax(where({mask}, q @ k.T, -inf), axis=-1) @ v
+}}"""
+    op = compiled(src, "kr").m
+    grp = flash_group(op)
+    node = next(n for n in grp.nodes if n.op == "flash_attention_mod")
+    kr = key_range_of(node.inputs[0], op.fused.graph.producers())
+    if expect is None:
+        assert kr is None
+    else:
+        lo, hi = expect
+        assert kr.text == f"[{lo or '0'}, {hi})", kr.text
+    # and whatever the range, the kernel is right (a range is a superset of the kept keys)
+    S, E = 45, 8
+    q, k, v = rand(S, E), rand(S, E, seed=1), rand(S, E, seed=2)
+    i, j = positions(S, S)
+    m = eval(torch_mask, {"i": i, "j": j})
+    ref = F.scaled_dot_product_attention(q.double()[None], k.double()[None], v.double()[None],
+                                         attn_mask=m, scale=1.0)[0]
+    check(op(q, k, v), ref, "f32", mask)
+
+
+def test_tile_counts_are_supersets_of_the_kept_keys_for_random_windows():
+    """For every row block, the range holds every key the mask keeps (checked against the mask
+    itself), for windows and offsets that are not multiples of anything."""
+    op = compiled(SWA.replace("$T", "f32"), "swa").swa
+    grp = flash_group(op)
+    node = next(n for n in grp.nodes if n.op == "flash_attention_mod")
+    kr = key_range_of(node.inputs[0], op.fused.graph.producers())
+    from opforge.passes.mask_range import IntOps
+    for S, T, w, BM in [(37, 37, 5, 16), (19, 45, 11, 8), (100, 130, 33, 32), (5, 5, 100, 4)]:
+        i, j = positions(S, T)
+        keep = (j <= i + (T - S)) & (j > i + (T - S) - w)
+        ops = IntOps({"S": S, "T": T}, {"w": w})
+        for i0 in range(0, S, BM):
+            lo, hi = kr.bounds(ops, i0, BM, S, T)
+            cols = keep[i0:i0 + BM].any(0).nonzero().flatten()
+            if len(cols):
+                assert lo <= int(cols.min()) and int(cols.max()) < hi, (S, T, w, i0, lo, hi)
+
+
+def test_explain_names_the_scores_and_the_unbounded_case():
+    op = compiled(DOCS.replace("$T", "f32"), "docs").docs
+    text = op.explain(sizes={"B": 1, "H": 1, "S": 256, "E": 8})
+    assert "scores from the spec, evaluated per tile" in text
+    assert "tiles computed at S=256, T=256" in text
+    op = compiled(BIAS_TENSOR.replace("$T", "f32"), "rel").rel
+    assert "keys: all (no mask made of positions bounds them)" in op.explain()
+
+
+# -- gradients ----------------------------------------------------------------------------------
+def test_gradients_of_a_score_changed_attention_match_torch():
+    """The general form's backward (unfused for now) gives torch's gradients."""
+    op = compiled(SOFTCAP_GQA.replace("$T", "f32"), "gemma").gemma
+    B, G, R, S, E, cap = 1, 2, 2, 13, 8, 1.5
+    q = rand(B, G, R, S, E).requires_grad_()
+    k = rand(B, G, 1, S, E, seed=1).requires_grad_()
+    v = rand(B, G, 1, S, E, seed=2).requires_grad_()
+    do = rand(B, G, R, S, E, seed=3)
+    (op(q, k, v, cap) * do).sum().backward()
+    q2, k2, v2 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    s = torch.tanh(q2 @ k2.transpose(-2, -1) / math.sqrt(E) / cap) * cap
+    i, j = positions(S, S)
+    o = torch.softmax(torch.where(j <= i, s, -math.inf), -1) @ v2
+    (o * do.double()).sum().backward()
+    for a, b, name in ((q, q2, "q"), (k, k2, "k"), (v, v2, "v")):
+        check(a.grad, b.grad, "f32", f"d{name}")
+
+
+def test_float64_gradcheck_of_a_windowed_biased_attention():
+    import opforge
+    from .kernel_helpers import unique_namespace
+    src = """
+op g(q: f32[S, E], k: f32[S, E], v: f32[S, E], bias: f32[S, S]) -> f32[S, E] {
+    i = arange(S)[:, None]
+    j = arange(S)[None, :]
+    return softmax(where(j <= i & j > i - 3, q @ k.T + bias, -inf), axis=-1) @ v
+}"""
+    op = opforge.compile(src, namespace=unique_namespace("gc"), dtype=DType.f64).g
+    S, E = 6, 3
+    args = [rand(S, E, seed=s).double().requires_grad_() for s in range(3)] + [rand(S, S, seed=4).double().requires_grad_()]
+    assert torch.autograd.gradcheck(lambda *a: op(*a), args, eps=1e-6, atol=1e-5)
+
+
+def test_flash_class_reads_the_general_form():
+    op = compiled(WINDOW, "win").win
+    fl = Flash(op.fused, op.fused.groups[0])
+    assert fl.mod and fl.range is not None and fl.mm.op == "matmul"
+
+
+# -- the language: positions and logical operators ----------------------------------------------
+def _graph_text(body: str) -> str:
+    from opforge.frontend import load_program
+    from opforge.ir.printer import print_graph
+    src = f"op f(x: f32[S, T], w: i64) -> bool[S, T] {{\n    i = arange(S)[:, None]\n    j = arange(T)[None, :]\n    return {body}\n}}\n"
+    return print_graph(load_program(src).graphs["f"])
+
+
+@pytest.mark.parametrize("loose, grouped", [
+    ("j <= i & j > i - w", "(j <= i) & (j > (i - w))"),
+    ("j < 2 | j <= i & j > i - w", "(j < 2) | ((j <= i) & (j > i - w))"),
+    ("~(j > i) & j < w | x > 0.0", "((~(j > i)) & (j < w)) | (x > 0.0)"),
+    ("i // 4 == j // 4", "(i // 4) == (j // 4)"),
+])
+def test_logical_operators_bind_more_loosely_than_comparisons(loose, grouped):
+    assert _graph_text(loose) == _graph_text(grouped)
+
+
+def test_positions_and_logic_evaluate_like_torch():
+    src = """
+op f(x: f32[S, T], w: i64) -> f32[S, T] {
+    i = arange(S)[:, None]
+    j = arange(T)[None, :]
+    keep = j <= i & j > i - w | ~(i // 3 != (j - 7) // 3)
+    return where(keep, x, 0.0)
+}"""
+    op = compiled(src, "logic").f
+    S, T, w = 11, 17, 4
+    x = rand(S, T)
+    i, j = positions(S, T)
+    keep = ((j <= i) & (j > i - w)) | ~(torch.div(i, 3, rounding_mode="floor") != torch.div(j - 7, 3, rounding_mode="floor"))
+    assert torch.equal(op(x, w), torch.where(keep, x, 0.0))
