@@ -92,6 +92,9 @@ def match(p_node: Node, producer, users, outputs):
     return dict(q=q, k=k, v=v, scale=scale, mask=mask, causal=causal, out=o_node, first=qk)
 
 
+VIEWS = {"reshape", "expand", "slice", "permute", "transpose"}
+
+
 def is_score_matmul(n: Node | None, producer) -> bool:
     """``q @ transpose(k)`` over the last two axes."""
     if n is None or n.op != "matmul":
@@ -123,11 +126,11 @@ def score_cone(s: Value, nodes, producer, users, outputs) -> tuple[list[Node], N
         if is_score_matmul(n, producer) and tuple(n.out.type.shape) == tuple(s.type.shape):
             mm.append(n)
             inside.add(n)
-        elif registry.get(n.op).kind is Kind.POINTWISE and (n is sink or n.out not in outputs):
-            inside.add(n)
+        elif (registry.get(n.op).kind is Kind.POINTWISE or n.op in VIEWS) and (n is sink or n.out not in outputs):
+            inside.add(n)      # views are evaluated where used; they only let the cone see through
     if len(mm) != 1 or sink not in inside:
         return None
-    return [n for n in nodes if n in inside and n is not mm[0]], mm[0]
+    return [n for n in nodes if n in inside and n is not mm[0] and n.op not in VIEWS], mm[0]
 
 
 def _ancestors(n: Node, producer) -> set[Node]:
