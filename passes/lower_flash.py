@@ -57,16 +57,40 @@ class Flash:
         self.T = self.k.type.shape[-2]
         self.Ev = self.v.type.shape[-1]
         self.batch = tuple(self.out.type.shape[:-2])
-        self.nb = prod(self.batch)
+        self.fold = self.group_axis()
+        self.R = self.batch[self.fold] if self.fold is not None else 1
+        self.outer = tuple(d for a, d in enumerate(self.batch) if a != self.fold)
+        self.rows = self.S * self.R if self.fold is not None else self.S   # query rows of one program grid
+        self.nb = prod(self.outer)
         self.m_buf, self.l_buf, self.o_buf = (f"{group.name}_{x}" for x in ("m", "l", "o"))
 
+    def group_axis(self) -> int | None:
+        """Grouped-query attention: the innermost batch axis along which q varies but k and v
+        are broadcast (one key/value head for R query heads). Its R heads are folded into the
+        rows of a tile (row = position * R + head), so the heads of a group share every key and
+        value tile: K and V are read once per group, not once per query head."""
+        nb = len(self.batch)
+        for a in reversed(range(nb)):
+            if self.batch[a] == 1:
+                continue
+            sizes = []
+            for x in (self.k, self.v):
+                xb = x.type.shape[:-2]
+                k = a - (nb - len(xb))
+                sizes.append(1 if k < 0 else xb[k])
+            qb = self.q.type.shape[:-2]
+            kq = a - (nb - len(qb))
+            if sizes == [1, 1] and kq >= 0 and qb[kq] == self.batch[a]:
+                return a
+        return None
+
     def scratch(self):
-        return (Buffer(self.m_buf, self.acc, (SPLIT_MAX, self.nb, self.S), "scratch"),
-                Buffer(self.l_buf, self.acc, (SPLIT_MAX, self.nb, self.S), "scratch"),
-                Buffer(self.o_buf, self.acc, (SPLIT_MAX, self.nb, self.S, self.Ev), "scratch"))
+        return (Buffer(self.m_buf, self.acc, (SPLIT_MAX, self.nb, self.rows), "scratch"),
+                Buffer(self.l_buf, self.acc, (SPLIT_MAX, self.nb, self.rows), "scratch"),
+                Buffer(self.o_buf, self.acc, (SPLIT_MAX, self.nb, self.rows, self.Ev), "scratch"))
 
     def split_rule(self):
-        return ("split_kv", self.S, self.T, self.nb)
+        return ("split_kv", self.rows, self.T, self.nb)
 
     # -- shared pieces -------------------------------------------------------------------------
     def begin(self, suffix: str):
@@ -77,12 +101,32 @@ class Flash:
         b.tunable(Tunable("BLOCK_EV", covers=self.Ev, lo=16, hi=512))
         b.comment("program -> a block of query rows of one batch entry")
         pid_m = b.let(b.program_id(0), "pid_m")
-        pid_b = b.let(b.program_id(1), "pid_b") if self.batch else b.const(0)
-        batch_idx = unflatten(b, pid_b, self.batch, "b")
-        rows = b.let(b.expand_dims(b.add(b.mul(pid_m, BM), b.arange("BLOCK_M")), 1), "rows")
-        row_ok = b.let(b.lt(rows, b.size(self.S)), "row_mask")
+        pid_b = b.let(b.program_id(1), "pid_b") if self.outer else b.const(0)
+        outer_idx = unflatten(b, pid_b, self.outer, "b")
+        qrows = b.let(b.expand_dims(b.add(b.mul(pid_m, BM), b.arange("BLOCK_M")), 1), "rows")
+        if self.fold is None:
+            rows, batch_idx = qrows, outer_idx
+            row_ok = b.let(b.lt(rows, b.size(self.S)), "row_mask")
+        else:
+            b.comment(f"grouped-query heads folded into the rows: row = position * {self.R} + head")
+            R = b.size(self.R)
+            row_ok = b.let(b.lt(qrows, b.mul(b.size(self.S), R)), "row_mask")
+            rows = b.let(b.floordiv(qrows, R), "pos")
+            head = b.let(b.mod(qrows, R), "head")
+            batch_idx = list(outer_idx[:self.fold]) + [head] + list(outer_idx[self.fold:])
+        self.qrows = qrows
         ev_cols = b.let(b.expand_dims(b.arange("BLOCK_EV"), 0), "ev")
         return b, pid_m, pid_b, batch_idx, rows, row_ok, ev_cols
+
+    def positions(self, b: TileBuilder, pid_m):
+        """The first and last query position of this program's rows (scalars)."""
+        BM = TExpr("arg", ("BLOCK_M",), DType.i32, ())
+        first = b.mul(pid_m, BM)
+        last = b.sub(b.minimum(b.add(first, BM), b.size(self.rows)), 1)
+        if self.fold is not None:
+            R = b.size(self.R)
+            first, last = b.floordiv(first, R), b.floordiv(last, R)
+        return b.let(first, "i_first"), b.let(last, "i_last")
 
     def key_loop(self, b: TileBuilder, ev: Evaluator, pid_m, batch_idx, rows, row_ok, ev_cols, start, stop_of):
         """The online softmax over key blocks [start, stop); returns (m_i, l_i, acc)."""
@@ -103,13 +147,15 @@ class Flash:
         acc = b.declare(b.full(("BLOCK_M", "BLOCK_EV"), 0.0, self.acc), "acc")
         if self.causal:
             b.comment("causal: keys past the diagonal of this row block are never loaded")
-            last = b.mul(b.add(pid_m, 1), BM)
+            _, i_last = self.positions(b, pid_m)
+            last = b.add(i_last, 1)
             if self.T != self.S:    # + T - S, as two sizes (T - S may be negative)
                 last = b.sub(b.add(last, sT), b.size(self.S))
             hi = b.let(b.maximum(b.minimum(last, sT), 0), "hi")
         elif self.range is not None:
             b.comment("the mask's positions bound the keys this row block can see: tiles outside are never loaded")
-            lo, hi = self.range.bounds(TileOps(b, self.fg.names), b.mul(pid_m, BM), BM, b.size(self.S), sT)
+            i_first, i_last = self.positions(b, pid_m)
+            lo, hi = self.range.bounds(TileOps(b, self.fg.names), i_first, i_last, sT)
             lo = b.let(b.mul(b.floordiv(lo, BN), BN), "lo")
             hi = b.let(hi, "hi")
             start = lo if isinstance(start, int) and start == 0 else b.let(b.maximum(start, lo), "kv_lo")
@@ -168,20 +214,21 @@ class Flash:
             store(ev, self.fg.buffer(self.group, self.lse), self.lse, lse_ctx)
 
     def grid(self, split: bool = False):
-        g = [GridDim.of(self.S, "BLOCK_M")]
-        if self.batch or split:
+        g = [GridDim.of(self.rows, "BLOCK_M")]
+        if self.outer or split:
             g.append(GridDim.of(self.nb))
         if split:
             g.append(GridDim.of(SPLIT_MAX))
         return g
 
     def extents(self) -> tuple:
-        return (("BLOCK_M", self.S), ("BLOCK_N", self.T))
+        return (("BLOCK_M", self.rows), ("BLOCK_N", self.T))
 
     def doc(self, what: str) -> str:
         return (f"{self.group.name} ({what})" + (", causal" if self.causal else "")
                 + (", masked" if self.mask is not None else "")
                 + (", scores from the spec" if self.mod else "")
+                + (f", {self.R} query heads per key/value head share each tile" if self.fold is not None else "")
                 + (f", keys bounded by {self.range.text}" if self.range is not None else ""))
 
 
@@ -216,9 +263,10 @@ def split_kernel(fl: Flash):
                                 lambda hi: b.let(b.minimum(b.add(start, chunk), hi), "kv_stop"))
     b.comment("this split's running max, sum and unnormalised output, for the combine kernel")
     live = b.let(b.and_(row_ok, b.lt(s, split)), "live")
-    b.store(_scratch_ptr(b, fl.m_buf, (s, pid_b, rows), fl.acc), m_i, live)
-    b.store(_scratch_ptr(b, fl.l_buf, (s, pid_b, rows), fl.acc), l_i, live)
-    b.store(_scratch_ptr(b, fl.o_buf, (s, pid_b, rows, ev_cols), fl.acc), acc, b.and_(live, b.lt(ev_cols, b.size(fl.Ev))))
+    qr = fl.qrows
+    b.store(_scratch_ptr(b, fl.m_buf, (s, pid_b, qr), fl.acc), m_i, live)
+    b.store(_scratch_ptr(b, fl.l_buf, (s, pid_b, qr), fl.acc), l_i, live)
+    b.store(_scratch_ptr(b, fl.o_buf, (s, pid_b, qr, ev_cols), fl.acc), acc, b.and_(live, b.lt(ev_cols, b.size(fl.Ev))))
     return b.kernel(fl.grid(split=True), doc=fl.doc("flash-decoding: one split of the keys"),
                     warps=(4, 8), stages=(2, 3), presets=_presets(), extents=fl.extents())
 
@@ -233,9 +281,10 @@ def combine_kernel(fl: Flash):
     o_run = b.declare(b.full(("BLOCK_M", "BLOCK_EV"), 0.0, fl.acc), "o_run")
     b.comment("merge the splits: rescale each to the common max")
     with b.loop("s", 0, split, 1) as s:
-        m_s = b.let(b.load(_scratch_ptr(b, fl.m_buf, (s, pid_b, rows), fl.acc), row_ok, float("-inf")), "m_s")
-        l_s = b.let(b.load(_scratch_ptr(b, fl.l_buf, (s, pid_b, rows), fl.acc), row_ok), "l_s")
-        o_s = b.let(b.load(_scratch_ptr(b, fl.o_buf, (s, pid_b, rows, ev_cols), fl.acc), ev_ok), "o_s")
+        qr = fl.qrows
+        m_s = b.let(b.load(_scratch_ptr(b, fl.m_buf, (s, pid_b, qr), fl.acc), row_ok, float("-inf")), "m_s")
+        l_s = b.let(b.load(_scratch_ptr(b, fl.l_buf, (s, pid_b, qr), fl.acc), row_ok), "l_s")
+        o_s = b.let(b.load(_scratch_ptr(b, fl.o_buf, (s, pid_b, qr, ev_cols), fl.acc), ev_ok), "o_s")
         m_new = b.let(b.maximum(m_run, m_s), "m_new")
         m_safe = b.let(b.where(b.binop("eq", m_new, float("-inf")), 0.0, m_new), "m_safe")
         alpha = b.let(b.unary("exp2", b.sub(m_run, m_safe)), "alpha")

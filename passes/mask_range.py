@@ -181,6 +181,8 @@ class _Reader:
                     None if a[1] is None or b[1] is None else ("max", a[1], b[1]))
         if n.op == "causal":     # j <= i + T - S
             S, T = n.attrs["S"], n.attrs["T"]
+            if S == T:
+                return (None, ("add", ("ihi",), ("int", 1)))
             return (None, ("add", ("ihi",), ("sub", ("size", T), ("sub", ("size", S), ("int", 1)))))
         if n.op in ("reshape", "expand") and self.producer.get(n.inputs[0]) is not None \
                 and self.producer[n.inputs[0]].op == "causal":
@@ -251,9 +253,9 @@ class KeyRange:
     def text(self) -> str:
         return f"[{_text(self.lo) if self.lo else '0'}, {_text(self.hi) if self.hi else 'T'})"
 
-    def bounds(self, ops, i_first, block_m, S, T):
-        """(lo, hi) of the keys for the rows [i_first, min(i_first + block_m, S)), clamped to [0, T]."""
-        env = {"ilo": i_first, "ihi": ops.sub(ops.minimum(ops.add(i_first, block_m), S), 1)}
+    def bounds(self, ops, i_first, i_last, T):
+        """(lo, hi) of the keys for the query positions [i_first, i_last], clamped to [0, T]."""
+        env = {"ilo": i_first, "ihi": i_last}
         lo = ops.maximum(_eval(self.lo, ops, env), 0) if self.lo else 0
         hi = ops.minimum(_eval(self.hi, ops, env), T) if self.hi else T
         return lo, hi
@@ -368,7 +370,7 @@ def tile_count(kr: KeyRange | None, S: int, T: int, block_m: int, block_n: int, 
         return total, total
     done = 0
     for i0 in range(0, S, block_m):
-        lo, hi = kr.bounds(ops, i0, block_m, S, T)
+        lo, hi = kr.bounds(ops, i0, min(i0 + block_m, S) - 1, T)
         lo = lo // block_n * block_n
         done += max(0, math.ceil((hi - lo) / block_n)) if hi > lo else 0
     return done, total

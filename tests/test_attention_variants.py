@@ -296,7 +296,7 @@ def test_tile_counts_are_supersets_of_the_kept_keys_for_random_windows():
         keep = (j <= i + (T - S)) & (j > i + (T - S) - w)
         ops = IntOps({"S": S, "T": T}, {"w": w})
         for i0 in range(0, S, BM):
-            lo, hi = kr.bounds(ops, i0, BM, S, T)
+            lo, hi = kr.bounds(ops, i0, min(i0 + BM, S) - 1, T)
             cols = keep[i0:i0 + BM].any(0).nonzero().flatten()
             if len(cols):
                 assert lo <= int(cols.min()) and int(cols.max()) < hi, (S, T, w, i0, lo, hi)
@@ -383,3 +383,62 @@ op f(x: f32[S, T], w: i64) -> f32[S, T] {
     i, j = positions(S, T)
     keep = ((j <= i) & (j > i - w)) | ~(torch.div(i, 3, rounding_mode="floor") != torch.div(j - 7, 3, rounding_mode="floor"))
     assert torch.equal(op(x, w), torch.where(keep, x, 0.0))
+
+
+# -- grouped-query attention ---------------------------------------------------------------------
+GQA_DECODE = """
+op gqa_dec(q: $T[B, G, R, 1, E], k: $T[B, G, 1, T, E], v: $T[B, G, 1, T, E], lens: i64[B]) -> $T[B, G, R, 1, E] {
+    j = arange(T)[None, :]
+    return softmax(where(j < lens[:, None, None, None, None], q @ k.T * 0.25, -inf), axis=-1) @ v
+}
+"""
+GQA_PLAIN = """
+op gqa(q: $T[B, G, R, S, E], k: $T[B, G, 1, S, E], v: $T[B, G, 1, S, E]) -> $T[B, G, R, S, E] {
+    return softmax(where(causal(S, S), q @ k.T * 0.3, -inf), axis=-1) @ v
+}
+"""
+
+
+def _k_loads_ignore_the_head(op):
+    """Every kernel that loads k addresses it without the query head: one read per group."""
+    src = op.stage_text("triton")
+    loads = [l for l in src.splitlines() if "tl.load(k_ptr" in l]
+    assert loads and all("head" not in l for l in loads), loads
+    assert "row = position * R + head" in src
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_gqa_decode_folds_the_query_heads_of_a_group_into_one_tile(dtype):
+    op = compiled(GQA_DECODE.replace("$T", dtype), "gqa_dec").gqa_dec
+    flash_group(op)
+    _k_loads_ignore_the_head(op)
+    B, G, R, T, E = 2, 2, 8, 200, 16
+    q = rand(B, G, R, 1, E, dtype=dtype)
+    k, v = rand(B, G, 1, T, E, dtype=dtype, seed=1), rand(B, G, 1, T, E, dtype=dtype, seed=2)
+    lens = torch.tensor([77, 200])
+    mask = torch.arange(T) < lens[:, None, None, None, None]
+    ref = F.scaled_dot_product_attention(q.double(), k.double().expand(B, G, R, T, E),
+                                         v.double().expand(B, G, R, T, E), attn_mask=mask, scale=0.25)
+    check(op(q, k, v, lens), ref, dtype, "GQA decode")
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_gqa_in_the_plain_form_folds_too_and_its_gradients_hold(dtype):
+    op = compiled(GQA_PLAIN.replace("$T", dtype), "gqa").gqa
+    (grp,) = op.fused.groups
+    assert grp.kind == "flash"
+    _k_loads_ignore_the_head(op)
+    B, G, R, S, E = 1, 2, 3, 21, 8
+    q = rand(B, G, R, S, E, dtype=dtype).requires_grad_()
+    k, v = (rand(B, G, 1, S, E, dtype=dtype, seed=s).requires_grad_() for s in (1, 2))
+    i, j = positions(S, S)
+    q2, k2, v2 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = F.scaled_dot_product_attention(q2, k2.expand(B, G, R, S, E), v2.expand(B, G, R, S, E),
+                                         attn_mask=j <= i, scale=0.3)
+    out = op(q, k, v)
+    check(out, ref, dtype, "GQA plain")
+    do = rand(B, G, R, S, E, seed=9)
+    (out.double() * do.double()).sum().backward()
+    (ref * do.double()).sum().backward()
+    for a, b, name in ((q, q2, "q"), (k, k2, "k"), (v, v2, "v")):
+        check(a.grad, b.grad, dtype, f"GQA d{name}")
