@@ -155,7 +155,11 @@ class Flash:
         elif self.range is not None:
             b.comment("the mask's positions bound the keys this row block can see: tiles outside are never loaded")
             i_first, i_last = self.positions(b, pid_m)
-            lo, hi = self.range.bounds(TileOps(b, self.fg.names), i_first, i_last, sT)
+            def read(v):     # a value per batch entry (a KV-cache length), at this program's indices
+                shape, nb = v.type.shape, max(v.type.rank - 2, 0)
+                idx = [None if shape[a] == 1 else batch_idx[len(self.batch) - nb + a] for a in range(nb)]
+                return ev(v, Ctx(tuple(idx + [None, None])[:v.type.rank], None))
+            lo, hi = self.range.bounds(TileOps(b, self.fg.names, read), i_first, i_last, sT)
             lo = b.let(b.mul(b.floordiv(lo, BN), BN), "lo")
             hi = b.let(hi, "hi")
             start = lo if isinstance(start, int) and start == 0 else b.let(b.maximum(start, lo), "kv_lo")

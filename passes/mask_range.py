@@ -118,6 +118,9 @@ class _Reader:
             return Lin(1, 1, ("int", 0), ("int", 0))
         if n.op == "cast" and not n.inputs[0].type.dtype.is_float:
             return self.lin(n.inputs[0])
+        data = self.batch_value(v)
+        if data is not None:
+            return data
         if n.op in ("add", "sub"):
             a, b = (self.lin_or_scalar(x) for x in n.inputs)
             if a is None or b is None:
@@ -150,7 +153,23 @@ class _Reader:
                 return Lin(0, 1, ("fdiv", la.lo, kv), ("fdiv", la.hi, kv))
             if la.cj == 1 and la.C == 1 and la.lo == la.hi == ("int", 0):
                 return Lin(1, kv, ("int", 0), ("int", 0))
-        return None
+        return self.batch_value(v)
+
+    def batch_value(self, v: Value) -> Lin | None:
+        """An integer tensor constant along the scores' two last axes (a length per batch row,
+        ``lens[:, None, None, None]``): one value per program, read by the kernel."""
+        if not isinstance(v.type, TensorType) or v.type.dtype.is_float or v.type.dtype.is_bool:
+            return None
+        shape = (1,) * (self.rank - v.type.rank) + tuple(v.type.shape)
+        if len(shape) != self.rank or shape[-1] != 1 or shape[-2] != 1:
+            return None
+        name = v.name
+        n = self.producer.get(v)
+        while name is None and n is not None and n.op in ("reshape", "expand", "slice", "cast"):
+            name = n.inputs[0].name
+            n = self.producer.get(n.inputs[0])
+        leaf = ("data", v, name or "a value per batch entry")
+        return Lin(0, 1, leaf, leaf)
 
     def lin_or_scalar(self, v: Value) -> Lin | None:
         if not isinstance(v.type, TensorType) and not v.type.dtype.is_float and self.producer.get(v) is None:
@@ -229,7 +248,9 @@ def _text(t: Tree) -> str:
     if k == "size":
         return str(t[1])
     if k == "scalar":
-        return t[1].name or "scalar"
+        return t[1].name or k
+    if k == "data":
+        return t[2]
     if k == "neg":
         return f"-{_text(t[1])}"
     if k in ("min", "max"):
@@ -256,12 +277,15 @@ class KeyRange:
     def bounds(self, ops, i_first, i_last, T):
         """(lo, hi) of the keys for the query positions [i_first, i_last], clamped to [0, T]."""
         env = {"ilo": i_first, "ihi": i_last}
-        lo = ops.maximum(_eval(self.lo, ops, env), 0) if self.lo else 0
-        hi = ops.minimum(_eval(self.hi, ops, env), T) if self.hi else T
-        return lo, hi
+        lo = _eval(self.lo, ops, env, "lo") if self.lo else None
+        hi = _eval(self.hi, ops, env, "hi") if self.hi else None
+        return (0 if lo is None else ops.maximum(lo, 0)), (T if hi is None else ops.minimum(hi, T))
 
 
-def _eval(t: Tree, ops, env):
+def _eval(t: Tree, ops, env, side: str):
+    """The bound's value, or None where it rests on a value the kernel cannot read as a scalar:
+    unbounded on that side (-inf for a lower bound, +inf for an upper one), so min and max
+    treat it as such and arithmetic with it stays unbounded."""
     k = t[0]
     if k in env:
         return env[k]
@@ -271,14 +295,22 @@ def _eval(t: Tree, ops, env):
         return ops.size(t[1])
     if k == "scalar":
         return ops.scalar(t[1])
-    if k == "neg":
-        return ops.sub(0, _eval(t[1], ops, env))
-    if k == "mul":
-        return ops.mul(_eval(t[1], ops, env), t[2])
-    if k == "fdiv":
-        return ops.floordiv(_eval(t[1], ops, env), t[2])
-    a, b = _eval(t[1], ops, env), _eval(t[2], ops, env)
-    return {"add": ops.add, "sub": ops.sub, "min": ops.minimum, "max": ops.maximum}[k](a, b)
+    if k == "data":
+        return ops.data(t[1]) if not isinstance(ops, IntOps) else ops.data_named(t[2])
+    if k in ("neg", "mul", "fdiv"):
+        a = _eval(t[1], ops, env, side)
+        if a is None:
+            return None
+        return ops.sub(0, a) if k == "neg" else ops.mul(a, t[2]) if k == "mul" else ops.floordiv(a, t[2])
+    a, b = _eval(t[1], ops, env, side), _eval(t[2], ops, env, side)
+    if k in ("min", "max"):
+        if a is None or b is None:
+            keep = (k == "min") == (side == "hi")      # min of +inf, max of -inf: the other one
+            return (b if a is None else a) if keep else None
+        return ops.minimum(a, b) if k == "min" else ops.maximum(a, b)
+    if a is None or b is None:
+        return None
+    return ops.add(a, b) if k == "add" else ops.sub(a, b)
 
 
 def key_range_of(s: Value, producer: dict) -> KeyRange | None:
@@ -322,15 +354,23 @@ class IntOps:
 
     def scalar(self, v: Value):
         if v.name not in self.scalars:
-            raise KeyError(v.name)
+            raise KeyError(f"the scalar {v.name}")
         return int(self.scalars[v.name])
+
+    def data_named(self, name: str):
+        raise KeyError(f"the values of {name}")
 
 
 class TileOps:
-    """The same bounds as tile IR, per program (scalars: no tiles)."""
+    """The same bounds as tile IR, per program (scalars: no tiles). ``read`` evaluates a data
+    value at this program's batch indices (the flash template's evaluator)."""
 
-    def __init__(self, b, names: dict | None = None):
-        self.b, self.names = b, names or {}
+    def __init__(self, b, names: dict | None = None, read=None):
+        self.b, self.names, self.read = b, names or {}, read
+
+    def data(self, v: Value):
+        t = self.read(v) if self.read is not None else None
+        return t if t is not None and tuple(t.shape) == () else None
 
     def add(self, a, c):
         return self.b.add(a, c)
@@ -413,7 +453,7 @@ def attention_text(fg, sizes: dict | None, block_m: int = 128, block_n: int = 64
             Sv, Tv = evaluate(S, sizes), evaluate(T, sizes)
             done, total = tile_count(kr, Sv, Tv, block_m, block_n, sizes, sizes)
         except KeyError as e:
-            lines.append(f"  tiles computed depend on the scalar {e.args[0]} (pass it in sizes to count them)")
+            lines.append(f"  tiles computed depend on {e.args[0]} (a scalar can be passed in sizes to count them)")
             continue
         lines.append(f"  tiles computed at S={Sv}, T={Tv}, BLOCK_M={block_m}, BLOCK_N={block_n}: "
                      f"{done} of {total} ({100 * done / max(total, 1):.1f}%) per batch entry and head")

@@ -181,6 +181,11 @@ def test_decode_over_a_kv_cache_with_lengths_on_the_split_kv_path(dtype):
     check(op(q, k, v, lens), ref, dtype, "decode with lengths")
     names = [kn.name for kn in op.plan.kernels]
     assert any("splitkv" in n for n in names), names     # the flash-decoding alternative exists
+    # the lengths bound the key loop: tiles past lens[b] are never loaded
+    src = op.stage_text("triton")
+    assert "hi = tl.minimum(lens_tile, " in src and "for start_n in range(lo, hi, BLOCK_N):" in src
+    text = op.explain(sizes={"B": 1, "H": 1, "T": 1000, "E": 16})
+    assert "[0, lens)" in text and "depend on the values of lens" in text
 
 
 def test_finite_fill_is_a_score_change_not_a_mask():
@@ -442,3 +447,25 @@ def test_gqa_in_the_plain_form_folds_too_and_its_gradients_hold(dtype):
     (ref * do.double()).sum().backward()
     for a, b, name in ((q, q2, "q"), (k, k2, "k"), (v, v2, "v")):
         check(a.grad, b.grad, dtype, f"GQA d{name}")
+
+
+def test_a_prefix_lm_with_a_prefix_length_per_batch_row():
+    """j < plen[b] | j <= i: the hull of a data bound and a position bound, per program."""
+    src = """
+op plm(q: f32[B, S, E], k: f32[B, S, E], v: f32[B, S, E], plen: i64[B]) -> f32[B, S, E] {
+    i = arange(S)[:, None]
+    j = arange(S)[None, :]
+    return softmax(where(j < plen[:, None, None] | j <= i, q @ k.T, -inf), axis=-1) @ v
+}"""
+    op = compiled(src, "plm").plm
+    grp = flash_group(op)
+    node = next(n for n in grp.nodes if n.op == "flash_attention_mod")
+    kr = key_range_of(node.inputs[0], op.fused.graph.producers())
+    assert kr.text == "[0, max(plen, i_last + 1))", kr.text
+    B, S, E = 3, 70, 8
+    q, k, v = rand(B, S, E), rand(B, S, E, seed=1), rand(B, S, E, seed=2)
+    plen = torch.tensor([1, 33, 70])
+    i, j = positions(S, S)
+    mask = (j < plen[:, None, None]) | (j <= i)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=1.0)
+    check(op(q, k, v, plen), ref, "f32", "prefix LM")
