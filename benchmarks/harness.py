@@ -68,6 +68,9 @@ def _copy_gbps(bench, n: int = 1 << 28) -> float:
 def make_inputs(w: Workload, sizes: dict, dtype: torch.dtype, device: str, graph):
     from ..runtime.inputs import random_inputs
     ins = random_inputs(graph, sizes, seed=0, device=device)
+    ins.update({k: v for k, v in w.scalars.items() if k in ins})    # a workload's own scalars
+    for name, fill in w.fills.items():                                # and integer inputs (lengths)
+        ins[name] = torch.full_like(ins[name], fill(sizes))
     return [ins[p.name] for p in graph.params]
 
 
@@ -99,8 +102,8 @@ def run_workload(w: Workload, dtype_name: str, smoke: bool, bench, ceil: dict, c
     if not smoke:
         compiled = torch.compile(w.eager, mode="max-autotune-no-cudagraphs")
         impls["torch.compile"] = lambda: compiled(*args)
-        if w.specialist is not None:
-            impls[w.specialist[0]] = lambda: w.specialist[1](*args)
+        for spec_name, spec_fn in ([w.specialist] if w.specialist is not None else []) + list(w.more):
+            impls[spec_name] = lambda fn=spec_fn: fn(*args)
             if w.specialist_packs and "opforge" in refs:
                 # it prunes or quantizes the weight as the layout does: same reference
                 refs[w.specialist[0]] = refs["opforge"]
@@ -126,7 +129,7 @@ def run_workload(w: Workload, dtype_name: str, smoke: bool, bench, ceil: dict, c
         row["fraction_of_roofline"] = floor_ms / t
         row["achieved_gbps"] = row["bytes"] / (t * 1e-3) / 1e9
         row["achieved_tflops"] = row["flops"] / (t * 1e-3) / 1e12
-    for base in ("eager", "torch.compile", *([w.specialist[0]] if w.specialist else [])):
+    for base in ("eager", "torch.compile", *([w.specialist[0]] if w.specialist else []), *(n for n, _ in w.more)):
         tb = row["times_ms"].get(base)
         if t and tb and not smoke:      # interpreter times compare with nothing
             row.setdefault("speedup", {})[base] = tb / t

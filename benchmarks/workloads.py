@@ -54,7 +54,9 @@ class Workload:
     scalars: dict = field(default_factory=dict)
     weights: tuple[str, ...] = ()              # bound once with .bind() (packed), not timed
     specialist_packs: bool = False             # the specialist prunes/quantizes the weight as the layout does
-    group: str = "kernels"                     # which table: kernels, fusion, layouts
+    group: str = "kernels"                     # which table: kernels, fusion, layouts, attention
+    more: tuple = ()                           # further (name, function) baselines
+    fills: dict = field(default_factory=dict)  # integer input -> fill value from the sizes (lengths)
 
 
 def _rms_eager(x, w, eps=1e-5):
@@ -224,6 +226,143 @@ WORKLOADS += [
              group="fusion", note="Mixtral shapes: 8 experts, top-2, 4096 tokens"),
 ]
 WORKLOADS += _layout_workloads()
+
+
+# -- attention as users write it (issue 14): one flash kernel per variant, against FlexAttention
+# (compiled, with its block mask) and SDPA with the equivalent explicit mask or bias
+VARIANTS_SPEC = open(EXAMPLES / "attention_variants.opf").read()
+GQA_DECODE_SPEC = """
+op gqa_decode(q: f16[B, G, R, 1, E], k: f16[B, G, 1, T, E], v: f16[B, G, 1, T, E], lens: i64[B]) -> f16[B, G, R, 1, E] {
+    j = arange(T)[None, :]
+    s = (q @ k.T) * rsqrt(cast(E, f32))
+    return softmax(where(j < lens[:, None, None, None, None], s, -inf), axis=-1) @ v
+}
+"""
+
+
+def _positions(S, T, device):
+    return torch.arange(S, device=device)[:, None], torch.arange(T, device=device)[None, :]
+
+
+def _window_eager(q, k, v, window):
+    i, j = _positions(q.shape[-2], k.shape[-2], q.device)
+    s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    return torch.softmax(s.masked_fill(~((j <= i) & (j > i - window)), float("-inf")), -1) @ v
+
+
+def _window_sdpa(q, k, v, window):
+    i, j = _positions(q.shape[-2], k.shape[-2], q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - window))
+
+
+def _softcap_eager(q, k, v, cap):
+    s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    s = torch.tanh(s / cap) * cap
+    i, j = _positions(q.shape[-2], k.shape[-2], q.device)
+    return torch.softmax(s.masked_fill(j > i, float("-inf")), -1) @ v
+
+
+def _alibi_bias(q):
+    H, S = q.shape[1], q.shape[-2]
+    i, j = _positions(S, S, q.device)
+    slopes = torch.exp2(-8.0 * torch.arange(1, H + 1, device=q.device, dtype=torch.float32) / H)
+    return slopes[:, None, None], i, j
+
+
+def _alibi_eager(q, k, v):
+    slopes, i, j = _alibi_bias(q)
+    bias = torch.where(j <= i, slopes * (j - i), float("-inf")).to(q.dtype)
+    return torch.softmax((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5 + bias, -1) @ v
+
+
+def _alibi_sdpa(q, k, v):
+    slopes, i, j = _alibi_bias(q)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.where(j <= i, slopes * (j - i), float("-inf")).to(q.dtype))
+
+
+_FLEX: dict = {}
+
+
+def _flex(name, q, k, v, score_mod=None, mask_mod=None, gqa=False):
+    """FlexAttention (torch.compile'd, as its docs ask) with a block mask built once per shape."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention)
+    key = (name, tuple(q.shape), tuple(k.shape))
+    if key not in _FLEX and mask_mod is not None:
+        _FLEX[key] = create_block_mask(mask_mod, None, None, q.shape[-2], k.shape[-2], device=q.device)
+    return _FLEX["fn"](q, k, v, score_mod=score_mod, block_mask=_FLEX.get(key), enable_gqa=gqa)
+
+
+def _window_flex(q, k, v, window):
+    return _flex(f"window{window}", q, k, v, mask_mod=lambda b, h, i, j: (j <= i) & (j > i - window))
+
+
+def _softcap_flex(q, k, v, cap):
+    B, G, R, S, E = q.shape
+    def score(s, b, h, i, j):
+        return torch.tanh(s / cap) * cap
+    out = _flex("softcap", q.reshape(B, G * R, S, E), k.reshape(B, G, S, E), v.reshape(B, G, S, E),
+                score_mod=score, mask_mod=lambda b, h, i, j: j <= i, gqa=True)
+    return out.reshape(B, G, R, S, E)
+
+
+def _alibi_flex(q, k, v):
+    H = q.shape[1]
+    def score(s, b, h, i, j):
+        return s + torch.exp2(-8.0 * (h + 1) / H) * (j - i)
+    return _flex("alibi", q, k, v, score_mod=score, mask_mod=lambda b, h, i, j: j <= i)
+
+
+def _gqa_decode_eager(q, k, v, lens):
+    j = torch.arange(k.shape[-2], device=q.device)
+    s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    return torch.softmax(s.masked_fill(~(j < lens[:, None, None, None, None]), float("-inf")), -1) @ v
+
+
+def _gqa_decode_sdpa(q, k, v, lens):
+    B, G, R, _, E = q.shape
+    j = torch.arange(k.shape[-2], device=q.device)
+    mask = (j < lens[:, None, None, None])
+    out = F.scaled_dot_product_attention(q.reshape(B, G * R, 1, E), k.reshape(B, G, -1, E), v.reshape(B, G, -1, E),
+                                         attn_mask=mask, enable_gqa=True)
+    return out.reshape(B, G, R, 1, E)
+
+
+def _attn_bytes(s, b, kv_heads=None):
+    h = s.get("H", s.get("G", 1) * s.get("R", 1))
+    hk = kv_heads(s) if kv_heads else h
+    return s["B"] * (2 * h * s["S"] + 2 * hk * s["T"]) * s["E"] * b
+
+
+WORKLOADS += [
+    Workload("attn_sliding_window", VARIANTS_SPEC, "sliding_window",
+             {"B": 1, "H": 32, "S": 8192, "T": 8192, "E": 128}, {"B": 1, "H": 2, "S": 40, "T": 40, "E": 16},
+             flops=lambda s: 4 * s["B"] * s["H"] * s["S"] * min(512, s["S"]) * s["E"],
+             bytes=lambda s, b: _attn_bytes(s, b), eager=_window_eager,
+             specialist=("FlexAttention", _window_flex), more=(("SDPA (mask)", _window_sdpa),),
+             scalars={"window": 512}, bound="compute", group="attention",
+             note="Mistral sliding window 512 at 8K: about 1/16 of the causal tiles"),
+    Workload("attn_softcap_gqa", VARIANTS_SPEC, "softcap_gqa",
+             {"B": 1, "G": 8, "R": 4, "S": 4096, "T": 4096, "E": 128}, {"B": 1, "G": 2, "R": 2, "S": 33, "T": 33, "E": 16},
+             flops=lambda s: 4 * s["B"] * s["G"] * s["R"] * s["S"] * s["S"] * s["E"] // 2,
+             bytes=lambda s, b: _attn_bytes(s, b, kv_heads=lambda s: s["G"]), eager=_softcap_eager,
+             specialist=("FlexAttention", _softcap_flex), scalars={"cap": 50.0}, bound="compute", group="attention",
+             note="Gemma 2: soft-capped causal GQA at 4K (32 query heads, 8 KV heads); SDPA has no soft-capping"),
+    Workload("attn_alibi", VARIANTS_SPEC, "alibi",
+             {"B": 1, "H": 32, "S": 4096, "T": 4096, "E": 128}, {"B": 1, "H": 2, "S": 33, "T": 33, "E": 16},
+             flops=lambda s: 4 * s["B"] * s["H"] * s["S"] * s["S"] * s["E"] // 2,
+             bytes=lambda s, b: _attn_bytes(s, b), eager=_alibi_eager,
+             specialist=("FlexAttention", _alibi_flex), more=(("SDPA (bias)", _alibi_sdpa),),
+             bound="compute", group="attention", note="ALiBi causal at 4K"),
+    Workload("attn_gqa_decode", GQA_DECODE_SPEC, "gqa_decode",
+             {"B": 8, "G": 8, "R": 8, "T": 8192, "E": 128, "S": 1}, {"B": 2, "G": 2, "R": 4, "T": 300, "E": 16, "S": 1},
+             flops=lambda s: 4 * s["B"] * s["G"] * s["R"] * s["T"] * s["E"],
+             bytes=lambda s, b: s["B"] * s["G"] * (2 * s["R"] + 2 * s["T"]) * s["E"] * b,
+             eager=_gqa_decode_eager, specialist=("SDPA (enable_gqa)", _gqa_decode_sdpa),
+             fills={"lens": lambda s: s["T"]}, bound="memory", group="attention",
+             note="decode over an 8K KV cache (every entry filled), 8 query heads per KV head"),
+]
 
 
 def by_name(names: str | None) -> list[Workload]:

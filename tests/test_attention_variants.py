@@ -469,3 +469,33 @@ op plm(q: f32[B, S, E], k: f32[B, S, E], v: f32[B, S, E], plen: i64[B]) -> f32[B
     mask = (j < plen[:, None, None]) | (j <= i)
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=1.0)
     check(op(q, k, v, plen), ref, "f32", "prefix LM")
+
+
+# -- the benchmark baselines compute what the specs compute ----------------------------------------
+def test_the_attention_benchmark_baselines_agree_with_eager_on_the_cpu():
+    """FlexAttention (uncompiled here: on the GPU the harness compiles it) and SDPA as the
+    benchmarks call them give the eager result, so a GPU run compares like with like."""
+    import warnings
+    from torch.nn.attention.flex_attention import flex_attention
+    from opforge.benchmarks import workloads as W
+    saved = W._FLEX.copy()
+    W._FLEX.clear()
+    W._FLEX["fn"] = flex_attention
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            q, k, v = (rand(1, 4, 64, 16, seed=s) for s in range(3))
+            for fn in (W._window_sdpa, W._window_flex):
+                check(fn(q, k, v, 8), W._window_eager(q, k, v, 8), "f32", fn.__name__)
+            for fn in (W._alibi_sdpa, W._alibi_flex):
+                check(fn(q, k, v), W._alibi_eager(q, k, v), "f32", fn.__name__)
+            qg = rand(1, 2, 2, 64, 16)
+            kg, vg = rand(1, 2, 1, 64, 16, seed=1), rand(1, 2, 1, 64, 16, seed=2)
+            check(W._softcap_flex(qg, kg, vg, 5.0), W._softcap_eager(qg, kg, vg, 5.0), "f32", "softcap flex")
+            qd = rand(2, 2, 4, 1, 16)
+            kd, vd = rand(2, 2, 1, 100, 16, seed=1), rand(2, 2, 1, 100, 16, seed=2)
+            lens = torch.tensor([30, 100])
+            check(W._gqa_decode_sdpa(qd, kd, vd, lens), W._gqa_decode_eager(qd, kd, vd, lens), "f32", "gqa sdpa")
+    finally:
+        W._FLEX.clear()
+        W._FLEX.update(saved)
