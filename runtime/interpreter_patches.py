@@ -140,6 +140,11 @@ def _install() -> None:
 
     def cast_impl(self, src, dst_type):
         dst = dst_type.scalar
+        if isinstance(src, TensorHandle) and src.data.dtype == np.bool_:
+            # a comparison of bf16 values: its handle keeps the operands' dtype (bf16) over bool
+            # data, which the stock cast would read as bf16 bit patterns (a reshape error)
+            vals = src.data.astype(np.float32)
+            return TensorHandle(to_bf16(vals) if dst == BF16 else vals.astype(itp._get_np_dtype(dst)), dst)
         if not is_bf16(src) and dst != BF16:
             return orig["cast_impl"](self, src, dst_type)
         if is_bf16(src) and dst == BF16:

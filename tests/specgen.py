@@ -7,7 +7,8 @@ runs it through the kernels on seeded random inputs at awkward sizes, and compar
 with the oracle within the op's tolerance (runtime/tolerances.py, the one table).
 
 What a program holds: a DAG of 3-15 statements over every built-in (pointwise math, arithmetic
-with literals, scalar parameters and sizes used as values, comparisons and ``where``, casts
+with literals, scalar parameters and sizes used as values, comparisons and ``where``, the logical
+operators ``& | ~`` and masks from ``arange`` positions (with ``//``), casts
 among f32/f16/bf16/i32/bool), reductions over random axes with and without keepdim, softmax
 and log_softmax, cumsum, matmuls with transposes and broadcast batch axes, views (reshape,
 permute, transpose, ``.T``, ``None``), slices with steps, integer indexing, concat, row gathers
@@ -227,6 +228,8 @@ class Gen:
         return v
 
     def param(self, dtype, shape, lo=-1.0, hi=1.0, kind="tensor") -> Val:
+        # a parameter's shape is symbols and integers (size arithmetic there is not in the language yet)
+        need(shape is None or all(not (isinstance(d, str) and "*" in d) for d in shape))
         name = self.fresh("p")
         self.params.append((name, dtype, tuple(shape) if shape is not None else None, kind))
         v = Val(name, dtype, tuple(shape) if shape is not None else (), lo, hi, True)
@@ -472,9 +475,49 @@ def op_cast(g: Gen):
                    f"_trunc({x.name} * 4.0)", (x,))
         return
     need(x.mag <= MAG[to])
-    # f32 -> narrow rounds (the oracle keeps float64: the tolerance absorbs it); narrow -> f32 is exact
-    exact = x.exact and (to == "f32" or (x.dtype, to) == ("bf16", "bf16"))
-    g.emit(to, x.shape, x.lo, x.hi, exact, f"cast({x.name}, {to})", x.name, (x,))
+    # to a narrow float the oracle rounds as the cast does (round to nearest even, as torch):
+    # a mean of rounded values that cancels is then the same program on both sides
+    oracle = x.name if to == "f32" else f"{x.name}.to({TORCH[to]}).to(torch.float64)"    # str: torch.bfloat16
+    g.emit(to, x.shape, x.lo, x.hi, x.exact, f"cast({x.name}, {to})", oracle, (x,))
+
+
+def op_logic(g: Gen):
+    """Logical operators on bools (exact values only, so no rounding flips them), written
+    without parentheses around comparisons (& and | bind more loosely), and masks built from
+    positions: arange along a value's last axis, compared directly or after a floor division."""
+    r = g.r
+    kind = r.choice(("and", "or", "not", "cmp", "pos", "pos"))
+    if kind == "pos":
+        x = g.pick(lambda v: v.rank >= 1 and (isinstance(v.shape[-1], int) or v.shape[-1] in SIZES))
+        need(x is not None)
+        d = x.shape[-1]
+        k, cmp = r.choice((0, 1, 2, 5)), r.choice(("<", "<=", ">", ">=", "==", "!="))
+        if r.random() < 0.5:
+            c = r.choice((2, 3))
+            spec = f"arange({d}) // {c} {cmp} {k}"
+            oracle = f"(torch.div(torch.arange({d}), {c}, rounding_mode='floor') {cmp} {k})"
+        else:
+            spec, oracle = f"arange({d}) {cmp} {k}", f"(torch.arange({d}) {cmp} {k})"
+        g.emit("bool", (d,), 0, 1, True, spec, oracle, ())
+        return
+    if kind == "cmp":
+        c = g.pick(lambda v: v.exact and v.dtype in FLOATS + ("i32",))
+        b = g.pick(lambda v: v.dtype == "bool" and c is not None and bcast(v.shape, c.shape) is not None)
+        need(c is not None and b is not None)
+        thr = lit(0.25) if c.is_float else "1"
+        op = r.choice(("&", "|"))
+        g.emit("bool", bcast(c.shape, b.shape), 0, 1, True, f"{c.name} > {thr} {op} {b.name}",
+               f"(({c.name} > {thr}) {op} {b.name})", (c, b))
+        return
+    a = g.pick(lambda v: v.dtype == "bool")
+    need(a is not None)
+    if kind == "not":
+        g.emit("bool", a.shape, 0, 1, True, f"~{a.name}", f"(~{a.name})", (a,))
+        return
+    b = g.pick(lambda v: v.dtype == "bool" and bcast(v.shape, a.shape) is not None)
+    need(b is not None)
+    op = "&" if kind == "and" else "|"
+    g.emit("bool", bcast(a.shape, b.shape), 0, 1, True, f"{a.name} {op} {b.name}", f"({a.name} {op} {b.name})", (a, b))
 
 
 def op_int_arith(g: Gen):
@@ -795,7 +838,7 @@ def op_squash(g: Gen):
 
 OPS_W = [(op_unary, 14), (op_binary, 16), (op_where, 5), (op_cast, 6), (op_int_arith, 2), (op_reduce, 9),
          (op_softmax, 4), (op_cumsum, 2), (op_matmul, 6), (op_view, 10), (op_concat, 2), (op_gather, 1),
-         (op_topk, 2), (op_helper, 3), (op_squash, 4)]
+         (op_topk, 2), (op_helper, 3), (op_squash, 4), (op_logic, 4)]
 OPS = [f for f, _ in OPS_W]
 
 

@@ -259,3 +259,25 @@ def test_auto_layout_of_a_bf16_weight_is_measured_and_within_tolerance():
     x = randn(5, 64, seed=10)
     ref = run_graph(mod.f.graph, {"x": x, **layer.unpacked()}, {"M": 5, "K": 64, "N": 24}, check=True)[0]
     assert_close(layer(x), ref, tolerance_for(mod.f.graph, layouts=layer.layouts), "bf16 @auto")
+
+
+@triton.jit
+def _compare_cast_kernel(x_ptr, f_ptr, b_ptr, i_ptr, N: tl.constexpr):
+    r = tl.arange(0, N)
+    m = tl.load(x_ptr + r) != 0
+    tl.store(f_ptr + r, m.to(tl.float32))
+    tl.store(b_ptr + r, m.to(tl.bfloat16))
+    tl.store(i_ptr + r, m.to(tl.int32))
+
+
+def test_a_comparison_of_bf16_values_casts_as_the_bools_it_holds():
+    """A comparison's handle keeps its bf16 operands' dtype over bool data: casting it (to f32,
+    bf16 or an integer) casts the bools (the campaign's seeds 7574 and 7760 crashed here)."""
+    n = 64
+    x = randn(n, seed=6)
+    x[::3] = 0
+    f, b, i = (torch.empty(n, dtype=d, device=DEV) for d in (torch.float32, BF16, torch.int32))
+    _compare_cast_kernel[(1,)](x.to(DEV), f, b, i, n)
+    want = x != 0
+    assert torch.equal(f.cpu(), want.float()) and torch.equal(b.cpu(), want.to(BF16))
+    assert torch.equal(i.cpu(), want.int())
