@@ -27,7 +27,7 @@ from .fusion import FusedGraph, Group
 from .lower_eval import Ctx, Evaluator, address, unflatten
 from .lower_matmul import operand_ctx
 from .lower_row import kernel_name, prod, store
-from .mask_range import KeyRange, TileOps, key_range_of, split_points
+from .mask_range import TileOps, key_range_of
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -124,13 +124,7 @@ class Flash:
         return b, pid_m, pid_b, batch_idx, rows, row_ok, ev_cols
 
     def positions(self, b: TileBuilder, pid_m):
-        """The first and last query position of this program's rows (scalars), once a kernel."""
-        if getattr(self, "_positions", (None,))[0] is b:
-            return self._positions[1]
-        self._positions = (b, self._first_last(b, pid_m))
-        return self._positions[1]
-
-    def _first_last(self, b: TileBuilder, pid_m):
+        """The first and last query position of this program's rows (scalars)."""
         BM = TExpr("arg", ("BLOCK_M",), DType.i32, ())
         first = b.mul(pid_m, BM)
         last = b.sub(b.minimum(b.add(first, BM), b.size(self.rows)), 1)
@@ -139,95 +133,62 @@ class Flash:
             first, last = b.floordiv(first, R), b.floordiv(last, R)
         return b.let(first, "i_first"), b.let(last, "i_last")
 
-    def key_bounds(self, b: TileBuilder, ev: Evaluator, pid_m, batch_idx):
-        """(first key, end of the keys) this program's rows can see: the causal diagonal, or the
-        range a mask made of positions (or of per-batch lengths) allows; (None, T) otherwise."""
-        sT = b.size(self.T)
-        BN = TExpr("arg", ("BLOCK_N",), DType.i32, ())
-        if self.causal:
-            b.comment("causal: keys past the diagonal of this row block are never loaded")
-            _, i_last = self.positions(b, pid_m)
-            last = b.add(i_last, 1)
-            if self.T != self.S:    # + T - S, as two sizes (T - S may be negative)
-                last = b.sub(b.add(last, sT), b.size(self.S))
-            return None, b.let(b.maximum(b.minimum(last, sT), 0), "hi")
-        if self.range is None:
-            return None, sT
-        b.comment("the mask's positions bound the keys this row block can see: tiles outside are never loaded")
-        i_first, i_last = self.positions(b, pid_m)
-        lo, hi = self.range.bounds(TileOps(b, self.fg.names, self.reader(ev, batch_idx)), i_first, i_last, sT)
-        return b.let(b.mul(b.floordiv(lo, BN), BN), "lo"), b.let(hi, "hi")
-
-    def reader(self, ev: Evaluator, batch_idx):
-        """Reads a value per batch entry (a KV-cache length) at this program's batch indices."""
-        def read(v):
-            shape, nb = v.type.shape, max(v.type.rank - 2, 0)
-            idx = [None if shape[a] == 1 else batch_idx[len(self.batch) - nb + a] for a in range(nb)]
-            return ev(v, Ctx(tuple(idx + [None, None])[:v.type.rank], None))
-        return read
-
     def key_loop(self, b: TileBuilder, ev: Evaluator, pid_m, batch_idx, rows, row_ok, ev_cols, start, stop_of):
         """The online softmax over key blocks [start, stop); returns (m_i, l_i, acc)."""
-        q = self.q
-        sE = b.size(self.E)
+        q, k, v = self.q, self.k, self.v
+        sT, sE, sEv = b.size(self.T), b.size(self.E), b.size(self.Ev)
+        BM = TExpr("arg", ("BLOCK_M",), DType.i32, ())
         BN = TExpr("arg", ("BLOCK_N",), DType.i32, ())
-        self.e_cols = e_cols = b.let(b.expand_dims(b.arange("BLOCK_E"), 0), "e")
-        self.e_rows = b.let(b.expand_dims(b.arange("BLOCK_E"), 1), "e_t")
+        e_cols = b.let(b.expand_dims(b.arange("BLOCK_E"), 0), "e")
+        e_rows = b.let(b.expand_dims(b.arange("BLOCK_E"), 1), "e_t")
         b.comment("the query tile stays in registers")
         q_ctx = operand_ctx(q, batch_idx, len(self.batch), (rows, e_cols))
         qt = b.let(b.cast(ev(q, Ctx(q_ctx.idx, b.and_(row_ok, b.lt(e_cols, sE)))), q.type.dtype), "q")
-        qk_scale = None
         if not self.mod:
             qk_scale = b.mul(ev(self.scale, Ctx((), None)) if self.scale is not None else 1.0, LOG2E)
             qk_scale = b.let(b.cast(qk_scale, self.acc), "qk_scale")
         m_i = b.declare(b.full(("BLOCK_M", 1), float("-inf"), self.acc), "m_i")
         l_i = b.declare(b.full(("BLOCK_M", 1), 0.0, self.acc), "l_i")
         acc = b.declare(b.full(("BLOCK_M", "BLOCK_EV"), 0.0, self.acc), "acc")
-        lo, hi = self.key_bounds(b, ev, pid_m, batch_idx)
-        if lo is not None:
+        if self.causal:
+            b.comment("causal: keys past the diagonal of this row block are never loaded")
+            _, i_last = self.positions(b, pid_m)
+            last = b.add(i_last, 1)
+            if self.T != self.S:    # + T - S, as two sizes (T - S may be negative)
+                last = b.sub(b.add(last, sT), b.size(self.S))
+            hi = b.let(b.maximum(b.minimum(last, sT), 0), "hi")
+        elif self.range is not None:
+            b.comment("the mask's positions bound the keys this row block can see: tiles outside are never loaded")
+            i_first, i_last = self.positions(b, pid_m)
+            def read(v):     # a value per batch entry (a KV-cache length), at this program's indices
+                shape, nb = v.type.shape, max(v.type.rank - 2, 0)
+                idx = [None if shape[a] == 1 else batch_idx[len(self.batch) - nb + a] for a in range(nb)]
+                return ev(v, Ctx(tuple(idx + [None, None])[:v.type.rank], None))
+            lo, hi = self.range.bounds(TileOps(b, self.fg.names, read), i_first, i_last, sT)
+            lo = b.let(b.mul(b.floordiv(lo, BN), BN), "lo")
+            hi = b.let(hi, "hi")
             start = lo if isinstance(start, int) and start == 0 else b.let(b.maximum(start, lo), "kv_lo")
+        else:
+            hi = sT
         stop = stop_of(hi)
-        state = (m_i, l_i, acc)
-        split = self.unmasked_split(b, ev, pid_m, batch_idx, start, stop)
-        if split is None:
-            with b.loop("start_n", start, stop, BN) as s0:
-                self.key_block(b, ev, s0, state, batch_idx, rows, row_ok, ev_cols, qt, qk_scale, masked=True)
-        else:
-            a, c = split
-            b.comment("key tiles every row of the block keeps run without the mask")
-            for lo_, hi_, masked in ((start, a, True), (a, c, False), (c, stop, True)):
-                with b.loop("start_n", lo_, hi_, BN) as s0:
-                    self.key_block(b, ev, s0, state, batch_idx, rows, row_ok, ev_cols, qt, qk_scale, masked)
-        return m_i, l_i, acc
-
-    def key_block(self, b: TileBuilder, ev: Evaluator, s0, state, batch_idx, rows, row_ok, ev_cols, qt, qk_scale,
-                  masked: bool) -> None:
-        """One key tile of the online softmax, updating state = (m_i, l_i, acc) in place;
-        unmasked (a tile every row keeps, inside [0, T)), the masks are not evaluated."""
-        q, k, v = self.q, self.k, self.v
-        sT, sE, sEv = b.size(self.T), b.size(self.E), b.size(self.Ev)
-        m_i, l_i, acc = state
-        e_cols, e_rows = self.e_cols, self.e_rows
-        cols = b.let(b.expand_dims(b.add(s0, b.arange("BLOCK_N")), 0), "cols")
-        cols_t = b.let(b.expand_dims(b.add(s0, b.arange("BLOCK_N")), 1), "cols_t")
-        col_ok = b.lt(cols, sT) if masked else None       # an unmasked tile lies inside [0, T)
-        k_ctx = operand_ctx(k, batch_idx, len(self.batch), (cols, e_rows))
-        kt = ev(k, Ctx(k_ctx.idx, _and(b, b.lt(e_rows, sE), col_ok)))
-        raw = b.dot(qt, b.cast(kt, k.type.dtype), b.full(("BLOCK_M", "BLOCK_N"), 0.0, self.acc))
-        keep = _and(b, row_ok, col_ok)
-        if self.mod:
-            b.comment("the spec's scores, evaluated on this tile (in log2 units for exp2)"
-                      if masked else "the spec's scores before its masks (every row keeps this tile)")
-            s_ctx = operand_ctx(self.s, batch_idx, len(self.batch), (rows, cols))
-            s_ctx = Ctx(s_ctx.idx, keep)
-            ev.bind(self.mm.out, s_ctx, b.let(raw, "qk_raw"))
-            if self.mm.out in self.group.outputs:    # saved for the backward
-                store(ev, self.fg.buffer(self.group, self.mm.out), self.mm.out, s_ctx)
-            scores = self.s if masked else self.range.unmasked
-            qk = b.let(b.mul(b.cast(ev(scores, s_ctx), self.acc), LOG2E), "qk")
-        else:
-            qk = b.let(b.mul(raw, qk_scale), "qk")
-        if masked:
+        with b.loop("start_n", start, stop, BN) as s0:
+            cols = b.let(b.expand_dims(b.add(s0, b.arange("BLOCK_N")), 0), "cols")
+            cols_t = b.let(b.expand_dims(b.add(s0, b.arange("BLOCK_N")), 1), "cols_t")
+            col_ok = b.lt(cols, sT)
+            k_ctx = operand_ctx(k, batch_idx, len(self.batch), (cols, e_rows))
+            kt = ev(k, Ctx(k_ctx.idx, b.and_(b.lt(e_rows, sE), col_ok)))
+            raw = b.dot(qt, b.cast(kt, k.type.dtype), b.full(("BLOCK_M", "BLOCK_N"), 0.0, self.acc))
+            keep = b.and_(row_ok, col_ok)
+            if self.mod:
+                b.comment("the spec's scores, evaluated on this tile (in log2 units for exp2)")
+                s_ctx = operand_ctx(self.s, batch_idx, len(self.batch), (rows, cols))
+                s_ctx = Ctx(s_ctx.idx, keep)
+                ev.bind(self.mm.out, s_ctx, b.let(raw, "qk_raw"))
+                if self.mm.out in self.group.outputs:    # saved for the backward
+                    store(ev, self.fg.buffer(self.group, self.mm.out), self.mm.out, s_ctx)
+                qk = b.let(b.mul(b.cast(ev(self.s, s_ctx), self.acc), LOG2E), "qk")
+            else:
+                qk = b.let(b.mul(raw, qk_scale), "qk")
             if self.causal:
                 if self.T == self.S:
                     keep = b.and_(keep, b.binop("le", cols, rows))
@@ -237,31 +198,17 @@ class Flash:
                 m_ctx = operand_ctx(self.mask, batch_idx, len(self.batch), (rows, cols))
                 keep = b.and_(keep, b.binop("ne", ev(self.mask, Ctx(m_ctx.idx, b.and_(row_ok, col_ok))), 0))
             qk = b.let(b.where(keep, qk, float("-inf")), "qk_masked")
-        b.comment("online softmax: new running max, rescale what came before")
-        m_new = b.let(b.maximum(m_i, b.reduce(qk, 1, "max")), "m_new")
-        m_safe = b.let(b.where(b.binop("eq", m_new, float("-inf")), 0.0, m_new), "m_safe")
-        p = b.let(b.unary("exp2", b.sub(qk, m_safe)), "p")
-        alpha = b.let(b.unary("exp2", b.sub(m_i, m_safe)), "alpha")
-        b.assign(l_i, b.add(b.mul(l_i, alpha), b.reduce(p, 1, "sum")))
-        v_ctx = operand_ctx(v, batch_idx, len(self.batch), (cols_t, ev_cols))
-        vt = ev(v, Ctx(v_ctx.idx, _and(b, b.lt(cols_t, sT) if masked else None, b.lt(ev_cols, sEv))))
-        b.assign(acc, b.dot(b.cast(p, v.type.dtype), b.cast(vt, v.type.dtype), b.mul(acc, alpha)))
-        b.assign(m_i, m_new)
-
-    def unmasked_split(self, b: TileBuilder, ev: Evaluator, pid_m, batch_idx, start, stop):
-        """(a, c): the loop [start, stop) splits into masked [start, a), unmasked [a, c) and
-        masked [c, stop), or None where no tile is known to be fully kept."""
-        BN = TExpr("arg", ("BLOCK_N",), DType.i32, ())
-        i_first, i_last = self.positions(b, pid_m)
-        if self.causal and self.T == self.S:
-            kr = KeyRange(None, ("add", ("ihi",), ("int", 1)), True, None, ("add", ("ilo",), ("int", 1)))
-        elif self.mod and self.range is not None and self.range.full:
-            kr = self.range
-        else:
-            return None
-        a, c = split_points(TileOps(b, self.fg.names, self.reader(ev, batch_idx)), kr, i_first, i_last,
-                            b.size(self.T), start, stop, BN)
-        return b.let(a, "full_lo"), b.let(c, "full_hi")
+            b.comment("online softmax: new running max, rescale what came before")
+            m_new = b.let(b.maximum(m_i, b.reduce(qk, 1, "max")), "m_new")
+            m_safe = b.let(b.where(b.binop("eq", m_new, float("-inf")), 0.0, m_new), "m_safe")
+            p = b.let(b.unary("exp2", b.sub(qk, m_safe)), "p")
+            alpha = b.let(b.unary("exp2", b.sub(m_i, m_safe)), "alpha")
+            b.assign(l_i, b.add(b.mul(l_i, alpha), b.reduce(p, 1, "sum")))
+            v_ctx = operand_ctx(v, batch_idx, len(self.batch), (cols_t, ev_cols))
+            vt = ev(v, Ctx(v_ctx.idx, b.and_(b.lt(cols_t, sT), b.lt(ev_cols, sEv))))
+            b.assign(acc, b.dot(b.cast(p, v.type.dtype), b.cast(vt, v.type.dtype), b.mul(acc, alpha)))
+            b.assign(m_i, m_new)
+        return m_i, l_i, acc
 
     def store_out(self, b: TileBuilder, ev: Evaluator, batch_idx, rows, row_ok, ev_cols, acc, m, l) -> None:
         """The output acc / l; and the log-sum-exp of each row's scores (in natural units:
@@ -292,10 +239,6 @@ class Flash:
                 + (", scores from the spec" if self.mod else "")
                 + (f", {self.R} query heads per key/value head share each tile" if self.fold is not None else "")
                 + (f", keys bounded by {self.range.text}" if self.range is not None else ""))
-
-
-def _and(b: TileBuilder, x, y):
-    return x if y is None else y if x is None else b.and_(x, y)
 
 
 def _presets():

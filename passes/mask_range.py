@@ -231,57 +231,6 @@ class _Reader:
         return (_scale(dlo, C), _scale(_add(dhi, ("int", 1)), C))    # eq
 
 
-    def inner(self, c: Value):
-        """(lo, hi) bounds on the keys that c keeps for *every* row of the block (either may be
-        None: unbounded), or None when nothing is known to be kept (no tile runs unmasked)."""
-        n = self.producer.get(c)
-        if n is None:
-            return None
-        if n.op == "logical_and":
-            a, b = (self.inner(x) for x in n.inputs)
-            if a is None or b is None:
-                return None
-            return (_pick("max", a[0], b[0]), _pick("min", a[1], b[1]))
-        if n.op == "logical_or":     # a subset of the union: one side, or their hull where it is exact
-            a, b = (self.inner(x) for x in n.inputs)
-            if a is None or b is None:
-                return a or b
-            if a[0] is None and b[0] is None:
-                return (None, None if a[1] is None or b[1] is None else ("max", a[1], b[1]))
-            if a[1] is None and b[1] is None:
-                return (None if a[0] is None or b[0] is None else ("min", a[0], b[0]), None)
-            return a
-        if n.op == "causal":     # j <= i + T - S for the block's first row
-            S, T = n.attrs["S"], n.attrs["T"]
-            if S == T:
-                return (None, ("add", ("ilo",), ("int", 1)))
-            return (None, ("add", ("ilo",), ("sub", ("size", T), ("sub", ("size", S), ("int", 1)))))
-        if n.op in ("reshape", "expand") and self.producer.get(n.inputs[0]) is not None \
-                and self.producer[n.inputs[0]].op == "causal":
-            return self.inner(n.inputs[0])
-        if n.op not in FLIP:
-            return None
-        a, b = (self.lin_or_scalar(x) for x in n.inputs)
-        if a is None or b is None or (a.cj and b.cj and a.C != b.C):
-            return None
-        cj, C = a.cj - b.cj, a.C if a.cj else b.C
-        if cj not in (1, -1):
-            return None
-        op, dlo, dhi = n.op, _sub(b.lo, a.hi), _sub(b.hi, a.lo)
-        if cj == -1:
-            op, dlo, dhi = FLIP[op], _neg(dhi), _neg(dlo)
-        # the worst row: the smallest d for upper bounds, the largest for lower ones
-        if op == "le":
-            return (None, _scale(_add(dlo, ("int", 1)), C))
-        if op == "lt":
-            return (None, _scale(dlo, C))
-        if op == "ge":
-            return (_scale(dhi, C), None)
-        if op == "gt":
-            return (_scale(_add(dhi, ("int", 1)), C), None)
-        return (_scale(dhi, C), _scale(_add(dlo, ("int", 1)), C))    # eq: empty unless dlo == dhi
-
-
 def _pick(op, a, b):
     if a is None:
         return b
@@ -318,24 +267,8 @@ def _text(t: Tree) -> str:
 
 @dataclass(frozen=True)
 class KeyRange:
-    """The keys [lo, hi) some row of a block may see (None: unbounded) and, where every mask is
-    read, the keys [full_lo, full_hi) every row keeps (``full``): tiles inside run unmasked,
-    computing ``unmasked`` (the scores before the masks)."""
     lo: Tree | None
     hi: Tree | None
-    full: bool = False
-    full_lo: Tree | None = None
-    full_hi: Tree | None = None
-    unmasked: Value | None = None
-
-    def full_bounds(self, ops, i_first, i_last, T):
-        """(lo, hi) of the keys every query position in [i_first, i_last] keeps, in [0, T]."""
-        env = {"ilo": i_first, "ihi": i_last}
-        lo = _eval(self.full_lo, ops, env, "hi") if self.full_lo else 0      # unknown: +inf (nothing kept)
-        hi = _eval(self.full_hi, ops, env, "lo") if self.full_hi else T      # unknown: -inf
-        if lo is None or hi is None:
-            return 0, 0
-        return ops.maximum(lo, 0), ops.minimum(hi, T)
 
     @property
     def text(self) -> str:
@@ -400,15 +333,7 @@ def key_range_of(s: Value, producer: dict) -> KeyRange | None:
         r = reader.cond(c)
         if r is not None:
             lo, hi = _pick("max", lo, r[0]), _pick("min", hi, r[1])
-    if lo is None and hi is None:
-        return None
-    inner = [reader.inner(c) for c in conds]
-    if not conds or any(r is None for r in inner):
-        return KeyRange(lo, hi)
-    flo = fhi = None
-    for r in inner:
-        flo, fhi = _pick("max", flo, r[0]), _pick("min", fhi, r[1])
-    return KeyRange(lo, hi, True, flo, fhi, x)
+    return None if lo is None and hi is None else KeyRange(lo, hi)
 
 
 class IntOps:
@@ -477,34 +402,18 @@ class TileOps:
 
 
 def tile_count(kr: KeyRange | None, S: int, T: int, block_m: int, block_n: int, bindings: dict,
-               scalars: dict | None = None, unmasked: bool = False):
-    """(tiles computed, tiles in the full S x T grid) at these block sizes; with ``unmasked``
-    also the number of computed tiles that run without the mask, as the kernel splits them."""
+               scalars: dict | None = None) -> tuple[int, int]:
+    """(tiles computed, tiles in the full S x T grid) at these block sizes."""
     ops = IntOps(bindings, scalars)
     total = math.ceil(S / block_m) * math.ceil(T / block_n)
-    done = full = 0
     if kr is None:
-        done = total
-    for i0 in range(0, S, block_m) if kr is not None else ():
-        i1 = min(i0 + block_m, S) - 1
-        lo, hi = kr.bounds(ops, i0, i1, T)
+        return total, total
+    done = 0
+    for i0 in range(0, S, block_m):
+        lo, hi = kr.bounds(ops, i0, min(i0 + block_m, S) - 1, T)
         lo = lo // block_n * block_n
         done += max(0, math.ceil((hi - lo) / block_n)) if hi > lo else 0
-        if kr.full:
-            a, c = split_points(ops, kr, i0, i1, T, lo, hi, block_n)
-            full += max(0, (c - a) // block_n)
-    return (done, total, full) if unmasked else (done, total)
-
-
-def split_points(ops, kr: KeyRange, i_first, i_last, T, start, stop, block_n):
-    """The loop [start, stop) in three: masked [start, a), unmasked [a, c), masked [c, stop),
-    with a and c multiples of block_n (or start / stop) and [a, c) inside the kept keys."""
-    flo, fhi = kr.full_bounds(ops, i_first, i_last, T)
-    up = ops.mul(ops.floordiv(ops.add(flo, block_n - 1) if isinstance(block_n, int) else ops.sub(ops.add(flo, block_n), 1), block_n), block_n)
-    down = ops.mul(ops.floordiv(fhi, block_n), block_n)
-    a = ops.minimum(ops.maximum(up, start), stop)
-    c = ops.maximum(ops.minimum(down, stop), a)
-    return a, c
+    return done, total
 
 
 def attention_text(fg, sizes: dict | None, block_m: int = 128, block_n: int = 64) -> str | None:
@@ -532,8 +441,6 @@ def attention_text(fg, sizes: dict | None, block_m: int = 128, block_n: int = 64
             if node.attrs["mask"] == "causal":
                 cS, cT = node.attrs["causal"]
                 kr = KeyRange(None, ("add", ("ihi",), ("sub", ("size", cT), ("sub", ("size", cS), ("int", 1)))))
-                if cS == cT:     # the kernel runs the tiles below the diagonal unmasked
-                    kr = KeyRange(None, ("add", ("ihi",), ("int", 1)), True, None, ("add", ("ilo",), ("int", 1)))
         lines.append(f"{grp.name}: {what}")
         if kr is None:
             lines.append("  keys: all (no mask made of positions bounds them); masked lanes are computed")
@@ -542,16 +449,12 @@ def attention_text(fg, sizes: dict | None, block_m: int = 128, block_n: int = 64
         if not sizes or not all(str(x) in sizes for x in fg.graph.symbols):
             lines.append("  (pass explain(sizes={...}) to count the tiles computed)")
             continue
-        if kr.full:
-            lines.append(f"  keys every row of the block keeps: [{_text(kr.full_lo) if kr.full_lo else '0'}, "
-                         f"{_text(kr.full_hi) if kr.full_hi else 'T'}) (those tiles run without the mask)")
         try:
             Sv, Tv = evaluate(S, sizes), evaluate(T, sizes)
-            done, total, full = tile_count(kr, Sv, Tv, block_m, block_n, sizes, sizes, unmasked=True)
+            done, total = tile_count(kr, Sv, Tv, block_m, block_n, sizes, sizes)
         except KeyError as e:
             lines.append(f"  tiles computed depend on {e.args[0]} (a scalar can be passed in sizes to count them)")
             continue
         lines.append(f"  tiles computed at S={Sv}, T={Tv}, BLOCK_M={block_m}, BLOCK_N={block_n}: "
-                     f"{done} of {total} ({100 * done / max(total, 1):.1f}%) per batch entry and head, "
-                     f"{full} of them without the mask")
+                     f"{done} of {total} ({100 * done / max(total, 1):.1f}%) per batch entry and head")
     return "\n".join(lines) if lines else None

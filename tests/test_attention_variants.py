@@ -183,7 +183,7 @@ def test_decode_over_a_kv_cache_with_lengths_on_the_split_kv_path(dtype):
     assert any("splitkv" in n for n in names), names     # the flash-decoding alternative exists
     # the lengths bound the key loop: tiles past lens[b] are never loaded
     src = op.stage_text("triton")
-    assert "hi = tl.minimum(lens_tile, " in src and "in range(full_hi, hi, BLOCK_N):" in src
+    assert "hi = tl.minimum(lens_tile, " in src and "for start_n in range(lo, hi, BLOCK_N):" in src
     text = op.explain(sizes={"B": 1, "H": 1, "T": 1000, "E": 16})
     assert "[0, lens)" in text and "depend on the values of lens" in text
 
@@ -224,17 +224,6 @@ def analytic_window_tiles(S: int, W: int, BM: int, BN: int) -> int:
     return n
 
 
-def analytic_window_full_tiles(S: int, W: int, BM: int, BN: int) -> int:
-    """Key tiles (aligned to BN, inside [0, S)) that every row of the block keeps."""
-    n = 0
-    for i0 in range(0, S, BM):
-        i1 = min(i0 + BM, S) - 1
-        lo, hi = max(i1 - W + 1, 0), min(i0 + 1, S)     # kept by the last row and by the first
-        lo_up, hi_down = -(-lo // BN) * BN, hi // BN * BN
-        n += max(0, (hi_down - lo_up) // BN)
-    return n
-
-
 @pytest.mark.parametrize("BM, BN", [(128, 64), (64, 64), (16, 16)])
 def test_a_sliding_window_of_64_over_1024_computes_the_analytic_tile_count(BM, BN):
     op = compiled(WINDOW, "win").win
@@ -247,10 +236,6 @@ def test_a_sliding_window_of_64_over_1024_computes_the_analytic_tile_count(BM, B
     assert done < total / 4          # e.g. 23 of 128 at 128 x 64, not S x S / tile^2
     text = op.explain(sizes={"S": 1024, "E": 16})
     assert "== attention ==" in text and "tiles computed at S=1024, T=1024, BLOCK_M=128, BLOCK_N=64: 23 of 128" in text
-    done, total, full = tile_count(kr, 1024, 1024, BM, BN, {"S": 1024}, unmasked=True)
-    assert full == analytic_window_full_tiles(1024, 64, BM, BN) and full <= done
-    if BM < 64:         # a block shorter than the window has tiles every row keeps
-        assert full > 0
 
 
 def test_the_kernel_loops_over_the_bounded_range_and_stays_right_at_long_sizes():
@@ -258,11 +243,8 @@ def test_the_kernel_loops_over_the_bounded_range_and_stays_right_at_long_sizes()
     the result at S = 400 (several windows) through the interpreter is SDPA's."""
     op = compiled(WINDOW, "win").win
     src = op.stage_text("triton")
-    assert "for start_n in range(lo, full_lo, BLOCK_N):" in src          # masked, at the window's start
-    assert "for start_n_1 in range(full_lo, full_hi, BLOCK_N):" in src   # every row keeps these
-    assert "for start_n_2 in range(full_hi, hi, BLOCK_N):" in src        # masked, at the diagonal
-    unmasked = src.split("def win_k0_flash_attention_mod(")[1].split("for start_n_1")[1].split("for start_n_2")[0]
-    assert "logical_and" not in unmasked and "qk_masked" not in unmasked and "cols_1 < S" not in unmasked
+    assert "for start_n in range(lo, hi, BLOCK_N):" in src
+    assert "lo = " in src and "hi = " in src
     S, E = 400, 16
     q, k, v = rand(S, E), rand(S, E, seed=1), rand(S, E, seed=2)
     i, j = positions(S, S)
