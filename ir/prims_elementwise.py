@@ -429,7 +429,7 @@ def _floordiv_ref(ctx, inputs, attrs, out_types, in_types):
     return torch.div(a, b, rounding_mode="floor")
 
 
-def _t_floordiv(b, x, y):
+def floor_div(b, x, y):
     """Python's (and torch's) floor division of integers: Triton's // truncates toward zero,
     so a quotient with a nonzero remainder of the other sign than the divisor steps down."""
     q = b.floordiv(x, y)
@@ -442,7 +442,7 @@ def _t_floordiv(b, x, y):
 
 
 primitive("floordiv", Kind.POINTWISE, AB, internal=True, doc="floor division of integers (written //), as torch",
-          tile=lambda b, args, attrs: _t_floordiv(b, *args), vjp=V.no_grad("integer division has no gradient"))(
+          tile=lambda b, args, attrs: floor_div(b, *args), vjp=V.no_grad("integer division has no gradient"))(
     infer=_floordiv_infer, reference=_floordiv_ref)
 
 

@@ -37,12 +37,20 @@ def _single_use(v: Value, users, outputs) -> Node | None:
     return us[0]
 
 
-def match(p_node: Node, producer, users, outputs):
-    """From the softmax node: the matched pieces, or None."""
+def _softmax_matmul(p_node: Node, users, outputs) -> Node | None:
+    """The matmul ``softmax(s, axis=-1) @ v`` of a softmax node, its probabilities used there only."""
     if p_node.op != "softmax" or p_node.attrs["axis"] != p_node.out.type.rank - 1:
         return None
     o_node = _single_use(p_node.out, users, outputs)
     if o_node is None or o_node.op != "matmul" or o_node.inputs[0] is not p_node.out:
+        return None
+    return o_node
+
+
+def match(p_node: Node, producer, users, outputs):
+    """From the softmax node: the matched pieces, or None."""
+    o_node = _softmax_matmul(p_node, users, outputs)
+    if o_node is None:
         return None
     scale = mask = None
     causal = None
@@ -75,12 +83,10 @@ def match(p_node: Node, producer, users, outputs):
             return None
         dead.append(n)
     qk = producer[x]
-    q, kt = qk.inputs
-    tn = producer.get(kt)
-    r = kt.type.rank
-    if tn is None or tn.op != "transpose" or (tn.attrs["a"], tn.attrs["b"]) != (r - 2, r - 1) or r < 2 \
-            or q.type.rank < 2:
+    if not is_score_matmul(qk, producer):
         return None
+    q, kt = qk.inputs
+    tn = producer[kt]
     if causal is not None:
         S, T = q.type.shape[-2], kt.type.shape[-1]
         if causal != (S, T):
@@ -150,10 +156,8 @@ def _ancestors(n: Node, producer) -> set[Node]:
 
 def match_general(p_node: Node, nodes, producer, users, outputs):
     """softmax(s) @ v with s any pointwise function of q @ k.T: the pieces, or None."""
-    if p_node.op != "softmax" or p_node.attrs["axis"] != p_node.out.type.rank - 1 or p_node.out.type.rank < 2:
-        return None
-    o_node = _single_use(p_node.out, users, outputs)
-    if o_node is None or o_node.op != "matmul" or o_node.inputs[0] is not p_node.out:
+    o_node = _softmax_matmul(p_node, users, outputs)
+    if o_node is None or p_node.out.type.rank < 2:
         return None
     s = p_node.inputs[0]
     if _single_use(s, users, outputs) is None or o_node.inputs[1].type.rank < 2:
@@ -163,19 +167,24 @@ def match_general(p_node: Node, nodes, producer, users, outputs):
     return dict(s=s, v=o_node.inputs[1], out=o_node, softmax=p_node)
 
 
-def _simple_mask(m) -> bool:
+def _simple_mask(m, producer) -> bool:
     """A mask the simple form reads as it is: none, causal(S, T), or a stored tensor (a
     parameter or a view of one); a mask computed from positions goes to the general form."""
-    return m["mask"] is None or m["causal"] is not None or _is_stored(m["mask"], m["producer"])
+    return m["mask"] is None or m["causal"] is not None or _is_stored(m["mask"], producer)
 
 
 def _is_stored(v: Value, producer) -> bool:
     n = producer.get(v)
     while n is not None:
-        if n.op not in ("reshape", "expand", "slice", "permute", "transpose"):
+        if n.op not in VIEWS:
             return False
         n = producer.get(n.inputs[0])
     return True
+
+
+def _lse(out: Value) -> Value:
+    """The log-sum-exp result beside attention's output: one per query row, in the accumulator."""
+    return Value(TensorType(accumulator(out.type.dtype), tuple(out.type.shape[:-1])), "lse")
 
 
 def rewrite_flash_attention(g: Graph, ctx: PassContext | None = None) -> Graph:
@@ -183,15 +192,12 @@ def rewrite_flash_attention(g: Graph, ctx: PassContext | None = None) -> Graph:
     replace: dict[Node, Node] = {}      # the final matmul -> the fused node
     for n in g.nodes:
         m = match(n, producer, users, outputs)
-        if m is not None:
-            m["producer"] = producer
-        if m is None or not _simple_mask(m):
+        if m is None or not _simple_mask(m, producer):
             gm = match_general(n, g.nodes, producer, users, outputs)
             if gm is None:
                 continue
             out = gm["out"].out
-            lse = Value(TensorType(accumulator(out.type.dtype), tuple(out.type.shape[:-1])), "lse")
-            replace[gm["out"]] = Node("flash_attention_mod", (gm["s"], gm["v"]), Attrs({}), (out, lse),
+            replace[gm["out"]] = Node("flash_attention_mod", (gm["s"], gm["v"]), Attrs({}), (out, _lse(out)),
                                       gm["out"].span)
             continue
         inputs = [m["q"], m["k"], m["v"]]
@@ -206,8 +212,7 @@ def rewrite_flash_attention(g: Graph, ctx: PassContext | None = None) -> Graph:
             attrs["mask"] = "tensor"
             inputs.append(m["mask"])
         out = m["out"].out
-        lse = Value(TensorType(accumulator(out.type.dtype), tuple(out.type.shape[:-1])), "lse")
-        replace[m["out"]] = Node("flash_attention", tuple(inputs), Attrs(attrs), (out, lse), m["out"].span)
+        replace[m["out"]] = Node("flash_attention", tuple(inputs), Attrs(attrs), (out, _lse(out)), m["out"].span)
     if not replace:
         return g
     nodes = [replace.get(n, n) for n in g.nodes]

@@ -47,9 +47,10 @@ class Flash:
         self.causal = False
         if self.mod:     # the scores' matmul and the cone computing s from it are in the group
             (mm,) = (m for m in group.nodes if m.op == "matmul")
+            producer = fg.graph.producers()
             self.mm, self.s = mm, n.inputs[0]
-            self.q, self.k, self.v = mm.inputs[0], fg.graph.producers()[mm.inputs[1]].inputs[0], n.inputs[1]
-            self.range = key_range_of(self.s, fg.graph.producers())
+            self.q, self.k, self.v = mm.inputs[0], producer[mm.inputs[1]].inputs[0], n.inputs[1]
+            self.range = key_range_of(self.s, producer)
         else:
             self.q, self.k, self.v = n.inputs[:3]
             rest = list(n.inputs[3:])

@@ -22,8 +22,9 @@ import math
 from dataclasses import dataclass
 
 from ..ir.dims import evaluate
+from ..ir.prims_elementwise import floor_div
 from ..ir.graph import Node, Value
-from ..ir.types import DType, TensorType
+from ..ir.types import TensorType
 
 # a bound: ("ilo",) ("ihi",) ("int", c) ("size", dim) ("scalar", value) ("add", a, b) ("sub", a, b)
 # ("neg", a) ("mul", a, k) ("fdiv", a, C) ("min", a, b) ("max", a, b)
@@ -198,11 +199,8 @@ class _Reader:
                 return None
             return (None if a[0] is None or b[0] is None else ("min", a[0], b[0]),
                     None if a[1] is None or b[1] is None else ("max", a[1], b[1]))
-        if n.op == "causal":     # j <= i + T - S
-            S, T = n.attrs["S"], n.attrs["T"]
-            if S == T:
-                return (None, ("add", ("ihi",), ("int", 1)))
-            return (None, ("add", ("ihi",), ("sub", ("size", T), ("sub", ("size", S), ("int", 1)))))
+        if n.op == "causal":
+            return (None, causal_hi(n.attrs["S"], n.attrs["T"]))
         if n.op in ("reshape", "expand") and self.producer.get(n.inputs[0]) is not None \
                 and self.producer[n.inputs[0]].op == "causal":
             return self.cond(n.inputs[0])
@@ -229,6 +227,13 @@ class _Reader:
         if op == "gt":
             return (_scale(_add(dlo, ("int", 1)), C), None)
         return (_scale(dlo, C), _scale(_add(dhi, ("int", 1)), C))    # eq
+
+
+def causal_hi(S, T) -> Tree:
+    """The end of the keys causal(S, T) lets the block's last row see: j <= i + T - S."""
+    if S == T:
+        return ("add", ("ihi",), ("int", 1))
+    return ("add", ("ihi",), ("sub", ("size", T), ("sub", ("size", S), ("int", 1))))
 
 
 def _pick(op, a, b):
@@ -382,9 +387,8 @@ class TileOps:
         return self.b.mul(a, k)
 
     def floordiv(self, a, k):
-        """Floor division by a positive literal (Triton's // truncates)."""
-        b = self.b
-        return b.sub(b.floordiv(a, k), b.cast(b.binop("lt", b.mod(a, k), 0), DType.i32))
+        """Floor division by a positive literal, as the language's // (Triton's truncates)."""
+        return floor_div(self.b, self.b.lift(a), self.b.const(k))
 
     def minimum(self, a, c):
         return self.b.minimum(a, c)
@@ -440,7 +444,7 @@ def attention_text(fg, sizes: dict | None, block_m: int = 128, block_n: int = 64
             kr = None
             if node.attrs["mask"] == "causal":
                 cS, cT = node.attrs["causal"]
-                kr = KeyRange(None, ("add", ("ihi",), ("sub", ("size", cT), ("sub", ("size", cS), ("int", 1)))))
+                kr = KeyRange(None, causal_hi(cS, cT))
         lines.append(f"{grp.name}: {what}")
         if kr is None:
             lines.append("  keys: all (no mask made of positions bounds them); masked lanes are computed")
