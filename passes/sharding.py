@@ -84,7 +84,10 @@ class SymbolRule:
     def kind(self) -> str:
         if not self.shardable:
             return "whole"
-        if any(o is PARTIAL for o in self.outputs):
+        partial = any(o is PARTIAL for o in self.outputs)
+        if partial and any(isinstance(o, Shard) for o in self.outputs):
+            return "mixed"
+        if partial:
             return "partial"
         if any(isinstance(o, Shard) for o in self.outputs):
             return "shard"
@@ -110,6 +113,7 @@ class ShardingRule:
             ins = ", ".join(f"{n} {p}" for n, p in zip(self.params, r.inputs) if p is not None)
             outs = ", ".join(str(o) for o in r.outputs)
             says = {"shard": "survives", "partial": "contracted: partial sums",
+                    "mixed": "survives in some results, partial sums in others",
                     "replicate": "results do not depend on it"}[r.kind]
             lines.append(f"{r.symbol}: {says}: {ins} -> {outs}")
         return "\n".join(lines)
@@ -414,21 +418,65 @@ def _concat(n, ins, s):
 
 
 def _take(n, ins, s):
+    """take(x, idx, axis) (take_along_dim): idx matches x on every axis but ``axis``."""
     x, idx = ins
-    r = _rank(n.inputs[0])
-    axis = n.attrs["axis"] % r
-    ri = _rank(n.inputs[1])
+    axis = n.attrs["axis"] % _rank(n.inputs[0])
     if idx is PARTIAL:
         return Whole(f"{_where(n)} indexes with a partial sum")
     if x is PARTIAL:
         return PARTIAL if idx is REP else Whole(f"{_where(n)} of a partial sum with split indices")
-    if isinstance(x, Shard) and isinstance(idx, Shard):
-        return Whole(f"{_where(n)} with both table and indices split")
-    if isinstance(x, Shard):
-        if x.axis == axis:
-            return Whole(f"{_where(n)} indexes along {s}")
-        return Shard(x.axis if x.axis < axis else x.axis - 1 + ri)
-    return Shard(axis + idx.axis)
+    if isinstance(x, Shard) and x.axis == axis:
+        return Whole(f"{_where(n)} indexes along {s}")
+    if isinstance(x, Shard) and isinstance(idx, Shard) and x.axis == idx.axis:
+        return Shard(x.axis)           # rows split alike: each rank takes from its own
+    if x is REP and isinstance(idx, Shard) and idx.axis == axis:
+        return Shard(axis)             # the entries taken are split
+    return Whole(f"{_where(n)} splits its table and indices differently along {s}")
+
+
+def _scatter_along(n, ins, s):
+    """scatter_along(src, idx) (take's gradient): adds src[..., j, ...] at idx[..., j, ...]."""
+    src, idx = ins
+    axis = n.attrs["axis"] % _rank(n.inputs[0])
+    if idx is PARTIAL or _mentions(n.attrs["size"], s):
+        return Whole(f"{_where(n)} scatters along {s}")
+    if src is PARTIAL:
+        return PARTIAL if idx is REP else Whole(f"{_where(n)} of a partial sum with split indices")
+    if isinstance(src, Shard) and isinstance(idx, Shard) and src.axis == idx.axis:
+        return PARTIAL if src.axis == axis else Shard(src.axis)
+    return Whole(f"{_where(n)} splits its values and indices differently along {s}")
+
+
+def _gather_rows(n, ins, s):
+    """gather_rows(table, ids) (``table[ids]``): out[t..., :] = table[ids[t...], :]."""
+    table, ids = ins
+    ri = _rank(n.inputs[1])
+    if ids is PARTIAL:
+        return Whole(f"{_where(n)} indexes with a partial sum")
+    if table is PARTIAL:
+        return PARTIAL if ids is REP else Whole(f"{_where(n)} of a partial sum with split indices")
+    if isinstance(table, Shard) and table.axis == 0:
+        return Whole(f"{_where(n)} picks rows of a table split along {s}")
+    if isinstance(table, Shard) and ids is REP:
+        return Shard(ri + table.axis - 1)
+    if table is REP and isinstance(ids, Shard):
+        return Shard(ids.axis)
+    return Whole(f"{_where(n)} splits its table and indices along {s}")
+
+
+def _scatter_rows(n, ins, s):
+    """scatter_rows(src, ids) (``table[ids]``'s gradient): out[ids[t...]] += src[t..., :]."""
+    src, ids = ins
+    ri = _rank(n.inputs[1])
+    if ids is PARTIAL or _mentions(n.attrs["rows"], s):
+        return Whole(f"{_where(n)} scatters rows along {s}")
+    if src is PARTIAL:
+        return PARTIAL if ids is REP else Whole(f"{_where(n)} of a partial sum with split indices")
+    if isinstance(src, Shard) and isinstance(ids, Shard) and src.axis == ids.axis:
+        return PARTIAL                 # each rank adds its own tokens' rows
+    if isinstance(src, Shard) and ids is REP and src.axis >= ri:
+        return Shard(src.axis - ri + 1)
+    return Whole(f"{_where(n)} splits its values and indices differently along {s}")
 
 
 def _attention(n, ins, s):
@@ -487,8 +535,9 @@ RULES = {
     "cumsum": _cumsum, "topk": _topk,
     "reshape": _reshape, "transpose": _transpose, "permute": _permute, "expand": _expand,
     "slice": _slice, "unslice": _slice, "concat": _concat, "take": _take, "fill": _fill,
+    "scatter_along": _scatter_along, "gather_rows": _gather_rows, "scatter_rows": _scatter_rows,
     "flash_attention": _attention, "flash_attention_bwd": _attention, "flash_attention_mod": _attention_mod,
 }
 KIND_RULES = {"pointwise": _pointwise, "source": _source}
 # primitives whose attributes may mention the symbol (their rule reads them)
-MENTION_OK = {"reshape", "expand", "fill", "slice", "unslice"}
+MENTION_OK = {"reshape", "expand", "fill", "slice", "unslice", "scatter_along", "scatter_rows"}

@@ -24,11 +24,25 @@ def index_ranges(g: Graph) -> dict[Value, object]:
     """Parameter value -> the size its entries must stay below."""
     out: dict[Value, object] = {}
     params = {p.value for p in g.params}
+    producer = {v: n for n in g.nodes for v in n.outputs}
+
+    def param(v: Value):            # the parameter an index tensor views, if it is one
+        while v not in params:
+            n = producer.get(v)
+            if n is None or n.op not in VIEW_OPS | {"expand"}:
+                return None
+            v = n.inputs[0]
+        return v
+
     for n in g.nodes:
         if n.op == "gather_rows" and n.inputs[1] in params:
             out[n.inputs[1]] = n.inputs[0].type.shape[0]
         if n.op == "expert_matmul" and n.inputs[2] in params:
             out[n.inputs[2]] = n.inputs[1].type.shape[0]
+        if n.op in ("take", "scatter_along", "scatter_rows") and param(n.inputs[1]) is not None:
+            size = {"take": lambda: n.inputs[0].type.shape[n.attrs["axis"]],
+                    "scatter_along": lambda: n.attrs["size"], "scatter_rows": lambda: n.attrs["rows"]}[n.op]()
+            out[param(n.inputs[1])] = size
     return out
 
 

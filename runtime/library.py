@@ -29,6 +29,7 @@ import torch
 
 from ..ir.graph import Graph
 from ..ir.types import TensorType
+from . import sharding
 
 _IMPLS: dict[str, object] = {}        # "ns::name" -> the CompiledOp behind it
 _SCHEMAS: dict[str, tuple[str, str]] = {}   # "ns::name" -> (schema, registration)
@@ -153,7 +154,9 @@ def register(namespace: str, g: Graph, compiled, mode: str) -> Callable:
     torch.library.register_fake(qual, fake)
     _IMPLS[qual] = compiled
     _SCHEMAS[qual] = (schema, mode)
-    return getattr(getattr(torch.ops, namespace), g.name)
+    packet = getattr(getattr(torch.ops, namespace), g.name)
+    sharding.note(qual, packet)      # its DTensor sharding rule (now, or when DTensor loads)
+    return packet
 
 
 def register_composite(namespace: str, g: Graph, compiled) -> Callable:

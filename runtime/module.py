@@ -31,7 +31,7 @@ from .binding import CallError, bind_args, bind_sizes, check_index_args, index_c
 from .cache import KernelCache
 from .device import describe, interpreting, kernel_device
 from .executor import PlanRunner
-from . import env
+from . import env, sharding
 from .library import register, register_composite, registration_mode
 from .records import MISSING, call_function, call_key, plain_tensors
 
@@ -150,6 +150,8 @@ class CompiledOp:
         else:
             values = bind_args(self.graph, args, kwargs)
             full = [values[p.name] for p in self.graph.params]
+            if any(map(sharding.is_dtensor, full)):
+                sharding.register()      # DTensor loaded after the op was compiled
         if self._infer is not self._overload and (kind == PLAIN or not self.gradients.wanted(full)):
             return self._infer(*full)      # no gradient wanted: the plain forward, one dispatch
         return self._overload(*full)
