@@ -36,10 +36,22 @@ from ..ir.types import TensorType
 # -- states ------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Shard:
+    """Split along ``axis``. Inside the op a split axis may also be merged with whole ones by a
+    reshape (``within``: the merged sizes and the split one's place among them: [B, S, D] split
+    along S, reshaped to [B * S, D], is axis 0 within ((B, S), 1)): rows of it are then split,
+    not a contiguous range, which row-wise work, a sum over it or a reshape back may meet, but
+    a result may not."""
     axis: int
+    within: tuple | None = None
 
     def __str__(self):
-        return f"Shard({self.axis})"
+        if self.within is None:
+            return f"Shard({self.axis})"
+        dims, i = self.within
+        return f"Shard({self.axis}, {dims[i]} within {'*'.join(map(str, dims))})"
+
+    def at(self, axis: int) -> "Shard":
+        return Shard(axis, self.within)
 
 
 @dataclass(frozen=True)
@@ -149,7 +161,7 @@ def symbol_rule(g: Graph, s: str) -> SymbolRule:
     results = []
     for i, v in enumerate(g.outputs):
         st = env[v]
-        if isinstance(st, Shard) and v.type.shape[st.axis] != _sym(s):
+        if isinstance(st, Shard) and (st.within is not None or v.type.shape[st.axis] != _sym(s)):
             st = Whole(f"result {i} is split along a merged axis {v.type.shape[st.axis]}")
         if isinstance(st, Whole):
             return SymbolRule(s, why=st.why)
@@ -218,6 +230,9 @@ def _pointwise(n, ins, s):
             return PARTIAL
         return Whole(f"{_where(n)} is not linear in a partial sum over {s}")
     axis = None
+    withins = {x.within for x in ins if isinstance(x, Shard)}
+    if len(withins) > 1:
+        return Whole(f"{_where(n)} aligns {s} with another axis")
     for v, x in zip(n.inputs, ins):
         if isinstance(x, Shard):
             a = x.axis + R - _rank(v)
@@ -227,7 +242,7 @@ def _pointwise(n, ins, s):
     for v, x in zip(n.inputs, ins):     # a whole operand must broadcast along the split axis
         if x is REP and _rank(v) > R - axis - 1 and v.type.shape[axis - R + _rank(v)] != 1:
             return Whole(f"{_where(n)} meets a whole operand along {s}")
-    return Shard(axis)
+    return Shard(axis, withins.pop())
 
 
 def _reduced(n, rank):
@@ -252,7 +267,7 @@ def _reduction(n, ins, s):
             return PARTIAL
         return Whole(f"{_where(n)} reduces over {s}" + (" (divides by its size)" if n.op == "mean" else ""))
     keep = n.attrs.get("keepdim", False)
-    return Shard(x.axis if keep else x.axis - sum(1 for a in red if a < x.axis))
+    return x.at(x.axis if keep else x.axis - sum(1 for a in red if a < x.axis))
 
 
 def _cumsum(n, ins, s):
@@ -303,6 +318,9 @@ def _matmul(n, ins, s):
         return Whole(f"{_where(n)} multiplies a partial sum over {s} by a split value")
     maps = _matmul_axes(n)
     targets = [m[x.axis] for m, x in zip(maps, ins) if isinstance(x, Shard)]
+    if len({x.within for x in ins if isinstance(x, Shard)}) > 1:
+        return Whole(f"{_where(n)} meets {s} split two ways")
+    within = next(x.within for x in ins if isinstance(x, Shard))
     if "k" in targets:
         if targets == ["k", "k"]:
             return PARTIAL
@@ -313,7 +331,7 @@ def _matmul(n, ins, s):
     for v, m, x in zip(n.inputs, maps, ins):   # a whole operand's batch axis there must be 1
         if x is REP and any(o == axis and v.type.shape[i] != 1 for i, o in m.items()):
             return Whole(f"{_where(n)} meets a whole operand along {s}")
-    return Shard(axis)
+    return Shard(axis, within)
 
 
 def _prod(dims):
@@ -333,13 +351,28 @@ def _reshape(n, ins, s):
     dst = tuple(n.outputs[0].type.shape)
     a = x.axis
     before = _prod(src[:a])
-    for j in range(len(dst)):
-        if _prod(dst[:j]) != before:
-            continue
+    starts = [j for j in range(len(dst)) if _prod(dst[:j]) == before]
+    if x.within is not None:        # a merged axis: kept, or split back into its sizes
+        dims, i = x.within
+        for j in starts:
+            if dst[j] == src[a]:
+                return x.at(j)
+            if tuple(dst[j:j + len(dims)]) == dims:
+                return Shard(j + i)
+        return Whole(f"{_where(n)} moves {s} inside another axis")
+    for j in starts:
         # the split axis stays the leading part of output axis j: kept, merged with the axes
         # after it, or split with s (or the whole axis) first
         if dst[j] == src[a] or dst[j] == _sym(s) or any(dst[j] == _prod(src[a:a + m]) for m in range(2, len(src) - a + 1)):
             return Shard(j)
+    for k in range(a):              # merged after whole axes: [B, S, D] -> [B * S, D] with S split
+        for m in range(a + 1, len(src) + 1):
+            if m - k < 2:
+                continue
+            merged = _prod(src[k:m])
+            for j in range(len(dst)):
+                if _prod(dst[:j]) == _prod(src[:k]) and dst[j] == merged:
+                    return Shard(j, (tuple(src[k:m]), a - k))
     return Whole(f"{_where(n)} moves {s} inside another axis")
 
 
@@ -349,7 +382,7 @@ def _transpose(n, ins, s):
         return PARTIAL
     r = _rank(n.inputs[0])
     a, b = n.attrs["a"] % r, n.attrs["b"] % r
-    return Shard(b if x.axis == a else a if x.axis == b else x.axis)
+    return x.at(b if x.axis == a else a if x.axis == b else x.axis)
 
 
 def _permute(n, ins, s):
@@ -357,7 +390,7 @@ def _permute(n, ins, s):
     if x is PARTIAL:
         return PARTIAL
     perm = [p % _rank(n.inputs[0]) for p in n.attrs["perm"]]
-    return Shard(perm.index(x.axis))
+    return x.at(perm.index(x.axis))
 
 
 def _expand(n, ins, s):
@@ -367,7 +400,7 @@ def _expand(n, ins, s):
     if x is PARTIAL:
         return PARTIAL
     if isinstance(x, Shard):
-        return Shard(x.axis + R - _rank(n.inputs[0]))
+        return x.at(x.axis + R - _rank(n.inputs[0]))
     hits = [i for i, d in enumerate(shape) if d == _sym(s)]   # constant along the new axis
     if len(hits) == 1 and not any(_mentions(d, s) for i, d in enumerate(shape) if i != hits[0]):
         return Shard(hits[0])
@@ -408,13 +441,13 @@ def _concat(n, ins, s):
         return PARTIAL
     if any(x is PARTIAL for x in ins):
         return Whole(f"{_where(n)} joins a partial sum with other values")
-    axes = {x.axis for x in ins if isinstance(x, Shard)}
-    if any(x is REP for x in ins) or len(axes) != 1:
+    states = set(ins)
+    if any(x is REP for x in ins) or len(states) != 1:
         return Whole(f"{_where(n)} joins split and whole values")
-    (axis,) = axes
-    if axis == n.attrs["axis"] % _rank(n.outputs[0]):
+    (x,) = states
+    if x.axis == n.attrs["axis"] % _rank(n.outputs[0]):
         return Whole(f"{_where(n)} joins along {s}")
-    return Shard(axis)
+    return x
 
 
 def _take(n, ins, s):
@@ -427,10 +460,10 @@ def _take(n, ins, s):
         return PARTIAL if idx is REP else Whole(f"{_where(n)} of a partial sum with split indices")
     if isinstance(x, Shard) and x.axis == axis:
         return Whole(f"{_where(n)} indexes along {s}")
-    if isinstance(x, Shard) and isinstance(idx, Shard) and x.axis == idx.axis:
-        return Shard(x.axis)           # rows split alike: each rank takes from its own
+    if isinstance(x, Shard) and x == idx:
+        return x                       # rows split alike: each rank takes from its own
     if x is REP and isinstance(idx, Shard) and idx.axis == axis:
-        return Shard(axis)             # the entries taken are split
+        return idx                     # the entries taken are split
     return Whole(f"{_where(n)} splits its table and indices differently along {s}")
 
 
@@ -442,8 +475,8 @@ def _scatter_along(n, ins, s):
         return Whole(f"{_where(n)} scatters along {s}")
     if src is PARTIAL:
         return PARTIAL if idx is REP else Whole(f"{_where(n)} of a partial sum with split indices")
-    if isinstance(src, Shard) and isinstance(idx, Shard) and src.axis == idx.axis:
-        return PARTIAL if src.axis == axis else Shard(src.axis)
+    if isinstance(src, Shard) and src == idx:
+        return PARTIAL if src.axis == axis else src
     return Whole(f"{_where(n)} splits its values and indices differently along {s}")
 
 
@@ -458,9 +491,9 @@ def _gather_rows(n, ins, s):
     if isinstance(table, Shard) and table.axis == 0:
         return Whole(f"{_where(n)} picks rows of a table split along {s}")
     if isinstance(table, Shard) and ids is REP:
-        return Shard(ri + table.axis - 1)
+        return table.at(ri + table.axis - 1)
     if table is REP and isinstance(ids, Shard):
-        return Shard(ids.axis)
+        return ids
     return Whole(f"{_where(n)} splits its table and indices along {s}")
 
 
@@ -472,10 +505,10 @@ def _scatter_rows(n, ins, s):
         return Whole(f"{_where(n)} scatters rows along {s}")
     if src is PARTIAL:
         return PARTIAL if ids is REP else Whole(f"{_where(n)} of a partial sum with split indices")
-    if isinstance(src, Shard) and isinstance(ids, Shard) and src.axis == ids.axis:
+    if isinstance(src, Shard) and src == ids:
         return PARTIAL                 # each rank adds its own tokens' rows
     if isinstance(src, Shard) and ids is REP and src.axis >= ri:
-        return Shard(src.axis - ri + 1)
+        return src.at(src.axis - ri + 1)
     return Whole(f"{_where(n)} splits its values and indices differently along {s}")
 
 
@@ -486,8 +519,8 @@ def _attention(n, ins, s):
     over the queries). Masks broadcast against the scores [..., S, T]; lse and delta are [..., S]."""
     bwd = n.op == "flash_attention_bwd"
     R = _rank(n.inputs[0])
-    if any(x is PARTIAL for x in ins):
-        return Whole(f"{_where(n)} of a partial sum")
+    if any(x is PARTIAL or isinstance(x, Shard) and x.within is not None for x in ins):
+        return Whole(f"{_where(n)} of a partial sum or a merged axis")
 
     def mapped(i, val, x):      # the operand's split axis in q's coordinates
         return x.axis if bwd and i in (3, 4) else x.axis + R - _rank(val)
@@ -509,8 +542,8 @@ def _attention_mod(n, ins, s):
     """flash_attention_mod(scores, v): rows of scores independent; keys contracted."""
     sc, v = ins
     R = _rank(n.inputs[0])
-    if PARTIAL in ins:
-        return Whole(f"{_where(n)} of a partial sum")
+    if any(x is PARTIAL or isinstance(x, Shard) and x.within is not None for x in ins):
+        return Whole(f"{_where(n)} of a partial sum or a merged axis")
     if isinstance(sc, Shard) and sc.axis == R - 1 or isinstance(v, Shard) and v.axis == R - 2:
         return Whole(f"{_where(n)} attends along {s}")
     axes = {x.axis + R - _rank(val) for val, x in zip(n.inputs, ins) if isinstance(x, Shard)}

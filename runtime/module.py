@@ -302,9 +302,24 @@ class CompiledOp:
         if attn is not None:
             parts.append(f"== attention ==\n{attn}")
         parts.append(f"== gradient ==\n{self.gradient_text(sizes if sizes is not None else self.default_sizes)}")
+        parts.append(f"== sharding (DTensor) ==\n{self.sharding_text()}")
         if target is not None:
             parts.append(self.resources_text(target, sizes or self.default_sizes))
         return Explanation("\n\n".join(parts)).written_to(file)
+
+    def sharding_text(self) -> str:
+        """What splitting each size symbol across ranks does (passes/sharding.py), for this op
+        and for its backward with respect to every differentiable input."""
+        lines = [sharding.rule_of(self).text()]
+        grads = self.gradients
+        if grads.differentiable:
+            try:
+                var = grads.variant((True,) * len(grads.params))
+            except CallError:
+                return lines[0]
+            lines.append("backward:")
+            lines += ["  " + x for x in sharding.rule_of(var.backward).text().splitlines()]
+        return "\n".join(lines)
 
     def gradient_text(self, sizes: dict | None = None) -> str:
         """The backward with respect to every differentiable input: what the forward saves for
