@@ -150,7 +150,7 @@ class CompiledOp:
         else:
             values = bind_args(self.graph, args, kwargs)
             full = [values[p.name] for p in self.graph.params]
-            if any(map(sharding.is_dtensor, full)):
+            if sharding.pending() and any(map(sharding.is_dtensor, full)):
                 sharding.register()      # DTensor loaded after the op was compiled
         if self._infer is not self._overload and (kind == PLAIN or not self.gradients.wanted(full)):
             return self._infer(*full)      # no gradient wanted: the plain forward, one dispatch

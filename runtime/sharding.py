@@ -13,12 +13,14 @@ needs no strategy of its own.
 
 Registration is lazy: importing torch.distributed.tensor costs about a second, which a
 process that never shards should not pay. An op is registered at once when
-``torch.distributed.tensor`` is already imported, else when a call through the op's Python
-object (``mod.op(...)``) first sees a DTensor, or by ``opforge.distributed.register()`` (which
-importing ``opforge.distributed`` runs), for code that calls ``torch.ops.ns.op`` itself.
+``torch.distributed.tensor`` is already imported, else right after it is (an import hook on
+``sys.meta_path``); ``opforge.distributed.register()`` (run by importing ``opforge.distributed``)
+and the first call of ``mod.op(...)`` with a DTensor do the same, should the hook not have run.
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.util
 import sys
 import threading
 
@@ -31,10 +33,47 @@ _MODULE = "torch.distributed.tensor"
 
 
 def note(qual: str, packet) -> None:
-    """runtime/library.py registered ``qual``: give DTensor its rule now if DTensor is loaded."""
+    """runtime/library.py registered ``qual``: give DTensor its rule now if DTensor is loaded,
+    else when it is (an import hook)."""
     _NOTED[qual] = packet
     if _MODULE in sys.modules:
         register()
+    else:
+        _install_hook()
+
+
+def pending() -> bool:
+    """Are there ops without a registered rule? (cheap: torch.compile traces through it)"""
+    return len(_DONE) < len(_NOTED)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Registers the noted ops' rules right after torch.distributed.tensor is imported, so ops
+    compiled before it work with DTensors everywhere (torch.compile included)."""
+
+    def find_spec(self, name, path, target=None):
+        if name != _MODULE:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            register()
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+_HOOK: list = []
+
+
+def _install_hook() -> None:
+    if not _HOOK:
+        _HOOK.append(_AfterImport())
+        sys.meta_path.insert(0, _HOOK[0])
 
 
 def register() -> int:

@@ -1,0 +1,303 @@
+"""The cases of tests/test_distributed.py, run in each rank of a gloo process group.
+
+``run(rank, world, workdir)`` is the spawned entry point: it joins the group (a file store in
+``workdir``), runs every case of ``CASES[world]`` and writes, per rank, a JSON record per case:
+the placements DTensor reports, what the case expects, and each compared value's error against
+the same computation in this one process without DTensor (plain tensors, the same ops). The
+parent (pytest) asserts on the records, so a failing case names itself and the rest still run.
+benchmarks/dist_nccl.sh runs the same cases on GPUs with NCCL (OPFORGE_DIST_BACKEND=nccl).
+"""
+from __future__ import annotations
+
+import json
+import os
+import traceback
+from pathlib import Path
+
+import torch
+
+LINEAR = """
+op linear(x: f32[M, K], w: f32[N, K]) -> f32[M, N] { return x @ w.T }
+"""
+
+
+def _close(a, b) -> dict:
+    """``a`` against ``b`` with the f32 tolerance of runtime/tolerances.py."""
+    from opforge.ir.types import DType
+    from opforge.runtime.tolerances import TOLERANCES, compare
+    from torch.distributed.tensor import DTensor
+    if isinstance(a, DTensor):
+        a = a.full_tensor()
+    c = compare(a.detach(), b.detach(), TOLERANCES[DType.f32])
+    return {"ok": c.ok, "message": c.message}
+
+
+def _placements(t) -> list[str]:
+    return [str(p) for p in t.placements]
+
+
+class Ctx:
+    def __init__(self, rank, world, mesh_shape):
+        from torch.distributed.device_mesh import init_device_mesh
+        import opforge
+        self.rank, self.world = rank, world
+        dev = "cuda" if os.environ.get("OPFORGE_DIST_BACKEND") == "nccl" else "cpu"
+        self.device = dev
+        if dev == "cuda":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        names = ("dp", "tp")[: len(mesh_shape)]
+        self.mesh = init_device_mesh(dev, mesh_shape, mesh_dim_names=names)
+        self.llama = opforge.compile(_example("llama.opf"), dtype="f32", namespace="dist_llama")
+        self.lin = opforge.compile(LINEAR, namespace="dist_linear")
+
+    def rand(self, *shape, scale=1.0):
+        # the same values on every rank (seeded by the case), as distribute_tensor expects
+        return (torch.randn(*shape, generator=self.gen) * scale).to(self.device)
+
+
+def _example(name):
+    import opforge
+    return str(Path(opforge.__file__).resolve().parent / "examples" / name)
+
+
+# -- the cases: each returns {check name: record}; records with "ok" are asserted ------------------
+def dp_rms_norm(c: Ctx):
+    """Data parallel: x split over the batch; the weight's gradient is a partial sum."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    x, w, g = c.rand(5, 3, 16), c.rand(16), c.rand(5, 3, 16)
+    dx = distribute_tensor(x, c.mesh, [Shard(0)]).requires_grad_()
+    dw = distribute_tensor(w, c.mesh, [Replicate()]).requires_grad_()
+    y = c.llama.rms_norm(dx, dw)
+    (y * distribute_tensor(g, c.mesh, [Shard(0)])).sum().backward()
+    x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y1 = c.llama.rms_norm(x1, w1)
+    (y1 * g).sum().backward()
+    return {"y": {**_close(y, y1), "placements": _placements(y)},
+            "dx": {**_close(dx.grad, x1.grad), "placements": _placements(dx.grad)},
+            "dw": {**_close(dw.grad, w1.grad), "placements": _placements(dw.grad)}}
+
+
+def sp_rms_norm(c: Ctx):
+    """Sequence parallel: rms_norm on x split along the sequence, forward and backward."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    x, w, g = c.rand(2, 7, 16), c.rand(16), c.rand(2, 7, 16)
+    dx = distribute_tensor(x, c.mesh, [Shard(1)]).requires_grad_()
+    dw = distribute_tensor(w, c.mesh, [Replicate()]).requires_grad_()
+    y = c.llama.rms_norm(dx, dw)
+    (y * distribute_tensor(g, c.mesh, [Shard(1)])).sum().backward()
+    x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    (c.llama.rms_norm(x1, w1) * g).sum().backward()
+    return {"y": {**_close(y, c.llama.rms_norm(x, w)), "placements": _placements(y)},
+            "dx": {**_close(dx.grad, x1.grad), "placements": _placements(dx.grad)},
+            "dw": {**_close(dw.grad, w1.grad), "placements": _placements(dw.grad)}}
+
+
+def whole_axis_redistributes(c: Ctx):
+    """rms_norm needs the whole D: x split along D is gathered first, the result replicated."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    x, w = c.rand(2, 3, 16), c.rand(16)
+    y = c.llama.rms_norm(distribute_tensor(x, c.mesh, [Shard(2)]), distribute_tensor(w, c.mesh, [Replicate()]))
+    return {"y": {**_close(y, c.llama.rms_norm(x, w)), "placements": _placements(y)}}
+
+
+def tp_column_linear(c: Ctx):
+    """Column parallel: the weight split by output rows; the result split along N."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    x, w, g = c.rand(6, 32), c.rand(12, 32, scale=0.2), c.rand(6, 12)
+    dx = distribute_tensor(x, c.mesh, [Replicate()]).requires_grad_()
+    dw = distribute_tensor(w, c.mesh, [Shard(0)]).requires_grad_()
+    y = c.lin.linear(dx, dw)
+    (y * distribute_tensor(g, c.mesh, [Shard(1)])).sum().backward()
+    x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    (c.lin.linear(x1, w1) * g).sum().backward()
+    return {"y": {**_close(y, c.lin.linear(x, w)), "placements": _placements(y)},
+            "dx": {**_close(dx.grad, x1.grad), "placements": _placements(dx.grad)},
+            "dw": {**_close(dw.grad, w1.grad), "placements": _placements(dw.grad)}}
+
+
+def tp_row_linear(c: Ctx):
+    """Row parallel: x and the weight split along K; the result is a partial sum."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    x, w, g = c.rand(6, 33), c.rand(12, 33, scale=0.2), c.rand(6, 12)
+    dx = distribute_tensor(x, c.mesh, [Shard(1)]).requires_grad_()
+    dw = distribute_tensor(w, c.mesh, [Shard(1)]).requires_grad_()
+    y = c.lin.linear(dx, dw)
+    placements = _placements(y)
+    (y * distribute_tensor(g, c.mesh, [Replicate()])).sum().backward()
+    x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    (c.lin.linear(x1, w1) * g).sum().backward()
+    return {"y": {**_close(y, c.lin.linear(x, w)), "placements": placements},
+            "dx": {**_close(dx.grad, x1.grad), "placements": _placements(dx.grad)},
+            "dw": {**_close(dw.grad, w1.grad), "placements": _placements(dw.grad)}}
+
+
+def tp_swiglu_mlp(c: Ctx):
+    """The Llama MLP in Megatron form: gate and up column-parallel, down row-parallel; one op."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    x, g = c.rand(2, 3, 16), c.rand(2, 3, 16)
+    wg, wu, wd = c.rand(24, 16, scale=0.25), c.rand(24, 16, scale=0.25), c.rand(16, 24, scale=0.2)
+    dx = distribute_tensor(x, c.mesh, [Replicate()]).requires_grad_()
+    dws = [distribute_tensor(w, c.mesh, [Shard(a)]).requires_grad_() for w, a in ((wg, 0), (wu, 0), (wd, 1))]
+    y = c.llama.swiglu_mlp(dx, *dws)
+    placements = _placements(y)
+    (y * distribute_tensor(g, c.mesh, [Replicate()])).sum().backward()
+    x1 = x.clone().requires_grad_()
+    ws1 = [w.clone().requires_grad_() for w in (wg, wu, wd)]
+    (c.llama.swiglu_mlp(x1, *ws1) * g).sum().backward()
+    out = {"y": {**_close(y, c.llama.swiglu_mlp(x, wg, wu, wd)), "placements": placements},
+           "dx": {**_close(dx.grad, x1.grad), "placements": _placements(dx.grad)}}
+    for name, d, w1 in zip(("dwg", "dwu", "dwd"), dws, ws1):
+        out[name] = {**_close(d.grad, w1.grad), "placements": _placements(d.grad)}
+    return out
+
+
+def tp_attention_heads(c: Ctx):
+    """Attention split over heads (tensor parallel attention): causal flash attention per rank."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+    q, k, v, g = (c.rand(1, 4, 9, 8) for _ in range(4))
+    dq, dk, dv = (distribute_tensor(t, c.mesh, [Shard(1)]).requires_grad_() for t in (q, k, v))
+    y = c.llama.attention(dq, dk, dv)
+    (y * distribute_tensor(g, c.mesh, [Shard(1)])).sum().backward()
+    q1, k1, v1 = (t.clone().requires_grad_() for t in (q, k, v))
+    (c.llama.attention(q1, k1, v1) * g).sum().backward()
+    out = {"y": {**_close(y, c.llama.attention(q, k, v)), "placements": _placements(y)}}
+    for name, d, t in (("dq", dq, q1), ("dk", dk, k1), ("dv", dv, v1)):
+        out[name] = {**_close(d.grad, t.grad), "placements": _placements(d.grad)}
+    return out
+
+
+def sequence_parallel_block(c: Ctx):
+    """Megatron sequence parallelism: norm on S-split activations, the MLP tensor parallel, its
+    partial sums reduce-scattered back to S-split; DTensor's redistributions in between."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    x, w = c.rand(2, 6, 16), c.rand(16)
+    wg, wu, wd = c.rand(24, 16, scale=0.25), c.rand(24, 16, scale=0.25), c.rand(16, 24, scale=0.2)
+    dx = distribute_tensor(x, c.mesh, [Shard(1)])
+    h = c.llama.rms_norm(dx, distribute_tensor(w, c.mesh, [Replicate()]))
+    h_placements = _placements(h)
+    h = h.redistribute(c.mesh, [Replicate()])
+    y = c.llama.swiglu_mlp(h, *(distribute_tensor(t, c.mesh, [Shard(a)]) for t, a in ((wg, 0), (wu, 0), (wd, 1))))
+    y_placements = _placements(y)
+    y = y.redistribute(c.mesh, [Shard(1)]) + dx
+    want = c.llama.swiglu_mlp(c.llama.rms_norm(x, w), wg, wu, wd) + x
+    return {"norm": {"ok": True, "placements": h_placements},
+            "mlp": {"ok": True, "placements": y_placements},
+            "y": {**_close(y, want), "placements": _placements(y)}}
+
+
+def fsdp2_training(c: Ctx):
+    """FSDP2: a norm + MLP module whose parameters feed opforge ops, fully_shard-ed, trained for
+    three SGD steps on each rank's share of the batch; against the same module in one process
+    on the whole batch."""
+    from torch.distributed.fsdp import fully_shard
+    llama = c.llama
+
+    class Block(torch.nn.Module):
+        def __init__(self, gen):
+            super().__init__()
+            r = lambda *s, k=1.0: torch.nn.Parameter(torch.randn(*s, generator=gen) * k)  # noqa: E731
+            self.norm = r(16)
+            self.wg, self.wu, self.wd = r(24, 16, k=0.25), r(24, 16, k=0.25), r(16, 24, k=0.2)
+
+        def forward(self, x):
+            return x + llama.swiglu_mlp(llama.rms_norm(x, self.norm), self.wg, self.wu, self.wd)
+
+    model = Block(torch.Generator().manual_seed(3)).to(c.device)
+    ref = Block(torch.Generator().manual_seed(3)).to(c.device)
+    fully_shard(model, mesh=c.mesh)
+    sharded = {n: _placements(p) for n, p in model.named_parameters()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt1 = torch.optim.SGD(ref.parameters(), lr=0.1)
+    data = c.rand(3, 2 * c.world, 5, 16)
+    losses = []
+    for step in range(3):
+        batch = data[step]
+        local = batch.chunk(c.world)[c.rank]
+        loss = (model(local) ** 2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        loss1 = (ref(batch) ** 2).mean()
+        loss1.backward()
+        opt1.step()
+        opt1.zero_grad()
+        losses.append((float(loss), float(loss1)))
+    out = {"placements": {"ok": True, "placements": sorted(set(sum(sharded.values(), [])))},
+           "losses": {"ok": True, "values": losses}}
+    for (n, p), p1 in zip(model.named_parameters(), ref.parameters()):
+        out[f"param {n}"] = {**_close(p, p1), "placements": _placements(p)}
+    return out
+
+
+def compiled_dtensor(c: Ctx):
+    """torch.compile(fullgraph=True) of a function taking DTensors through opforge ops."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    x, w = c.rand(4, 3, 16), c.rand(16)
+    wg, wu, wd = c.rand(24, 16, scale=0.25), c.rand(24, 16, scale=0.25), c.rand(16, 24, scale=0.2)
+    llama = c.llama
+
+    def f(x, w, wg, wu, wd):
+        return llama.swiglu_mlp(llama.rms_norm(x, w), wg, wu, wd)
+
+    torch._dynamo.reset()
+    fc = torch.compile(f, fullgraph=True, backend="aot_eager")
+    args = [distribute_tensor(x, c.mesh, [Shard(0)])] + \
+        [distribute_tensor(t, c.mesh, [Replicate()]) for t in (w, wg, wu, wd)]
+    y = fc(*args)
+    return {"y": {**_close(y, f(x, w, wg, wu, wd)), "placements": _placements(y)}}
+
+
+def mesh2d_dp_tp(c: Ctx):
+    """A 2 x 2 mesh: data parallel over "dp", the MLP tensor parallel over "tp"."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    x, g = c.rand(4, 3, 16), c.rand(4, 3, 16)
+    wg, wu, wd = c.rand(24, 16, scale=0.25), c.rand(24, 16, scale=0.25), c.rand(16, 24, scale=0.2)
+    dx = distribute_tensor(x, c.mesh, [Shard(0), Replicate()]).requires_grad_()
+    dws = [distribute_tensor(w, c.mesh, [Replicate(), Shard(a)]).requires_grad_() for w, a in ((wg, 0), (wu, 0), (wd, 1))]
+    y = c.llama.swiglu_mlp(dx, *dws)
+    placements = _placements(y)
+    (y * distribute_tensor(g, c.mesh, [Shard(0), Replicate()])).sum().backward()
+    x1 = x.clone().requires_grad_()
+    ws1 = [w.clone().requires_grad_() for w in (wg, wu, wd)]
+    (c.llama.swiglu_mlp(x1, *ws1) * g).sum().backward()
+    out = {"y": {**_close(y, c.llama.swiglu_mlp(x, wg, wu, wd)), "placements": placements},
+           "dx": {**_close(dx.grad, x1.grad), "placements": _placements(dx.grad)}}
+    for name, d, w1 in zip(("dwg", "dwu", "dwd"), dws, ws1):
+        out[name] = {**_close(d.grad, w1.grad), "placements": _placements(d.grad)}
+    return out
+
+
+def uneven_batch(c: Ctx):
+    """A batch of 3 over 4 ranks: DTensor gives one rank an empty shard."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    x, w = c.rand(3, 5, 16), c.rand(16)
+    y = c.llama.rms_norm(distribute_tensor(x, c.mesh, [Shard(0)]), distribute_tensor(w, c.mesh, [Replicate()]))
+    return {"y": {**_close(y, c.llama.rms_norm(x, w)), "placements": _placements(y)}}
+
+
+CASES = {
+    2: ((2,), [dp_rms_norm, sp_rms_norm, whole_axis_redistributes, tp_column_linear, tp_row_linear,
+               tp_swiglu_mlp, tp_attention_heads, sequence_parallel_block, fsdp2_training, compiled_dtensor]),
+    4: ((2, 2), [mesh2d_dp_tp]),
+    -4: ((4,), [uneven_batch, dp_rms_norm, fsdp2_training]),
+}
+
+
+def run(rank: int, key: int, workdir: str) -> None:
+    import torch.distributed as dist
+    mesh_shape, cases = CASES[key]
+    world = abs(key)
+    backend = os.environ.get("OPFORGE_DIST_BACKEND", "gloo")
+    dist.init_process_group(backend, init_method=f"file://{workdir}/store", rank=rank, world_size=world)
+    try:
+        c = Ctx(rank, world, mesh_shape)
+        records = {}
+        for i, case in enumerate(cases):
+            c.gen = torch.Generator().manual_seed(1000 + i)
+            try:
+                records[case.__name__] = case(c)
+            except Exception:
+                records[case.__name__] = {"error": {"ok": False, "message": traceback.format_exc()}}
+        Path(workdir, f"rank{rank}.json").write_text(json.dumps(records, indent=1))
+    finally:
+        dist.destroy_process_group()
