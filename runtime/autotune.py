@@ -198,9 +198,12 @@ def native_prune_enabled() -> bool:
 
 class Autotuner:
     def __init__(self, cache, *, timer: Callable | None = None, limits: Limits | None = None, progress: bool = True,
-                 prune: Callable | None = None):
+                 prune: Callable | None = None, share: Callable | None = None):
         """``prune(kernel, configs, args, entry) -> {config: why}``: configs to drop after
-        compiling them (NativePrune on a GPU; None skips the step)."""
+        compiling them (NativePrune on a GPU; None skips the step). ``share()``: the ranks tuning
+        is shared with (runtime/tune_share.py; by default the process group's, if any)."""
+        from .tune_share import current
+        self.share = share or current
         self.cache = cache
         self.timer = timer or _do_bench
         self.limits = limits or Limits.of_device()
@@ -217,18 +220,20 @@ class Autotuner:
         memo_key = (str(entry), key)
         if memo_key in self._memo:
             return self._memo[memo_key]
-        cfg = stored_config(k, self.cache.read_json(entry, TUNED).get(key))
+        tracing = _tracing(args)
+        share = None if tracing else self.share()      # no collectives while torch.compile traces
+        cfg = stored_config(k, self._stored(entry, key, share))
         if cfg is not None:
             self._memo[memo_key] = cfg
             return cfg
-        if _tracing(args):
+        if tracing:
             return heuristic_config(k, bindings, self.limits)
         cfg, report = self.tune(k, bindings, lambda c: _launcher(fn, grid_of(launch, bindings, c), args, c, reset),
-                                args=args, entry=entry)
+                                args=args, entry=entry, share=share)
         self.reports.append(report)
         if cfg is None:
             cfg = heuristic_config(k, bindings, self.limits)
-        else:
+        elif share is None or share.rank == 0:
             data = self.cache.read_json(entry, TUNED)
             data[key] = {"values": list(cfg.values), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
                          "ms": report.best_ms}
@@ -243,27 +248,40 @@ class Autotuner:
         memo_key = (str(entry), key)
         if memo_key in self._memo:
             return self._memo[memo_key]
-        index = stored_index(self.cache.read_json(entry, TUNED).get(key), len(launches))
+        share = self.share()
+        index = stored_index(self._stored(entry, key, share), len(launches))
         if index is not None:
             self._memo[memo_key] = index
             return index
         times = []
-        for i, lnch in enumerate(launches):
+        for i in share.mine(len(launches)) if share else range(len(launches)):
+            lnch = launches[i]
             try:
                 times.append((self.timer(make_run(lnch)), i))
             except Exception as e:   # an alternative that fails is skipped and reported
                 print(f"opforge autotune: skipped {' then '.join(k.name for k in lnch.kernels)}: "
                       f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", file=sys.stderr)
+        if share is not None:
+            times = [t for part in share.gather(times) for t in part]
         best = min(times)[1] if times else 0
-        data = self.cache.read_json(entry, TUNED)
-        data[key] = {"index": best, "kernels": [" then ".join(k.name for k in launches[best].kernels)],
-                     "ms": [t for t, _ in sorted(times, key=lambda x: x[1])]}
-        self.cache.write_json(entry, TUNED, data)
+        if share is None or share.rank == 0:
+            data = self.cache.read_json(entry, TUNED)
+            data[key] = {"index": best, "kernels": [" then ".join(k.name for k in launches[best].kernels)],
+                         "ms": [t for t, _ in sorted(times, key=lambda x: x[1])]}
+            self.cache.write_json(entry, TUNED, data)
         self._memo[memo_key] = best
         return best
 
+    def _stored(self, entry: Path, key: str, share):
+        """The persisted choice for ``key``: this process's, or rank 0's broadcast to all."""
+        if share is None:
+            return self.cache.read_json(entry, TUNED).get(key)
+        return share.broadcast(self.cache.read_json(entry, TUNED).get(key) if share.rank == 0 else None)
+
     def tune(self, k: TileKernel, bindings, make_run: Callable[[Config], Callable], args=None,
-             entry: Path | None = None) -> tuple[Config | None, TuneReport]:
+             entry: Path | None = None, share=None) -> tuple[Config | None, TuneReport]:
+        """The fastest candidate; with ``share``, each rank times its share of rank 0's
+        candidates and every rank gets the fastest of all."""
         report = TuneReport(k.name, bucket(bindings))
         candidates = tuning_candidates(k, bindings, self.limits)
         if self.prune is not None and entry is not None and candidates:
@@ -273,25 +291,32 @@ class Autotuner:
                 print(f"opforge autotune: {k.name}: dropped {c}: {why}", file=sys.stderr)
             candidates = [c for c in candidates if c not in dropped]
         report.pruned = len(space(k, bindings)) - len(candidates)
+        if share is not None:
+            candidates = share.broadcast(candidates)     # one list, whatever each rank pruned
         if not candidates:
             return None, report
+        mine = list(share.mine(len(candidates))) if share is not None else list(range(len(candidates)))
         timings = []
-        bar = _progress(self.progress and len(candidates) > 1, f"tuning {k.name}", len(candidates))
+        bar = _progress(self.progress and len(mine) > 1, f"tuning {k.name}", len(mine))
         with bar as advance:
-            for cfg in candidates:
+            for i in mine:
+                cfg = candidates[i]
                 report.tried += 1
                 try:
                     ms = self.timer(make_run(cfg))
                 except Exception as e:  # a config that fails to compile or launch is skipped
                     report.failed.append((str(cfg), f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
                 else:
-                    timings.append((ms, cfg))
+                    timings.append((ms, i))
                 advance()
         for cfg, why in report.failed:
             print(f"opforge autotune: {k.name}: skipped {cfg}: {why}", file=sys.stderr)
+        if share is not None:
+            timings = [t for part in share.gather(timings) for t in part]
         if not timings:
             return None, report
-        report.best_ms, report.best = min(timings, key=lambda t: t[0])
+        report.best_ms, best = min(timings)
+        report.best = candidates[best]
         return report.best, report
 
 

@@ -30,7 +30,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from filelock import FileLock
+from filelock import FileLock, SoftFileLock
 from platformdirs import user_cache_dir
 
 SOURCE = "kernel.py"
@@ -142,7 +142,10 @@ class KernelCache:
         path = _directory(self.root / "locks") / f"{key}.lock"
         if path.is_dir() and not path.is_symlink():
             _remove(path)
-        return FileLock(str(path))
+        # OPFORGE_CACHE_LOCK=soft: lock files by existence, for a cache on a network filesystem
+        # whose flock is missing or unreliable (a cluster's shared storage)
+        soft = os.environ.get("OPFORGE_CACHE_LOCK", "") == "soft"
+        return (SoftFileLock if soft else FileLock)(str(path))
 
     def valid(self, path: Path) -> bool:
         try:

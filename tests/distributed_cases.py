@@ -275,10 +275,83 @@ def uneven_batch(c: Ctx):
     return {"y": {**_close(y, c.llama.rms_norm(x, w)), "placements": _placements(y)}}
 
 
+class _Fake:
+    """A jitted kernel's stand-in: ``fn[grid](*args, **config)`` records the config."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kw: self.calls.append(kw)
+
+
+def autotune_agreement(c: Ctx):
+    """One GEMM tuned on every rank with a timer that disagrees by rank (rank 0 favours big
+    blocks, the others small ones, as noisy timings would): shared, the ranks time disjoint
+    shares of the candidates and all keep the one fastest; only rank 0 persists it, and a
+    fresh tuner takes it from rank 0 without timing. With OPFORGE_DIST_TUNE=0 each rank tunes
+    alone and they disagree (so the check above can fail)."""
+    import torch.distributed as dist
+    from opforge.ir.tile import Launch
+    from opforge.runtime.autotune import TUNED, Autotuner, Limits, tuning_candidates
+    from opforge.runtime.cache import KernelCache
+    from opforge.runtime.executor import PlanRunner
+    from opforge.runtime.loader import load_kernel
+
+    kernel = c.lin.linear.plan.steps[0][-1].kernel
+    sizes = dict(M=2048, N=2048, K=2048)
+    n = len(tuning_candidates(kernel, sizes, Limits()))
+
+    def tune(cache_dir, timer):
+        cache = KernelCache(Path(c.workdir, cache_dir))
+        entry = load_kernel(kernel, cache)[1]
+        tuner = Autotuner(cache, timer=timer, limits=Limits(), progress=False)
+        cfg = tuner.choose(Launch(kernel), timer.fake, entry, sizes, [], PlanRunner.grid)
+        return cfg, (entry / TUNED).exists()
+
+    class Timer:
+        def __init__(self):
+            self.fake, self.count = _Fake(), 0
+
+        def __call__(self, run):
+            self.count += 1
+            run()
+            v = self.fake.calls[-1]
+            volume = v["BLOCK_M"] * v["BLOCK_N"] * v["BLOCK_K"] * v.get("GROUP_M", 1) ** 0.01
+            return 1.0 / volume if c.rank == 0 else volume / 1e9
+
+    def never(run):
+        raise AssertionError("timed a kernel whose choice rank 0 persisted")
+    never.fake = _Fake()
+
+    out = {}
+    timer = Timer()
+    cfg, persisted = tune(f"own{c.rank}", timer)
+    counts = [None] * c.world
+    dist.all_gather_object(counts, timer.count)
+    chosen = [None] * c.world
+    dist.all_gather_object(chosen, str(cfg))
+    out["shared"] = {"ok": len(set(chosen)) == 1 and sum(counts) == n and persisted == (c.rank == 0),
+                     "message": f"chosen {chosen}, timed {counts} of {n}, persisted here: {persisted}"}
+    again, _ = tune(f"own{c.rank}", never)
+    out["reused"] = {"ok": str(again) == str(cfg), "message": f"{again} after {cfg}"}
+    shared, _ = tune("shared", Timer())          # one cache directory for all ranks
+    out["shared directory"] = {"ok": str(shared) == str(cfg), "message": f"{shared}"}
+    os.environ["OPFORGE_DIST_TUNE"] = "0"
+    try:
+        alone, _ = tune(f"alone{c.rank}", Timer())
+    finally:
+        del os.environ["OPFORGE_DIST_TUNE"]
+    dist.all_gather_object(chosen, str(alone))
+    out["alone"] = {"ok": len(set(chosen)) > 1, "message": f"each rank alone chose {chosen}"}
+    return out
+
+
 CASES = {
     2: ((2,), [dp_rms_norm, sp_rms_norm, whole_axis_redistributes, tp_column_linear, tp_row_linear,
-               tp_swiglu_mlp, tp_attention_heads, sequence_parallel_block, fsdp2_training, compiled_dtensor]),
-    4: ((2, 2), [mesh2d_dp_tp]),
+               tp_swiglu_mlp, tp_attention_heads, sequence_parallel_block, fsdp2_training, compiled_dtensor,
+               autotune_agreement]),
+    4: ((2, 2), [mesh2d_dp_tp, autotune_agreement]),
     -4: ((4,), [uneven_batch, dp_rms_norm, fsdp2_training]),
 }
 
@@ -291,6 +364,7 @@ def run(rank: int, key: int, workdir: str) -> None:
     dist.init_process_group(backend, init_method=f"file://{workdir}/store", rank=rank, world_size=world)
     try:
         c = Ctx(rank, world, mesh_shape)
+        c.workdir = workdir
         records = {}
         for i, case in enumerate(cases):
             c.gen = torch.Generator().manual_seed(1000 + i)

@@ -105,10 +105,18 @@ def test_torch_compile_of_dtensor_calls(world2):
     check(world2, "compiled_dtensor", {"y": ["S(0)"]})
 
 
+def test_autotuning_is_shared_across_ranks(world2):
+    check(world2, "autotune_agreement", {})
+
+
 # -- world 4 ---------------------------------------------------------------------------------------
 def test_2d_mesh_data_and_tensor_parallel(mesh2x2):
     check(mesh2x2, "mesh2d_dp_tp", {"y": ["S(0)", "P(sum)"], "dx": ["S(0)", "P(sum)"],
                                     "dwg": ["P(sum)", "S(0)"], "dwu": ["P(sum)", "S(0)"], "dwd": ["P(sum)", "S(1)"]})
+
+
+def test_autotuning_is_shared_across_four_ranks(mesh2x2):
+    check(mesh2x2, "autotune_agreement", {})
 
 
 def test_world4_uneven_shards(world4):
