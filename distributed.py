@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from .runtime.sharding import register, rule_of
 
-__all__ = ["register", "rules"]
+__all__ = ["register", "rules", "bind_sharded"]
 
 
 def rules(op) -> str:
@@ -20,3 +20,11 @@ def rules(op) -> str:
 
 
 register()
+
+
+def bind_sharded(op, mesh, style: str, calibration=None, **weights):
+    """``op.bind(**weights)`` on this rank's shard of each weight: ``style`` "column" splits
+    the weights' rows (N), "row" their columns (K); the module takes and returns DTensors
+    (runtime/sharded_bind.py)."""
+    from .runtime.sharded_bind import bind_sharded as bind
+    return bind(op, mesh, style, calibration, **weights)

@@ -43,6 +43,21 @@ def check(layout: Layout, name: str, n: int, k: int) -> None:
             raise CallError(f"{where}: rank {kw['rank']} is above {LOWRANK_MAX}, the most the fused kernel keeps on chip")
 
 
+def alignment(layout: Layout, axis: int) -> tuple[int, str]:
+    """What a shard of a weight with this layout must be a multiple of along ``axis`` (0: N,
+    the rows; 1: K), and why, so each rank packs exactly what one process would: int4 groups
+    along K, 2:4's groups of four along K, block sparsity's blocks along both. Row scales
+    (int8, fp8) and low rank need nothing (each rank's shard gets its own scales or factors)."""
+    kind, args, kw = layout.kind, layout.args, dict(layout.kwargs)
+    if kind == "quant" and args[0] == "int4" and axis == 1:
+        return kw["group"], f"its groups of {kw['group']} along K"
+    if kind == "sparse" and "block" in kw:
+        return kw["block"], f"its {kw['block']} x {kw['block']} blocks"
+    if kind == "sparse" and axis == 1:
+        return 4, "its groups of four along K"
+    return 1, ""
+
+
 def pack(layout: Layout, w: torch.Tensor, name: str = "w") -> dict[str, torch.Tensor]:
     if w.dim() != 2:
         raise CallError(f"'{name}': layouts pack 2-D weights, got shape {list(w.shape)}")

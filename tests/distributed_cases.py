@@ -18,6 +18,7 @@ import torch
 
 LINEAR = """
 op linear(x: f32[M, K], w: f32[N, K]) -> f32[M, N] { return x @ w.T }
+op linear_24(x: f32[M, K], w: f32[N, K] @sparse(2:4)) -> f32[M, N] { return x @ w.T }
 """
 
 
@@ -49,6 +50,8 @@ class Ctx:
         self.mesh = init_device_mesh(dev, mesh_shape, mesh_dim_names=names)
         self.llama = opforge.compile(_example("llama.opf"), dtype="f32", namespace="dist_llama")
         self.lin = opforge.compile(LINEAR, namespace="dist_linear")
+        self.quant = opforge.compile(_example("quant_linear.opf"), dtype="f32", namespace="dist_quant")
+        self.sparse = opforge.compile(_example("sparse_linear.opf"), dtype="f32", namespace="dist_sparse")
 
     def rand(self, *shape, scale=1.0):
         # the same values on every rank (seeded by the case), as distribute_tensor expects
@@ -275,6 +278,88 @@ def uneven_batch(c: Ctx):
     return {"y": {**_close(y, c.llama.rms_norm(x, w)), "placements": _placements(y)}}
 
 
+def _refused(fn) -> dict:
+    try:
+        fn()
+    except Exception as e:     # the CallError's words are the record
+        from opforge.runtime.binding import CallError
+        return {"ok": isinstance(e, CallError), "message": f"{type(e).__name__}: {e}"}
+    return {"ok": False, "message": "was not refused"}
+
+
+def bound_layers_sharded(c: Ctx):
+    """Bound (packed) layers split across ranks with opforge.distributed.bind_sharded: each rank
+    packs its shard; against the layer bound whole in one process (the same packing: shards
+    hold whole groups), and the splits a layout or the op's rule cannot take are refused."""
+    from opforge.distributed import bind_sharded
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    out = {}
+    x = c.rand(5, 256)
+    cases = [("int4 column", c.quant.linear_q4, "column", dict(w=c.rand(48, 256, scale=0.1))),
+             ("int4 row", c.quant.linear_q4, "row", dict(w=c.rand(48, 256, scale=0.1))),
+             ("int8 column with bias", c.quant.linear_int8, "column", dict(w=c.rand(48, 256, scale=0.1), bias=c.rand(48))),
+             ("fp8 row", c.quant.linear_fp8, "row", dict(w=c.rand(48, 256, scale=0.1))),
+             ("2:4 row", c.lin.linear_24, "row", dict(w=c.rand(48, 256, scale=0.1))),
+             ("block column", c.sparse.linear_block_sparse, "column", dict(w=c.rand(64, 256, scale=0.1))),
+             ("low rank row", c.sparse.linear_lowrank, "row", dict(w=c.rand(48, 16) @ c.rand(16, 256) * 0.02))]
+    for name, op, style, weights in cases:
+        layer = bind_sharded(op, c.mesh, style, **weights)
+        xin = distribute_tensor(x, c.mesh, [Replicate()])
+        y = layer(xin)
+        whole = op.bind(**weights)(x)
+        if name.startswith("low rank"):   # factors per shard: compare with the dense product
+            whole = x @ weights["w"].T
+        if name.startswith("fp8 row"):    # row scales per shard: each rank's pieces in one process
+            whole = sum(op.bind(w=wr)(xr) for wr, xr in zip(weights["w"].chunk(c.world, 1), x.chunk(c.world, 1)))
+        out[name] = {**_close(y, whole), "placements": _placements(y)}
+    # a DTensor input already split along K goes in as it is (no redistribution)
+    layer = bind_sharded(c.quant.linear_q4, c.mesh, "row", w=cases[1][3]["w"])
+    y = layer(distribute_tensor(x, c.mesh, [Shard(1)]))
+    out["int4 row, input split along K"] = {**_close(y, c.quant.linear_q4.bind(**cases[1][3])(x)),
+                                            "placements": _placements(y)}
+    out["int4 misaligned"] = _refused(lambda: bind_sharded(c.quant.linear_q4, c.mesh, "row", w=c.rand(48, 192)))
+    out["2:4 misaligned"] = _refused(lambda: bind_sharded(c.lin.linear_24, c.mesh, "row", w=c.rand(48, 36)))
+    out["row with a bias"] = _refused(lambda: bind_sharded(c.quant.linear_int8, c.mesh, "row", w=c.rand(48, 256),
+                                                           bias=c.rand(48)))
+    return out
+
+
+def fsdp2_with_bound_layer(c: Ctx):
+    """FSDP2 over a module holding a bound int4 layer: the trainable parameters are sharded,
+    the packed buffers (frozen, not parameters) stay whole on every rank and unchanged."""
+    from torch.distributed.fsdp import fully_shard
+    llama, quant = c.llama, c.quant
+    w = c.rand(16, 64, scale=0.2)
+
+    class Model(torch.nn.Module):
+        def __init__(self, gen):
+            super().__init__()
+            self.norm = torch.nn.Parameter(torch.randn(64, generator=gen))
+            self.q4 = quant.linear_q4.bind(w=w)
+
+        def forward(self, x):
+            return self.q4(llama.rms_norm(x[None], self.norm)[0])
+
+    model, ref = Model(torch.Generator().manual_seed(4)), Model(torch.Generator().manual_seed(4))
+    packed = {n: b.clone() for n, b in model.named_buffers()}
+    fully_shard(model, mesh=c.mesh)
+    opt, opt1 = (torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, ref))
+    data = c.rand(2, 2 * c.world, 64)
+    for step in range(2):
+        batch = data[step]
+        (model(batch.chunk(c.world)[c.rank]) ** 2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        (ref(batch) ** 2).mean().backward()
+        opt1.step()
+        opt1.zero_grad()
+    from torch.distributed.tensor import DTensor
+    bufs = dict(model.named_buffers())
+    same = all(not isinstance(bufs[n], DTensor) and torch.equal(bufs[n], b) for n, b in packed.items())
+    return {"norm": {**_close(model.norm, ref.norm), "placements": _placements(model.norm)},
+            "packed buffers": {"ok": same and len(packed) == 3, "message": f"{sorted(packed)} whole and unchanged: {same}"}}
+
+
 class _Fake:
     """A jitted kernel's stand-in: ``fn[grid](*args, **config)`` records the config."""
 
@@ -350,7 +435,7 @@ def autotune_agreement(c: Ctx):
 CASES = {
     2: ((2,), [dp_rms_norm, sp_rms_norm, whole_axis_redistributes, tp_column_linear, tp_row_linear,
                tp_swiglu_mlp, tp_attention_heads, sequence_parallel_block, fsdp2_training, compiled_dtensor,
-               autotune_agreement]),
+               autotune_agreement, bound_layers_sharded, fsdp2_with_bound_layer]),
     4: ((2, 2), [mesh2d_dp_tp, autotune_agreement]),
     -4: ((4,), [uneven_batch, dp_rms_norm, fsdp2_training]),
 }

@@ -109,6 +109,22 @@ def test_autotuning_is_shared_across_ranks(world2):
     check(world2, "autotune_agreement", {})
 
 
+def test_bound_layers_split_across_ranks(world2):
+    check(world2, "bound_layers_sharded", {
+        "int4 column": ["S(1)"], "int4 row": ["P(sum)"], "int8 column with bias": ["S(1)"], "fp8 row": ["P(sum)"],
+        "2:4 row": ["P(sum)"], "block column": ["S(1)"], "low rank row": ["P(sum)"],
+        "int4 row, input split along K": ["P(sum)"]})
+    for rank in world2:
+        rec = rank["bound_layers_sharded"]
+        assert "multiple of 64 (its groups of 64 along K)" in rec["int4 misaligned"]["message"]
+        assert "multiple of 4 (its groups of four along K)" in rec["2:4 misaligned"]["message"]
+        assert "not linear in a partial sum over K" in rec["row with a bias"]["message"]
+
+
+def test_fsdp2_with_a_bound_layer(world2):
+    check(world2, "fsdp2_with_bound_layer", {"norm": ["S(0)"]})
+
+
 # -- world 4 ---------------------------------------------------------------------------------------
 def test_2d_mesh_data_and_tensor_parallel(mesh2x2):
     check(mesh2x2, "mesh2d_dp_tp", {"y": ["S(0)", "P(sum)"], "dx": ["S(0)", "P(sum)"],
