@@ -64,35 +64,53 @@ def _example(name):
 
 
 # -- the cases: each returns {check name: record}; records with "ok" are asserted ------------------
+def _versus(c: Ctx, ours, theirs, inputs, names) -> dict:
+    """``ours`` (opforge ops) on DTensors, forward and backward (a random cotangent), against
+    the same call on plain tensors in this process ("y", "d<name>"), and against ``theirs``, the
+    same math in torch's own ops on the same DTensors ("torch y", "torch d<name>": DTensor's own
+    propagation; the values must agree, and the placements are recorded next to ours)."""
+    from torch.distributed.tensor import distribute_tensor
+    runs = {}
+    for who, fn in (("ours", ours), ("torch", theirs)):
+        leaves = [distribute_tensor(t, c.mesh, p).requires_grad_() for t, p in inputs]
+        y = fn(*leaves)
+        runs[who] = (y, leaves)
+    g = c.rand(*runs["ours"][0].shape)
+    for who, (y, leaves) in runs.items():
+        (y * distribute_tensor(g, c.mesh, y.placements)).sum().backward()
+    plain = [t.clone().requires_grad_() for t, _ in inputs]
+    y1 = ours(*plain)
+    (y1 * g).sum().backward()
+    y, leaves = runs["ours"]
+    ty, tleaves = runs["torch"]
+    out = {"y": {**_close(y, y1), "placements": _placements(y)},
+           "torch y": {**_close(y, ty.full_tensor()), "placements": _placements(ty)}}
+    for name, d, t, p1 in zip(names, leaves, tleaves, plain):
+        out[f"d{name}"] = {**_close(d.grad, p1.grad), "placements": _placements(d.grad)}
+        out[f"torch d{name}"] = {**_close(d.grad, t.grad.full_tensor()), "placements": _placements(t.grad)}
+    return out
+
+
+def _torch_rms_norm(x, w):
+    return x * torch.rsqrt((x * x).mean(-1, keepdim=True) + 1e-5) * w
+
+
+def _torch_mlp(x, wg, wu, wd):
+    return (torch.nn.functional.silu(x @ wg.T) * (x @ wu.T)) @ wd.T
+
+
 def dp_rms_norm(c: Ctx):
     """Data parallel: x split over the batch; the weight's gradient is a partial sum."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-    x, w, g = c.rand(5, 3, 16), c.rand(16), c.rand(5, 3, 16)
-    dx = distribute_tensor(x, c.mesh, [Shard(0)]).requires_grad_()
-    dw = distribute_tensor(w, c.mesh, [Replicate()]).requires_grad_()
-    y = c.llama.rms_norm(dx, dw)
-    (y * distribute_tensor(g, c.mesh, [Shard(0)])).sum().backward()
-    x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
-    y1 = c.llama.rms_norm(x1, w1)
-    (y1 * g).sum().backward()
-    return {"y": {**_close(y, y1), "placements": _placements(y)},
-            "dx": {**_close(dx.grad, x1.grad), "placements": _placements(dx.grad)},
-            "dw": {**_close(dw.grad, w1.grad), "placements": _placements(dw.grad)}}
+    from torch.distributed.tensor import Replicate, Shard
+    return _versus(c, c.llama.rms_norm, _torch_rms_norm,
+                   [(c.rand(5, 3, 16), [Shard(0)]), (c.rand(16), [Replicate()])], ["x", "w"])
 
 
 def sp_rms_norm(c: Ctx):
     """Sequence parallel: rms_norm on x split along the sequence, forward and backward."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-    x, w, g = c.rand(2, 7, 16), c.rand(16), c.rand(2, 7, 16)
-    dx = distribute_tensor(x, c.mesh, [Shard(1)]).requires_grad_()
-    dw = distribute_tensor(w, c.mesh, [Replicate()]).requires_grad_()
-    y = c.llama.rms_norm(dx, dw)
-    (y * distribute_tensor(g, c.mesh, [Shard(1)])).sum().backward()
-    x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
-    (c.llama.rms_norm(x1, w1) * g).sum().backward()
-    return {"y": {**_close(y, c.llama.rms_norm(x, w)), "placements": _placements(y)},
-            "dx": {**_close(dx.grad, x1.grad), "placements": _placements(dx.grad)},
-            "dw": {**_close(dw.grad, w1.grad), "placements": _placements(dw.grad)}}
+    from torch.distributed.tensor import Replicate, Shard
+    return _versus(c, c.llama.rms_norm, _torch_rms_norm,
+                   [(c.rand(2, 7, 16), [Shard(1)]), (c.rand(16), [Replicate()])], ["x", "w"])
 
 
 def whole_axis_redistributes(c: Ctx):
@@ -105,53 +123,25 @@ def whole_axis_redistributes(c: Ctx):
 
 def tp_column_linear(c: Ctx):
     """Column parallel: the weight split by output rows; the result split along N."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-    x, w, g = c.rand(6, 32), c.rand(12, 32, scale=0.2), c.rand(6, 12)
-    dx = distribute_tensor(x, c.mesh, [Replicate()]).requires_grad_()
-    dw = distribute_tensor(w, c.mesh, [Shard(0)]).requires_grad_()
-    y = c.lin.linear(dx, dw)
-    (y * distribute_tensor(g, c.mesh, [Shard(1)])).sum().backward()
-    x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
-    (c.lin.linear(x1, w1) * g).sum().backward()
-    return {"y": {**_close(y, c.lin.linear(x, w)), "placements": _placements(y)},
-            "dx": {**_close(dx.grad, x1.grad), "placements": _placements(dx.grad)},
-            "dw": {**_close(dw.grad, w1.grad), "placements": _placements(dw.grad)}}
+    from torch.distributed.tensor import Replicate, Shard
+    return _versus(c, c.lin.linear, lambda x, w: x @ w.T,
+                   [(c.rand(6, 32), [Replicate()]), (c.rand(12, 32, scale=0.2), [Shard(0)])], ["x", "w"])
 
 
 def tp_row_linear(c: Ctx):
     """Row parallel: x and the weight split along K; the result is a partial sum."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-    x, w, g = c.rand(6, 33), c.rand(12, 33, scale=0.2), c.rand(6, 12)
-    dx = distribute_tensor(x, c.mesh, [Shard(1)]).requires_grad_()
-    dw = distribute_tensor(w, c.mesh, [Shard(1)]).requires_grad_()
-    y = c.lin.linear(dx, dw)
-    placements = _placements(y)
-    (y * distribute_tensor(g, c.mesh, [Replicate()])).sum().backward()
-    x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
-    (c.lin.linear(x1, w1) * g).sum().backward()
-    return {"y": {**_close(y, c.lin.linear(x, w)), "placements": placements},
-            "dx": {**_close(dx.grad, x1.grad), "placements": _placements(dx.grad)},
-            "dw": {**_close(dw.grad, w1.grad), "placements": _placements(dw.grad)}}
+    from torch.distributed.tensor import Shard
+    return _versus(c, c.lin.linear, lambda x, w: x @ w.T,
+                   [(c.rand(6, 33), [Shard(1)]), (c.rand(12, 33, scale=0.2), [Shard(1)])], ["x", "w"])
 
 
 def tp_swiglu_mlp(c: Ctx):
     """The Llama MLP in Megatron form: gate and up column-parallel, down row-parallel; one op."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-    x, g = c.rand(2, 3, 16), c.rand(2, 3, 16)
-    wg, wu, wd = c.rand(24, 16, scale=0.25), c.rand(24, 16, scale=0.25), c.rand(16, 24, scale=0.2)
-    dx = distribute_tensor(x, c.mesh, [Replicate()]).requires_grad_()
-    dws = [distribute_tensor(w, c.mesh, [Shard(a)]).requires_grad_() for w, a in ((wg, 0), (wu, 0), (wd, 1))]
-    y = c.llama.swiglu_mlp(dx, *dws)
-    placements = _placements(y)
-    (y * distribute_tensor(g, c.mesh, [Replicate()])).sum().backward()
-    x1 = x.clone().requires_grad_()
-    ws1 = [w.clone().requires_grad_() for w in (wg, wu, wd)]
-    (c.llama.swiglu_mlp(x1, *ws1) * g).sum().backward()
-    out = {"y": {**_close(y, c.llama.swiglu_mlp(x, wg, wu, wd)), "placements": placements},
-           "dx": {**_close(dx.grad, x1.grad), "placements": _placements(dx.grad)}}
-    for name, d, w1 in zip(("dwg", "dwu", "dwd"), dws, ws1):
-        out[name] = {**_close(d.grad, w1.grad), "placements": _placements(d.grad)}
-    return out
+    from torch.distributed.tensor import Replicate, Shard
+    return _versus(c, c.llama.swiglu_mlp, _torch_mlp,
+                   [(c.rand(2, 3, 16), [Replicate()]), (c.rand(24, 16, scale=0.25), [Shard(0)]),
+                    (c.rand(24, 16, scale=0.25), [Shard(0)]), (c.rand(16, 24, scale=0.2), [Shard(1)])],
+                   ["x", "wg", "wu", "wd"])
 
 
 def tp_attention_heads(c: Ctx):
@@ -252,22 +242,11 @@ def compiled_dtensor(c: Ctx):
 
 def mesh2d_dp_tp(c: Ctx):
     """A 2 x 2 mesh: data parallel over "dp", the MLP tensor parallel over "tp"."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-    x, g = c.rand(4, 3, 16), c.rand(4, 3, 16)
-    wg, wu, wd = c.rand(24, 16, scale=0.25), c.rand(24, 16, scale=0.25), c.rand(16, 24, scale=0.2)
-    dx = distribute_tensor(x, c.mesh, [Shard(0), Replicate()]).requires_grad_()
-    dws = [distribute_tensor(w, c.mesh, [Replicate(), Shard(a)]).requires_grad_() for w, a in ((wg, 0), (wu, 0), (wd, 1))]
-    y = c.llama.swiglu_mlp(dx, *dws)
-    placements = _placements(y)
-    (y * distribute_tensor(g, c.mesh, [Shard(0), Replicate()])).sum().backward()
-    x1 = x.clone().requires_grad_()
-    ws1 = [w.clone().requires_grad_() for w in (wg, wu, wd)]
-    (c.llama.swiglu_mlp(x1, *ws1) * g).sum().backward()
-    out = {"y": {**_close(y, c.llama.swiglu_mlp(x, wg, wu, wd)), "placements": placements},
-           "dx": {**_close(dx.grad, x1.grad), "placements": _placements(dx.grad)}}
-    for name, d, w1 in zip(("dwg", "dwu", "dwd"), dws, ws1):
-        out[name] = {**_close(d.grad, w1.grad), "placements": _placements(d.grad)}
-    return out
+    from torch.distributed.tensor import Replicate, Shard
+    return _versus(c, c.llama.swiglu_mlp, _torch_mlp,
+                   [(c.rand(4, 3, 16), [Shard(0), Replicate()]), (c.rand(24, 16, scale=0.25), [Replicate(), Shard(0)]),
+                    (c.rand(24, 16, scale=0.25), [Replicate(), Shard(0)]), (c.rand(16, 24, scale=0.2), [Replicate(), Shard(1)])],
+                   ["x", "wg", "wu", "wd"])
 
 
 def uneven_batch(c: Ctx):

@@ -2,6 +2,11 @@
 interpreter (issue 16). Each world runs all its cases in one spawn (tests/distributed_cases.py);
 every rank's records are checked here: the value against the same computation in one process
 (f32 tolerance of runtime/tolerances.py) and the placements DTensor reports, stated below.
+Where a case says so, the same math in torch's own ops on the same DTensors (DTensor's own
+sharding propagation) must give the same values ("torch y", "torch dx", ...); its placements
+agree with ours except in the row-parallel backward, where torch's leave dx and dW
+``Partial(sum)`` and opforge's rules give them ``Shard(1)``, the weight's own placement (recorded
+in the records, not asserted: they are DTensor's choice and may change between torch versions).
 """
 from __future__ import annotations
 
