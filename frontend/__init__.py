@@ -5,9 +5,7 @@ import re
 from pathlib import Path
 
 from ..ir.graph import Program, Source, Span
-from .build import build_program
 from .diagnostics import SpecError
-from .parser import parse
 
 __all__ = ["load_program", "load_source", "get_op", "SpecError"]
 
@@ -59,6 +57,8 @@ def _identifier(stem: str) -> str:
 
 def load_program(path_or_source: str | Path, namespace: str | None = None) -> Program:
     """Parse and check a spec; every mistake is a SpecError pointing at the text."""
+    from .build import build_program      # here: the parser (lark) is loaded only to parse
+    from .parser import parse
     source, default_ns = load_source(path_or_source)
     module = parse(source)
     return build_program(module, source, namespace or default_ns)

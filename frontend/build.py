@@ -34,8 +34,7 @@ OPERATOR_TEXT = {"add": "+", "sub": "-", "mul": "*", "div": "/", "floordiv": "//
                  "lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!=", "and": "&", "or": "|"}
 
 
-INT_RANGES = {DType.i64: (-2 ** 63, 2 ** 63 - 1), DType.i32: (-2 ** 31, 2 ** 31 - 1),
-              DType.i8: (-128, 127), DType.u8: (0, 255)}
+from ..ir.types import INT_RANGES  # noqa: E402  (re-exported: the range of each integer dtype)
 
 
 def int_range_text(dtype: DType) -> str:

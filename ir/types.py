@@ -110,3 +110,8 @@ Type = TensorType | ScalarType
 
 def is_scalar(t: Type) -> bool:
     return isinstance(t, ScalarType)
+
+
+# the values each integer dtype holds (scalar arguments are checked against them)
+INT_RANGES = {DType.i64: (-2 ** 63, 2 ** 63 - 1), DType.i32: (-2 ** 31, 2 ** 31 - 1),
+              DType.i8: (-128, 127), DType.u8: (0, 255)}

@@ -24,8 +24,7 @@ here; passes/fuse_contractions.py extends this in the fusion issue.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import networkx as nx
+from typing import TYPE_CHECKING
 
 from ..ir import registry
 from ..ir.dims import format_shape
@@ -34,6 +33,9 @@ from ..ir.registry import Kind
 from ..ir.types import TensorType
 from .context import PassContext
 from .flash_attention import score_cone
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 GLUE_OPS = {"reshape", "permute", "transpose", "slice", "expand", "concat", "gather_rows", "causal", "arange",
             "fill", "unslice", "scatter_along", "take",
@@ -151,6 +153,7 @@ class Partitioner:
 
     # compute node -> compute nodes it feeds, through any chain of glue
     def _compute_dag(self) -> nx.DiGraph:
+        import networkx as nx      # here, not at import: a compile from stored plans never fuses
         dag = nx.DiGraph()
         dag.add_nodes_from(self.compute)
         for n in self.compute:
@@ -358,6 +361,7 @@ class Partitioner:
         return self.kind[gid] == "row"
 
     def is_upstream(self, a: Node, b: Node) -> bool:
+        import networkx as nx
         return nx.has_path(self.dag, a, b)
 
     def join_around_matmul(self, n: Node, gid: int, cons, plain: bool) -> bool:
@@ -482,6 +486,7 @@ def _name_values(g: Graph, groups) -> dict:
 def fuse(g: Graph, ctx: PassContext | None = None, alone: frozenset = frozenset()) -> FusedGraph:
     """``alone``: nodes that must not join their consumers' group (passes/plan.py sets them
     when a group as formed could not be lowered)."""
+    import networkx as nx
     order = {n: i for i, n in enumerate(g.nodes)}
     while True:
         part = Partitioner(g, ctx, alone)

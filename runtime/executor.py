@@ -40,14 +40,36 @@ class PlanRunner:
         self.plan = plan
         self.fused = fused
         self.cache = cache
-        self.tuner = tuner          # runtime/autotune.Autotuner on a GPU, or None
+        # runtime/autotune.Autotuner on a GPU, or None; or a function making it at first use
+        # (making it decides whether kernels are interpreted: that imports Triton)
+        self._tuner = tuner
         self.wrap = wrap            # torch.library.wrap_triton under triton_op registration
         self._fns: dict[str, tuple[Any, Any]] = {}
-        self.extents = plan_extents(plan, fused.graph)   # runtime/indexing.py
         self._wide_sizes: dict = {}
         self._wide: dict[str, Any] = {}      # kernel name -> its int64-indexed variant
         self.records: dict[tuple, LaunchRecord] = {}   # call key -> launch record (CompiledOp.run)
-        self.launcher = default_launcher(wrap)
+        self.launcher = self._first_launch     # the launch step, chosen at the first launch
+
+    @functools.cached_property
+    def extents(self):
+        """The element counts whose indices a call computes (runtime/indexing.py), once."""
+        return plan_extents(self.plan, self.fused.graph)
+
+    def _first_launch(self, call, args) -> None:
+        # choosing the launch step decides whether kernels are interpreted (importing Triton):
+        # at the first launch, not when the op is compiled
+        self.launcher = default_launcher(self.wrap)
+        self.launcher(call, args)
+
+    @property
+    def tuner(self):
+        if isinstance(self._tuner, functools.partial):
+            self._tuner = self._tuner()
+        return self._tuner
+
+    @tuner.setter
+    def tuner(self, value):
+        self._tuner = value
 
     def needs_index64(self, values: Mapping[str, Any], bindings: Mapping[str, int]) -> bool:
         """Could some offset of this call reach 2**31 (then the kernels' wide variants run)?"""

@@ -21,8 +21,10 @@ state it reads; under the other two it is a trampoline to the op's current imple
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
+import sys
 from typing import Callable
 
 import torch
@@ -114,6 +116,27 @@ def _same_schema(qual: str, schema: str) -> None:
             f"(or restart the process)")
 
 
+@contextlib.contextmanager
+def _plain_source():
+    """register_fake records where it was called from with inspect.getframeinfo, which reads
+    and scans this file (about 12 ms a call, most of a warm compile's time); the file and line
+    of the caller, from the frame, say the same."""
+    utils = getattr(getattr(torch, "_library", None), "utils", None)
+    real = getattr(utils, "get_source", None)
+    if real is None:
+        yield
+        return
+
+    def get_source(stacklevel: int) -> str:
+        f = sys._getframe(stacklevel + 1)
+        return f"{f.f_code.co_filename}:{f.f_lineno}"
+    utils.get_source = get_source
+    try:
+        yield
+    finally:
+        utils.get_source = real
+
+
 def register(namespace: str, g: Graph, compiled, mode: str) -> Callable:
     """Register (or re-point) ``namespace::g.name``; returns ``torch.ops.namespace.name``."""
     qual = f"{namespace}::{g.name}"
@@ -151,7 +174,8 @@ def register(namespace: str, g: Graph, compiled, mode: str) -> Callable:
         # no trampoline: the dispatcher calls the op's call function itself
         _DIRECT[qual] = direct = compiled.call_function()
         lib.impl(g.name, direct, "CompositeExplicitAutograd")
-    torch.library.register_fake(qual, fake)
+    with _plain_source():
+        torch.library.register_fake(qual, fake)
     _IMPLS[qual] = compiled
     _SCHEMAS[qual] = (schema, mode)
     packet = getattr(getattr(torch.ops, namespace), g.name)

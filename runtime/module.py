@@ -12,21 +12,18 @@ caller's index tensors are checked again (their values are data, not part of the
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..frontend import get_op, load_program
 from ..ir.dims import evaluate
 from ..ir.graph import Graph
 from ..ir.types import TensorType
 from ..ir.printer import print_graph
 from ..ir.tile_printer import print_plan
-from ..passes.fusion import FusedGraph, fuse, print_fused
 from ..passes.context import PassContext
-from ..passes.pipeline import kernel_graph, prepared_graph
-from ..passes.plan import build_plan, fuse_and_plan
 from .binding import CallError, bind_args, bind_sizes, check_index_args, index_checks, output_shapes
 from .cache import KernelCache
 from .device import describe, interpreting, kernel_device
@@ -34,6 +31,9 @@ from .executor import PlanRunner
 from . import env, sharding
 from .library import register, register_composite, registration_mode
 from .records import MISSING, call_function, call_key, plain_tensors
+
+if TYPE_CHECKING:
+    from ..passes.fusion import FusedGraph
 
 
 class Explanation(str):
@@ -65,7 +65,7 @@ def kind_of(p):
         return (float, int), None, False
     if t.dtype.is_bool:
         return (bool,), None, False
-    from ..frontend.build import INT_RANGES
+    from ..ir.types import INT_RANGES
     return (int,), INT_RANGES.get(t.dtype), False
 
 
@@ -90,9 +90,10 @@ def plain_kinds(args, kinds) -> int:
 
 class CompiledOp:
     def __init__(self, namespace: str, graph: Graph, fused: FusedGraph, cache: KernelCache, mode: str,
-                 plan=None, *, derived: bool = False, frozen=()):
+                 plan=None, *, derived: bool = False, frozen=(), preload: bool = True):
         """``derived``: a forward or backward op of another's gradients (registered plainly);
-        ``frozen``: parameters never differentiated (packed weights)."""
+        ``frozen``: parameters never differentiated (packed weights); ``preload``: generate and
+        load every kernel now (else at first use)."""
         self.namespace = namespace
         self.name = graph.name
         self.graph = graph
@@ -104,10 +105,14 @@ class CompiledOp:
         self.bound_weights: tuple = ()     # a packed variant's bound (packed) parameters
         self.variant_of: "CompiledOp | None" = None    # the op a bound layer's variant was made from
         self.fused = fused
-        self.plan = plan if plan is not None else build_plan(fused)
+        if plan is None:
+            from ..passes.plan import build_plan
+            plan = build_plan(fused)
+        self.plan = plan
         wrap = torch.library.wrap_triton if mode == "triton_op" else None
-        self.runner = PlanRunner(self.plan, fused, cache, tuner=_tuner(cache), wrap=wrap)
-        self.runner.load_all()
+        self.runner = PlanRunner(self.plan, fused, cache, tuner=functools.partial(_tuner, cache), wrap=wrap)
+        if preload:
+            self.runner.load_all()
         params = graph.params
         self._nparams = len(params)
         self._required = next((i for i, p in enumerate(params) if p.has_default), len(params))
@@ -133,7 +138,8 @@ class CompiledOp:
         backward), compiled through the same pipeline and registered as ``ns::name``."""
         from ..passes.canonicalize import canonicalize
         from ..passes.context import PassContext
-        from ..passes.pipeline import run_passes
+        from ..passes.pipeline import kernel_graph, run_passes
+        from ..passes.plan import fuse_and_plan
         g = run_passes(g.replace(name=name), [canonicalize], PassContext())
         fused, plan = fuse_and_plan(kernel_graph(g))
         op = CompiledOp(self.namespace, g, fused, self.cache, self.mode, plan, derived=True)
@@ -256,6 +262,8 @@ class CompiledOp:
             if not chosen:
                 g = g.replace(name=f"{g.name}__bound")
             g = canonical_graph_of(g.replace(name=f"{g.name}_{_digest(key)}"))
+            from ..passes.pipeline import kernel_graph
+            from ..passes.plan import fuse_and_plan
             fused, plan = fuse_and_plan(kernel_graph(g))
             # the packed tensors (``w_q``, ``w_scale``, ...) are frozen: never differentiated, and a
             # gradient asked of one is a CallError; dense bound weights stay differentiable
@@ -278,6 +286,7 @@ class CompiledOp:
             return print_graph(self.graph)
         if stage == "fused":
             from ..passes.cost import report
+            from ..passes.fusion import print_fused
             return f"{print_fused(self.fused)}\n{report(self.fused, self.graph)}"
         if stage == "tile":
             return print_plan(self.plan)
@@ -350,6 +359,7 @@ class CompiledOp:
         launched = sum(len(step[0].kernels) for step in var.backward.plan.steps)
         lines.append(f"forward that saves: {var.forward.kernel_count} kernel(s); backward: {launched} "
                      f"kernel(s) launched")
+        from ..passes.fusion import print_fused
         lines.append(print_fused(var.backward.fused))
         return "\n".join(lines)
 
@@ -440,24 +450,43 @@ class CompiledModule:
 def compile_module(path_or_source, namespace: str | None = None, *, dtype: str | None = None,
                    ops: list[str] | None = None, cache_dir: str | Path | None = None,
                    registration: str | None = None) -> CompiledModule:
-    program = load_program(path_or_source, namespace)
+    from ..frontend import load_source
+    from . import plan_cache
     from .sizes import SHAPES_DIRECTIVE, parse_shapes
+    source, default_ns = load_source(path_or_source)
     shapes: dict = {}
-    for m in SHAPES_DIRECTIVE.finditer(program.source.text):
+    for m in SHAPES_DIRECTIVE.finditer(source.text):
         shapes.update(parse_shapes(m.group(1)))
     cache = KernelCache(Path(cache_dir) if cache_dir else None)
     mode = registration_mode(registration)
+    # a compile of the same text, options and opforge code before: its plans (runtime/plan_cache.py)
+    key = plan_cache.key(source.text, source.name, namespace, dtype, ops) if plan_cache.enabled() else None
+    stored = plan_cache.load(cache.root, key) if key is not None else None
+    if stored is not None:
+        ns, built = stored["namespace"], stored["ops"]
+    else:
+        from ..frontend import get_op
+        from ..frontend.build import build_program
+        from ..frontend.parser import parse
+        from ..passes.pipeline import kernel_graph, prepared_graph
+        from ..passes.plan import fuse_and_plan
+        program = build_program(parse(source), source, namespace or default_ns)
+        ns, built = program.namespace, []
+        ctx = PassContext(program=program)
+        for name in ops or list(program.graphs):
+            get_op(program, name)
+            g = prepared_graph(program, name, dtype, ctx)
+            built.append((name, g, *fuse_and_plan(kernel_graph(g))))
     compiled: dict[str, Any] = {}
-    ctx = PassContext(program=program)
-    for name in ops or list(program.graphs):
-        get_op(program, name)
-        g = prepared_graph(program, name, dtype, ctx)
-        fused, plan = fuse_and_plan(kernel_graph(g))
-        compiled[name] = CompiledOp(program.namespace, g, fused, cache, mode, plan)
+    for name, g, fused, plan in built:
+        # from stored plans the kernels load at first use: their sources were made then
+        compiled[name] = CompiledOp(ns, g, fused, cache, mode, plan, preload=stored is None)
         compiled[name].default_sizes = shapes
+    if stored is None and key is not None:
+        plan_cache.store(cache.root, key, {"namespace": ns, "ops": built})
     from .export import remember
-    remember(program.namespace, program.source.text, program.source.name, dtype, list(compiled), registration)
-    return CompiledModule(program.namespace, compiled, program.source.name)
+    remember(ns, source.text, source.name, dtype, list(compiled), registration)
+    return CompiledModule(ns, compiled, source.name)
 
 
 def _digest(key) -> str:

@@ -7,7 +7,9 @@ which does so first) gets:
 - ``OPFORGE_POISON=1``: outputs and intermediates start as NaN (or sentinels for integers and
   bools), so an element that no kernel writes fails the comparison;
 - ``OPFORGE_CACHE_DIR``: a fresh temporary directory for this test session, shared by the
-  xdist workers (they inherit the controller's environment) and removed at exit.
+  xdist workers (they inherit the controller's environment) and removed at exit;
+- ``OPFORGE_PLAN_CACHE=0``: every compile runs the whole pipeline (stored plans would bypass
+  the passes tests patch); tests/test_plan_cache.py turns them on.
 
 Every comparison goes through ``runtime/tolerances.py`` (``tolerance_for`` of the op's graph):
 no tolerance is chosen here.
@@ -29,6 +31,8 @@ def setup_test_environment() -> None:
     """Idempotent; must run before opforge compiles anything (the cache directory is read when
     a KernelCache is made, the poison flag at every allocation)."""
     os.environ["OPFORGE_POISON"] = "1"
+    # stored plans would bypass the passes that tests patch; tests/test_plan_cache.py turns them on
+    os.environ.setdefault("OPFORGE_PLAN_CACHE", "0")
     if not os.environ.get(_OWNER) or not os.environ.get("OPFORGE_CACHE_DIR"):
         d = tempfile.mkdtemp(prefix="opforge-test-cache-")
         os.environ["OPFORGE_CACHE_DIR"] = d
