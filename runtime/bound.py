@@ -75,7 +75,16 @@ class BoundOp(torch.nn.Module):
                         p.grad = g
         return self
 
+    _empty = False      # bound from meta tensors and not loaded yet
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._empty = False
+
     def forward(self, *args, **kwargs):
+        if self._empty:
+            raise CallError(f"{self.op_name}: this bound module was made from meta tensors and holds no weights yet; "
+                            f"fill it with load_state_dict(...) first")
         if not kwargs and len(args) == len(self.free):
             bufs, params = self._buffers, self._parameters
             return self._packed(*[args[x] if kind == "input" else (bufs[x] if kind == "buffer" else params[x])
@@ -165,29 +174,46 @@ def check_weight(op, name: str, w: torch.Tensor) -> None:
 
 
 def bind(op, calibration=None, **weights) -> BoundOp:
+    """Pack ``weights`` (every weight with a layout must be given). Weights on the meta device
+    give an *empty* module: its buffers and parameters allocated, not filled, for
+    ``load_state_dict`` to fill (a quantized checkpoint loaded without its dense weights); it
+    refuses to run until loaded."""
     from .autolayout import choose_layout
+    from .packing import packed_like
     for name, w in weights.items():
         check_weight(op, name, w)
     params = {p.name: p for p in op.graph.params}
+    missing = [p.name for p in op.graph.params if p.layout is not None and p.name not in weights]
+    if missing:
+        names = ", ".join(f"'{n}' {params[n].layout}" for n in missing)
+        raise CallError(f"{op.name}.bind(): {names} not given; every weight with a layout is bound, packed once "
+                        f"(pass it as {missing[0]}=..., a meta tensor for an empty module that load_state_dict "
+                        f"fills); a weight to pass at each call cannot have a layout")
     device = kernel_device()
     chosen: dict[str, Layout] = {}
     layouts: dict[str, Layout | None] = {}
     buffers: dict[str, torch.Tensor] = {}
     report: dict[str, list] = {}
+    empty = any(w.device.type == "meta" for w in weights.values())
     for name, w in weights.items():
         layout = params[name].layout
-        w = w.detach().to(device)
+        meta = w.device.type == "meta"
+        w = w.detach() if meta else w.detach().to(device)
         if layout is not None and layout.kind == "auto":
+            if meta:
+                raise CallError(f"{op.name}.bind(): '{name}' {layout} chooses its layout from the weight's values, so "
+                                f"it cannot be bound empty; bind the weight itself")
             with torch.no_grad():
                 layout, report[name] = choose_layout(op, name, w, dict(layout.kwargs)["tol"], weights, calibration)
         layouts[name] = layout
         if layout is None:
             # the module's own copy: training it leaves the caller's tensor alone
-            buffers[name] = w.clone(memory_format=torch.contiguous_format)
+            buffers[name] = torch.empty(w.shape, dtype=w.dtype, device=device) if meta else \
+                w.clone(memory_format=torch.contiguous_format)
             continue
         chosen[name] = layout
-        for suffix, t in pack(layout, w, name).items():
-            buffers[f"{name}_{suffix}"] = t.to(device)
+        for suffix, t in (packed_like(layout, w, name) if meta else pack(layout, w, name)).items():
+            buffers[f"{name}_{suffix}"] = torch.empty(t.shape, dtype=t.dtype, device=device) if meta else t.to(device)
     sizes = {}
     for name, w in weights.items():
         for d, n in zip(params[name].value.type.shape, w.shape):
@@ -204,4 +230,5 @@ def bind(op, calibration=None, **weights) -> BoundOp:
     module = BoundOp(op, packed_op, buffers, layouts, report)
     module._dense_types = {name: (tuple(w.shape), w.dtype) for name, w in weights.items()}
     module._bound_sizes = sizes
+    module._empty = empty
     return module

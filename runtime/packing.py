@@ -58,6 +58,25 @@ def alignment(layout: Layout, axis: int) -> tuple[int, str]:
     return 1, ""
 
 
+def packed_like(layout: Layout, w: torch.Tensor, name: str = "w") -> dict[str, torch.Tensor]:
+    """What ``pack`` would store for a weight of ``w``'s shape and dtype, as meta tensors (no
+    values): the buffers of an empty bound module that a checkpoint fills. Layouts whose stored
+    sizes depend on the values (block sparsity's blocks, low rank by ``tol``, ``@auto``) cannot."""
+    n, k = w.shape
+    kind, kw = layout.kind, dict(layout.kwargs)
+    if kind == "sparse" and "block" in kw:
+        raise CallError(f"'{name}' [{n}, {k}] with {layout}: how many blocks it stores depends on the weight's "
+                        f"values, so it cannot be bound empty; bind the weight itself")
+    if kind == "lowrank":
+        if "rank" not in kw:
+            raise CallError(f"'{name}' [{n}, {k}] with {layout}: the rank depends on the weight's values, so it "
+                            f"cannot be bound empty; give the rank (@lowrank(rank=R)) or bind the weight itself")
+        check(layout, name, n, k)
+        r = kw["rank"]
+        return {"u": torch.empty(n, r, dtype=w.dtype, device="meta"), "v": torch.empty(r, k, dtype=w.dtype, device="meta")}
+    return pack(layout, w.to("meta"), name)      # the packing arithmetic on meta tensors: shapes only
+
+
 def pack(layout: Layout, w: torch.Tensor, name: str = "w") -> dict[str, torch.Tensor]:
     if w.dim() != 2:
         raise CallError(f"'{name}': layouts pack 2-D weights, got shape {list(w.shape)}")

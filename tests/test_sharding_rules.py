@@ -108,6 +108,22 @@ RULE_SPECS = {
     "take_topk": "op f(x: f32[M, K]) -> f32[M, 2] { v, i = topk(x, k=2); return take(x * x, i, axis=1) }",
     "linear_in_partial": "op f(x: f32[M, K], w: f32[N, K], s: f32[N]) -> f32[M, N] { return -(x @ w.T) * s / 2.0 - x @ w.T }",
     "arange_bias": "op f(x: f32[M, K]) -> f32[M, K] { return x + cast(arange(K), f32)[None, :] }",
+    # review: soundness probes (the first five expose wrong rules; see the review report)
+    "cast_partial_to_int": "op f(x: f32[M, K], w: f32[N, K]) -> i32[M, N] { return cast(x @ w.T, i32) }",
+    "cast_partial_to_bool": "op f(x: f32[M, K], w: f32[N, K]) -> f32[M, N] { return cast(cast(x @ w.T, bool), f32) }",
+    "int_partial_widened": "op f(x: i8[M, K]) -> i32[M] { return cast(sum(x, axis=1), i32) }",
+    "attention_q_lower_rank": "op f(q: f32[S, D], k: f32[B, T, D], v: f32[B, T, D]) -> f32[S, D] { return sum(softmax(q @ k.T, axis=-1) @ v, axis=0) }",
+    "attention_mod_v_higher_rank": "op f(q: f32[S, D], k: f32[T, D], v: f32[B, T, D]) -> f32[S, D] { return sum(softmax(tanh(q @ k.T), axis=-1) @ v, axis=0) }",
+    "expand_of_partial_bwd": "op f(x: f32[M, K], y: f32[M, K]) -> f32[M, K] { return sum(x, axis=1, keepdim=true) * y }",
+    # review: probes that pass (kept as coverage)
+    "row_vector_matmul": "op f(v: f32[K], a: f32[B, K, N]) -> f32[B, N] { return v @ a }",
+    "batch_broadcast_matmul": "op f(a: f32[B, 1, M, K], b: f32[S, K, N]) -> f32[B, S, M, N] { return a @ b }",
+    "gather_cols": "op f(emb: f32[V, D], ids: i32[B, T]) -> f32[B, T, D] { return emb[ids] }",
+    "attention_batched": "op f(q: f32[B, S, D], k: f32[B, T, D], v: f32[B, T, D]) -> f32[B, S, D] { return softmax(q @ k.T * 0.5, axis=-1) @ v }",
+    "attention_mod_cols": "op f(q: f32[S, D], k: f32[T, D], v: f32[T, N]) -> f32[S, N] { return softmax(tanh(q @ k.T), axis=-1) @ v }",
+    "merge_leading_split_back": "op f(x: f32[S, D, N]) -> f32[S, D, N] { return reshape(reshape(x, [S, D * N]) * 2.0, [S, D, N]) }",
+    "permute_within": "op f(x: f32[B, S, D]) -> f32[D, B, S] { return reshape(transpose(reshape(x, [B * S, D]), 0, 1), [D, B, S]) }",
+    "cumsum_of_partial": "op f(x: f32[M, K], w: f32[N, K]) -> f32[M, N] { return cumsum(-(x @ w.T) / 3.0, axis=1) }",
 }
 RULE_SIZES = dict(M=5, K=7, N=3, B=3, S=5, D=6, V=9, T=4)
 
