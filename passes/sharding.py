@@ -202,7 +202,24 @@ def transfer(n: Node, ins: list[State], s: str) -> list[State]:
     if all(x is REP for x in ins) and n.op not in MENTION_OK:
         return [REP] * len(n.outputs)
     out = rule(n, ins, s)
-    return out if isinstance(out, list) else [out] * len(n.outputs)
+    out = out if isinstance(out, list) else [out] * len(n.outputs)
+    return [_partial_ok(n, v, st, s) for v, st in zip(n.outputs, out)]
+
+
+# a partial sum must be a float the ranks' pieces add up to: not an integer (each rank's sum wraps
+# on its own, or is truncated, before the ranks' are added), not e4m3 (3 mantissa bits), and not
+# a value that still has the split axis (the ranks' pieces have different sizes there)
+PARTIAL_DTYPES = {"f16", "bf16", "f32", "f64"}
+
+
+def _partial_ok(n: Node, v: Value, st, s: str):
+    if st is not PARTIAL:
+        return st
+    if not isinstance(v.type, TensorType) or str(v.type.dtype) not in PARTIAL_DTYPES:
+        return Whole(f"{_where(n)} would give a partial sum in {v.type.dtype if isinstance(v.type, TensorType) else v.type}")
+    if s in free_symbols(list(v.type.shape)):
+        return Whole(f"{_where(n)} gives a partial sum that still has the axis {s}")
+    return st
 
 
 def _no_rule(n, ins, s):
@@ -521,6 +538,8 @@ def _attention(n, ins, s):
     R = _rank(n.inputs[0])
     if any(x is PARTIAL or isinstance(x, Shard) and x.within is not None for x in ins):
         return Whole(f"{_where(n)} of a partial sum or a merged axis")
+    if any(_rank(v) != R for v in list(n.inputs[:3]) + list(n.outputs[:3 if bwd else 1])):
+        return Whole(f"{_where(n)} broadcasts its operands' batch axes")
 
     def mapped(i, val, x):      # the operand's split axis in q's coordinates
         return x.axis if bwd and i in (3, 4) else x.axis + R - _rank(val)
@@ -544,6 +563,8 @@ def _attention_mod(n, ins, s):
     R = _rank(n.inputs[0])
     if any(x is PARTIAL or isinstance(x, Shard) and x.within is not None for x in ins):
         return Whole(f"{_where(n)} of a partial sum or a merged axis")
+    if any(_rank(x) != R for x in list(n.inputs) + list(n.outputs[:1])):
+        return Whole(f"{_where(n)} broadcasts its operands' batch axes")
     if isinstance(sc, Shard) and sc.axis == R - 1 or isinstance(v, Shard) and v.axis == R - 2:
         return Whole(f"{_where(n)} attends along {s}")
     axes = {x.axis + R - _rank(val) for val, x in zip(n.inputs, ins) if isinstance(x, Shard)}

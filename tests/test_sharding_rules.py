@@ -115,6 +115,8 @@ RULE_SPECS = {
     "attention_q_lower_rank": "op f(q: f32[S, D], k: f32[B, T, D], v: f32[B, T, D]) -> f32[S, D] { return sum(softmax(q @ k.T, axis=-1) @ v, axis=0) }",
     "attention_mod_v_higher_rank": "op f(q: f32[S, D], k: f32[T, D], v: f32[B, T, D]) -> f32[S, D] { return sum(softmax(tanh(q @ k.T), axis=-1) @ v, axis=0) }",
     "expand_of_partial_bwd": "op f(x: f32[M, K], y: f32[M, K]) -> f32[M, K] { return sum(x, axis=1, keepdim=true) * y }",
+    "unslice_of_partial_bwd": "op f(x: f32[M, K], y: i32[M, K]) -> f32[M, K] { return x[:, 0:1] * cast(y, f32) }",
+    "int_partial_true_div": "op f(x: i8[M, K]) -> f32[M] { return sum(x, axis=1) / 2 }",
     # review: probes that pass (kept as coverage)
     "row_vector_matmul": "op f(v: f32[K], a: f32[B, K, N]) -> f32[B, N] { return v @ a }",
     "batch_broadcast_matmul": "op f(a: f32[B, 1, M, K], b: f32[S, K, N]) -> f32[B, S, M, N] { return a @ b }",
@@ -248,3 +250,12 @@ def test_mixed_rule_has_its_own_words():
     assert rule.of("M").kind == "mixed"
     line = next(x for x in rule.text().splitlines() if x.startswith("M:"))
     assert line.startswith("M: survives in some results, partial sums in others:"), line
+
+
+def test_partial_sums_that_would_not_add_up_are_refused():
+    """Found by review: each of these was once called a partial sum (and the oracle failed)."""
+    why = {gid: S.sharding_rule(g) for gid, g, _, _ in GRAPHS}
+    assert "partial sum in i32" in why["rules.cast_partial_to_int.f"].of("K").why
+    assert "partial sum in i8" in why["rules.int_partial_widened.f"].of("K").why
+    assert "broadcasts its operands' batch axes" in why["rules.attention_q_lower_rank.f"].of("S").why
+    assert "still has the axis K" in why["rules.expand_of_partial_bwd.f.bwd"].of("K").why
