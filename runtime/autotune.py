@@ -17,6 +17,8 @@ OPFORGE_AUTOTUNE=0 uses the heuristic choice and each step's first applicable al
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
 import os
 import sys
@@ -228,16 +230,19 @@ class Autotuner:
             return cfg
         if tracing:
             return heuristic_config(k, bindings, self.limits)
-        cfg, report = self.tune(k, bindings, lambda c: _launcher(fn, grid_of(launch, bindings, c), args, c, reset),
-                                args=args, entry=entry, share=share)
-        self.reports.append(report)
-        if cfg is None:
-            cfg = heuristic_config(k, bindings, self.limits)
-        elif share is None or share.rank == 0:
-            data = self.cache.read_json(entry, TUNED)
-            data[key] = {"values": list(cfg.values), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                         "ms": report.best_ms}
-            self.cache.write_json(entry, TUNED, data)
+        with self._tuning(entry, key, share) as stored:
+            cfg = stored_config(k, stored)             # another process tuned it while we waited
+            if cfg is None:
+                cfg, report = self.tune(k, bindings, lambda c: _launcher(fn, grid_of(launch, bindings, c), args, c, reset),
+                                        args=args, entry=entry, share=share)
+                self.reports.append(report)
+                if cfg is None:
+                    cfg = heuristic_config(k, bindings, self.limits)
+                elif share is None or share.rank == 0:
+                    data = self.cache.read_json(entry, TUNED)
+                    data[key] = {"values": list(cfg.values), "num_warps": cfg.num_warps,
+                                 "num_stages": cfg.num_stages, "ms": report.best_ms}
+                    self.cache.write_json(entry, TUNED, data)
         self._memo[memo_key] = cfg
         return cfg
 
@@ -253,6 +258,14 @@ class Autotuner:
         if index is not None:
             self._memo[memo_key] = index
             return index
+        with self._tuning(entry, key, share) as stored:
+            index = stored_index(stored, len(launches))
+            if index is None:
+                index = self._time_alternatives(launches, entry, key, make_run, share)
+        self._memo[memo_key] = index
+        return index
+
+    def _time_alternatives(self, launches, entry: Path, key: str, make_run, share) -> int:
         times = []
         for i in share.mine(len(launches)) if share else range(len(launches)):
             lnch = launches[i]
@@ -269,8 +282,28 @@ class Autotuner:
             data[key] = {"index": best, "kernels": [" then ".join(k.name for k in launches[best].kernels)],
                          "ms": [t for t, _ in sorted(times, key=lambda x: x[1])]}
             self.cache.write_json(entry, TUNED, data)
-        self._memo[memo_key] = best
         return best
+
+    @contextlib.contextmanager
+    def _tuning(self, entry: Path, key: str, share):
+        """Held while this process tunes ``key`` of ``entry``: the cache's lock for them, so other
+        processes on this cache wait and then read the winner (yielded: what is stored once the
+        lock is ours). Under collective sharing the ranks agree by collectives instead."""
+        if share is not None or self.cache is None or not hasattr(self.cache, "lock"):
+            yield None
+            return
+        from filelock import Timeout
+        from .tune_share import TUNE_LOCK_TIMEOUT_S
+        lock = self.cache.lock(f"tune-{entry.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
+        try:
+            lock.acquire(timeout=TUNE_LOCK_TIMEOUT_S)
+        except Timeout:          # a stale lock (a soft lock left by a killed process): tune anyway
+            yield None
+            return
+        try:
+            yield self.cache.read_json(entry, TUNED).get(key)
+        finally:
+            lock.release()
 
     def _stored(self, entry: Path, key: str, share):
         """The persisted choice for ``key``: this process's, or rank 0's broadcast to all."""
@@ -285,7 +318,13 @@ class Autotuner:
         report = TuneReport(k.name, bucket(bindings))
         candidates = tuning_candidates(k, bindings, self.limits)
         if self.prune is not None and entry is not None and candidates:
-            dropped = self.prune(k, candidates, args, entry)
+            try:
+                dropped = self.prune(k, candidates, args, entry)
+            except Exception as e:    # pruning is an optimisation: time them all (and never leave
+                # the other ranks waiting in the broadcast below)
+                print(f"opforge autotune: {k.name}: native pruning failed ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200] if str(e) else ''}); timing every candidate", file=sys.stderr)
+                dropped = {}
             report.dropped = [(str(c), why) for c, why in dropped.items()]
             for c, why in report.dropped:
                 print(f"opforge autotune: {k.name}: dropped {c}: {why}", file=sys.stderr)

@@ -45,9 +45,10 @@ def check(layout: Layout, name: str, n: int, k: int) -> None:
 
 def alignment(layout: Layout, axis: int) -> tuple[int, str]:
     """What a shard of a weight with this layout must be a multiple of along ``axis`` (0: N,
-    the rows; 1: K), and why, so each rank packs exactly what one process would: int4 groups
-    along K, 2:4's groups of four along K, block sparsity's blocks along both. Row scales
-    (int8, fp8) and low rank need nothing (each rank's shard gets its own scales or factors)."""
+    the rows; 1: K), and why, so that a shard's groups are those of the whole weight: int4
+    groups along K, 2:4's groups of four along K, block sparsity's blocks along both. Row scales
+    (int8, fp8) and low rank need nothing: each shard gets its own scales or factors (a row
+    split's scales then differ from the whole weight's)."""
     kind, args, kw = layout.kind, layout.args, dict(layout.kwargs)
     if kind == "quant" and args[0] == "int4" and axis == 1:
         return kw["group"], f"its groups of {kw['group']} along K"

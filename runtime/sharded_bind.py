@@ -12,8 +12,10 @@ Which inputs are split, and how, is the op's own sharding rule (passes/sharding.
 symbol; a style the rule refuses is a CallError with the rule's reason (a bias added after the
 contraction makes the row split wrong, so ``linear_int8``'s K cannot be split). A shard must
 hold whole groups of its layout (int4 groups and 2:4's fours along K, blocks of block sparsity,
-runtime/packing.py ``alignment``), so every rank packs what one process would; where DTensor's
-split (torch.chunk) cannot give that, a CallError names the sizes. ``@auto`` chooses per shard
+runtime/packing.py ``alignment``), so its groups are those one process packs; where DTensor's
+split (torch.chunk) cannot give that, a CallError names the sizes. Row scales (int8, fp8) and
+low-rank factors are computed per shard: a column split packs what one process does, a row
+split gives each shard its own scales (at least as precise, not bit-equal). ``@auto`` chooses per shard
 (ranks may choose differently). A DTensor input is redistributed to the placement the rule asks
 for; a plain tensor is taken as this rank's piece already.
 """
@@ -89,7 +91,11 @@ def bind_sharded(op, mesh, style: str, calibration=None, **weights) -> ShardedBo
     first = params[laid[0]]
     if first.value.type.rank != 2:
         raise CallError(f"{op.name}.bind_sharded(): '{first.name}' is not a 2-D weight")
-    symbol = str(first.value.type.shape[STYLES[style]])
+    axis_size = first.value.type.shape[STYLES[style]]
+    if isinstance(axis_size, int):
+        raise CallError(f"{op.name}.bind_sharded(): '{first.name}' has the literal size {axis_size} along the "
+                        f"axis a {style} split divides; give it a size symbol")
+    symbol = str(axis_size)
     rule = rule_of(op).of(symbol)
     wanted = "shard" if style == "column" else "partial"
     if not rule.shardable or rule.kind != wanted:
@@ -114,7 +120,7 @@ def bind_sharded(op, mesh, style: str, calibration=None, **weights) -> ShardedBo
             if bad:
                 raise CallError(f"{op.name}.bind_sharded(): '{name}' {list(w.shape)} split over {world} ranks along "
                                 f"{symbol} gives pieces of {pieces}; {layout} needs each a non-empty multiple of "
-                                f"{step} ({why}) so that every rank packs what one process would")
+                                f"{step} ({why}), so that its groups are those one process packs")
         elif 0 in pieces:
             raise CallError(f"{op.name}.bind_sharded(): '{name}' has {symbol} = {n}, fewer than the {world} ranks")
         local[name] = torch.chunk(w, world, dim=place.axis)[rank]

@@ -1,18 +1,21 @@
-"""Autotuning shared by the ranks of a torch.distributed job.
+"""Autotuning shared by processes: a job's ranks, or any processes using one cache directory.
 
-Every rank of an SPMD job runs the same kernels at the same sizes, so tuning on each is wasted
-(a thousand ranks would time every candidate a thousand times) and, worse, the ranks could pick
-different configurations from noisy timings. When a default process group is initialised with
-more than one rank, the autotuner (runtime/autotune.py) therefore, per kernel and shape bucket:
-- takes rank 0's persisted choice, broadcast to all (the other ranks do not read their cache);
-- otherwise splits the candidates across the ranks, as Inductor's distributed autotuning does:
-  rank r times candidates r, r + world, ...; the timings are gathered and every rank keeps the
-  fastest; only rank 0 persists it (``tuned.json`` in its cache entry).
-So the next run of the job tunes nothing, whether the cache directory is per node or one
-directory on shared storage (OPFORGE_CACHE_DIR; entries are written under the cache's file lock,
-and OPFORGE_CACHE_LOCK=soft uses lock files that work on network filesystems).
-This needs every rank to reach the same untuned kernels in the same order (true of SPMD code);
-OPFORGE_DIST_TUNE=0 makes each rank tune alone (a job whose ranks run different ops).
+By default (no collectives, so nothing can hang): tuning a kernel at a shape bucket holds the
+cache's file lock for that entry and bucket (runtime/cache.py); a process that finds it held
+waits, then takes the persisted winner instead of timing. So the ranks of a node (they share the
+user cache directory) tune each kernel once between them, and a cluster tunes it once if
+``OPFORGE_CACHE_DIR`` is one directory on shared storage (``OPFORGE_CACHE_LOCK=soft`` for a
+network filesystem without ``flock``; a lock held past ``TUNE_LOCK_TIMEOUT_S`` is given up and
+the kernel tuned anyway). Ranks with separate cache directories tune separately and may choose
+differently (the results are the same up to the order of the sums).
+
+``OPFORGE_DIST_TUNE=collective`` adds, when a default process group with more than one rank is
+initialised, tuning by collectives, as Inductor's distributed autotuning does: per kernel and
+bucket, rank 0's persisted choice is broadcast; untuned, rank r times candidates r, r + world,
+...; the timings are gathered and every rank keeps the fastest; only rank 0 persists it. That
+needs every rank to reach the same untuned kernels at the same buckets in the same order:
+strictly SPMD code with the same local sizes on every rank (DTensor's uneven shards break it,
+and so does code that runs some ops on some ranks); otherwise the ranks hang in the collective.
 """
 from __future__ import annotations
 
@@ -46,9 +49,12 @@ class Share:
         return range(self.rank, n, self.world)
 
 
+TUNE_LOCK_TIMEOUT_S = 900.0
+
+
 def current() -> Share | None:
-    """The default process group's share, or None (one process, or OPFORGE_DIST_TUNE=0)."""
-    if os.environ.get("OPFORGE_DIST_TUNE", "1") == "0":
+    """The default process group's share under OPFORGE_DIST_TUNE=collective, else None."""
+    if os.environ.get("OPFORGE_DIST_TUNE", "") != "collective":
         return None
     try:
         import torch.distributed as dist

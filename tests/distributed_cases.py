@@ -351,10 +351,14 @@ class _Fake:
 
 def autotune_agreement(c: Ctx):
     """One GEMM tuned on every rank with a timer that disagrees by rank (rank 0 favours big
-    blocks, the others small ones, as noisy timings would): shared, the ranks time disjoint
-    shares of the candidates and all keep the one fastest; only rank 0 persists it, and a
-    fresh tuner takes it from rank 0 without timing. With OPFORGE_DIST_TUNE=0 each rank tunes
-    alone and they disagree (so the check above can fail)."""
+    blocks, the others small ones, as noisy timings would):
+    - one cache directory for all ranks (a node's user cache, or shared storage): one rank times
+      every candidate under the cache's lock, the others wait and take its winner; all agree;
+    - a directory per rank, OPFORGE_DIST_TUNE=collective: the ranks time disjoint shares of the
+      candidates and all keep the fastest; only rank 0 persists it, and a fresh tuner takes it
+      from rank 0 without timing;
+    - a directory per rank and no collectives: each rank tunes alone, and they disagree (so the
+      checks above can fail)."""
     import torch.distributed as dist
     from opforge.ir.tile import Launch
     from opforge.runtime.autotune import TUNED, Autotuner, Limits, tuning_candidates
@@ -385,28 +389,38 @@ def autotune_agreement(c: Ctx):
             return 1.0 / volume if c.rank == 0 else volume / 1e9
 
     def never(run):
-        raise AssertionError("timed a kernel whose choice rank 0 persisted")
+        raise AssertionError("timed a kernel whose choice was persisted")
     never.fake = _Fake()
+
+    def everyone(x):
+        out = [None] * c.world
+        dist.all_gather_object(out, x)
+        return out
 
     out = {}
     timer = Timer()
-    cfg, persisted = tune(f"own{c.rank}", timer)
-    counts = [None] * c.world
-    dist.all_gather_object(counts, timer.count)
-    chosen = [None] * c.world
-    dist.all_gather_object(chosen, str(cfg))
-    out["shared"] = {"ok": len(set(chosen)) == 1 and sum(counts) == n and persisted == (c.rank == 0),
-                     "message": f"chosen {chosen}, timed {counts} of {n}, persisted here: {persisted}"}
-    again, _ = tune(f"own{c.rank}", never)
-    out["reused"] = {"ok": str(again) == str(cfg), "message": f"{again} after {cfg}"}
-    shared, _ = tune("shared", Timer())          # one cache directory for all ranks
-    out["shared directory"] = {"ok": str(shared) == str(cfg), "message": f"{shared}"}
-    os.environ["OPFORGE_DIST_TUNE"] = "0"
+    cfg, _ = tune("shared", timer)
+    chosen, counts = everyone(str(cfg)), everyone(timer.count)
+    out["shared directory"] = {"ok": len(set(chosen)) == 1 and sorted(counts) == [0] * (c.world - 1) + [n],
+                               "message": f"chosen {chosen}, timed {counts} of {n}"}
+    again, _ = tune("shared", never)
+    out["shared directory, reused"] = {"ok": str(again) == str(cfg), "message": f"{again} after {cfg}"}
+
+    os.environ["OPFORGE_DIST_TUNE"] = "collective"
     try:
-        alone, _ = tune(f"alone{c.rank}", Timer())
+        timer = Timer()
+        cfg, persisted = tune(f"own{c.rank}", timer)
+        chosen, counts = everyone(str(cfg)), everyone(timer.count)
+        out["collective"] = {"ok": len(set(chosen)) == 1 and sum(counts) == n and max(counts) <= -(-n // c.world)
+                             and persisted == (c.rank == 0),
+                             "message": f"chosen {chosen}, timed {counts} of {n}, persisted here: {persisted}"}
+        again, _ = tune(f"own{c.rank}", never)
+        out["collective, reused"] = {"ok": str(again) == str(cfg), "message": f"{again} after {cfg}"}
     finally:
         del os.environ["OPFORGE_DIST_TUNE"]
-    dist.all_gather_object(chosen, str(alone))
+    dist.barrier()
+    alone, _ = tune(f"alone{c.rank}", Timer())
+    chosen = everyone(str(alone))
     out["alone"] = {"ok": len(set(chosen)) > 1, "message": f"each rank alone chose {chosen}"}
     return out
 

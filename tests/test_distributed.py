@@ -122,6 +122,7 @@ def test_bound_layers_split_across_ranks(world2):
     for rank in world2:
         rec = rank["bound_layers_sharded"]
         assert "multiple of 64 (its groups of 64 along K)" in rec["int4 misaligned"]["message"]
+        assert "groups are those one process packs" in rec["int4 misaligned"]["message"]
         assert "multiple of 4 (its groups of four along K)" in rec["2:4 misaligned"]["message"]
         assert "not linear in a partial sum over K" in rec["row with a bias"]["message"]
 
