@@ -156,6 +156,14 @@ class ParamDecl:
 
 
 @dataclass(frozen=True)
+class TypeParam:
+    """A dtype variable of an op: ``T: f16 | bf16`` (``dtypes`` None: every float dtype)."""
+    name: Ident
+    dtypes: Optional[tuple[Ident, ...]]
+    span: Span
+
+
+@dataclass(frozen=True)
 class OpDecl:
     name: Ident
     params: tuple[ParamDecl, ...]
@@ -165,6 +173,7 @@ class OpDecl:
     span: Span
     body_span: Span
     calls: tuple[Ident, ...] = ()     # the function of every call in the body, innermost first
+    type_params: tuple[TypeParam, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ first; a cycle of calls is an error at the call that closes it.
 """
 from __future__ import annotations
 
+import itertools
 import re
 import sys
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from ..ir import registry
 from ..ir.dims import Dim, Sym, div, format_shape, subst
 from ..ir.prims_shape import slice_size
-from ..ir.graph import Attrs, Graph, Node, Param, Program, Source, Span, Value, collector_paused
+from ..ir.graph import Attrs, Generic, Graph, Node, Param, Program, Source, Span, Value, collector_paused
 from ..ir.registry import Arg, RuleError
 from ..ir.types import SPEC_DTYPES, DType, ScalarType, TensorType, Type
 from . import ast as A
@@ -141,14 +142,70 @@ def build_program(module: A.ModuleDecl, source: Source, namespace: str) -> Progr
     limit = sys.getrecursionlimit()
     if limit < RECURSION_LIMIT:
         sys.setrecursionlimit(RECURSION_LIMIT)
+    generics: dict[str, Generic] = {}
     try:
         with collector_paused():
             for name in order:
-                graphs[name] = OpBuilder(decls[name], graphs, decls).build()
+                decl = decls[name]
+                if not decl.type_params:
+                    graphs[name] = OpBuilder(decl, graphs, decls, generics=generics).build()
+                    continue
+                info = generics[name] = generic_of(decl)
+                for combo, inst in info.instances.items():
+                    env = dict(zip(info.variables, combo))
+                    try:
+                        graphs[inst] = OpBuilder(decl, graphs, decls, type_env=env, name=inst,
+                                                 generics=generics).build()
+                    except SpecError as e:
+                        binding = ", ".join(f"{v} = {d}" for v, d in env.items())
+                        raise SpecError(f"with {binding}: {e.message}", e.span, e.hint) from None
     finally:
         if limit < RECURSION_LIMIT:
             sys.setrecursionlimit(limit)
-    return Program(namespace, source, {n: graphs[n] for n in decls})
+    ordered = {}
+    for n in decls:
+        for inst in (generics[n].instances.values() if n in generics else (n,)):
+            ordered[inst] = graphs[inst]
+    return Program(namespace, source, ordered, generics)
+
+
+FLOAT_DTYPES = (DType.f16, DType.bf16, DType.f32)    # <T> alone: every float dtype a spec computes in
+
+
+def generic_of(decl: A.OpDecl) -> Generic:
+    """A dtype-generic op's variables, the dtypes each admits, its instances (one graph per
+    binding, named op__f16 or op__f16_f32) and, per variable, the parameter it is read from."""
+    names: list[str] = []
+    admitted = []
+    for tp in decl.type_params:
+        check_not_keyword(tp.name, "a dtype variable")
+        if tp.name.text in SPEC_DTYPES:
+            raise SpecError(f"'{tp.name.text}' is a dtype; a dtype variable needs another name", tp.name.span,
+                            "for example T")
+        if tp.name.text in names:
+            raise SpecError(f"dtype variable '{tp.name.text}' is declared twice", tp.name.span)
+        dts = tuple(parse_dtype(d) for d in tp.dtypes) if tp.dtypes else FLOAT_DTYPES
+        if len(set(dts)) != len(dts):
+            raise SpecError(f"'{tp.name.text}' lists a dtype twice", tp.span)
+        names.append(tp.name.text)
+        admitted.append(dts)
+    typed = []
+    for v, tp in zip(names, decl.type_params):
+        ps = tuple(p.name.text for p in decl.params if p.type.dims is not None and p.type.dtype.text == v)
+        if not ps:
+            raise SpecError(f"dtype variable '{v}' is not the dtype of any tensor parameter", tp.name.span,
+                            f"it is bound from the arguments: give a parameter the type {v}[...]")
+        typed.append(ps)
+    combos = list(itertools.product(*admitted))
+    if len(combos) > MAX_INSTANCES:
+        raise SpecError(f"op '{decl.name.text}' has {len(combos)} dtype bindings, more than {MAX_INSTANCES}",
+                        decl.type_params[0].span, "admit fewer dtypes per variable")
+    instances = {c: f"{decl.name.text}__{'_'.join(str(d) for d in c)}" for c in combos}
+    return Generic(decl.name.text, tuple(names), tuple(admitted), tuple(ps[0] for ps in typed), instances,
+                   tuple(typed))
+
+
+MAX_INSTANCES = 16
 
 
 def call_order(decls: dict[str, A.OpDecl]) -> list[str]:
@@ -202,6 +259,13 @@ def _builtins() -> dict:
     return _BUILTINS[1]
 
 
+def signature_of_decl(decl: A.OpDecl) -> str:
+    """``rms_norm<T: f16 | f32>(x, w, eps)``, for hints."""
+    tps = ", ".join(tp.name.text + (": " + " | ".join(d.text for d in tp.dtypes) if tp.dtypes else "")
+                    for tp in decl.type_params)
+    return f"{decl.name.text}<{tps}>({', '.join(p.name.text for p in decl.params)})"
+
+
 def signature(g: Graph) -> str:
     """``name(x: f16[M, K], eps: f32)``, for hints."""
     return f"{g.name}({', '.join(f'{p.name}: {p.value.type}' for p in g.params)})"
@@ -233,8 +297,16 @@ def _divisions(g: Graph) -> tuple:
 
 # -- one op -------------------------------------------------------------------------------------
 class OpBuilder:
-    def __init__(self, decl: A.OpDecl, graphs: dict[str, Graph], decls: dict[str, A.OpDecl]):
+    def __init__(self, decl: A.OpDecl, graphs: dict[str, Graph], decls: dict[str, A.OpDecl], *,
+                 type_env: dict[str, DType] | None = None, name: str | None = None,
+                 generics: dict[str, Generic] | None = None):
+        """``type_env``: the dtype variables' binding of this instance, named ``name``;
+        ``generics``: the dtype-generic ops built so far (a call picks an instance)."""
         self.decl = decl
+        self.type_env = type_env or {}
+        self.graph_name = name or decl.name.text
+        self.generics = generics if generics is not None else {}
+        self._given: dict[int, Value] = {}      # call arguments already evaluated (a generic call)
         self.graphs = graphs            # callees already built
         self.decls = decls
         self.nodes: list[Node] = []
@@ -274,7 +346,7 @@ class OpBuilder:
             raise SpecError(f"op '{self.decl.name.text}' has no return statement", self.decl.body_span,
                             "end the body with: return EXPR")
         results = self.check_results(outputs, exprs, ret)
-        g = Graph(self.decl.name.text, tuple(params), tuple(self.nodes), tuple(outputs), tuple(results),
+        g = Graph(self.graph_name, tuple(params), tuple(self.nodes), tuple(outputs), tuple(results),
                   self.decl.tuple_result or len(results) > 1, self.decl.span)
         return g
 
@@ -286,7 +358,7 @@ class OpBuilder:
             check_not_keyword(p.name, "a parameter")
             if name in self.env:
                 raise SpecError(f"parameter '{name}' is declared twice", p.name.span)
-            dtype = parse_dtype(p.type.dtype)
+            dtype = self.dtype(p.type.dtype)
             if p.type.dims is not None:
                 dims = []
                 for d in p.type.dims:
@@ -297,6 +369,9 @@ class OpBuilder:
                     else:
                         if d.value in SPEC_DTYPES:
                             raise SpecError(f"'{d.value}' is a dtype, not a size", d.span)
+                        if d.value in self.type_env:
+                            raise SpecError(f"'{d.value}' is a dtype variable, not a size", d.span,
+                                            "give the size another name")
                         check_not_keyword(A.Ident(d.value, d.span), "a size")
                         self.symbols.setdefault(d.value, d.span)
                         dims.append(Sym.of(d.value))
@@ -416,7 +491,7 @@ class OpBuilder:
             raise SpecError(msg, ret.span, f"the op declares -> {'(' * (n > 1)}{decl_text}{')' * (n > 1)}")
         types = []
         for i, (v, d, e) in enumerate(zip(outputs, declared, exprs)):
-            dtype = parse_dtype(d.dtype)
+            dtype = self.dtype(d.dtype)
             if d.dims is None:
                 raise SpecError("an op returns tensors; declare a shape, e.g. f32[] for a 0-d result",
                                 d.span)
@@ -501,8 +576,9 @@ class OpBuilder:
             return self.env[e.id][0]
         if e.id in self.symbols:
             return self.dim_value(e.id, e.span)
-        if e.id in SPEC_DTYPES:
-            raise SpecError(f"'{e.id}' is a dtype, not a value", e.span,
+        if e.id in SPEC_DTYPES or e.id in self.type_env:
+            what = "a dtype variable" if e.id in self.type_env else "a dtype"
+            raise SpecError(f"'{e.id}' is {what}, not a value", e.span,
                             f"to convert a value write cast(x, {e.id})")
         if e.id == "None":
             raise SpecError("None is only allowed inside [ ] (a new axis)", e.span)
@@ -617,10 +693,36 @@ class OpBuilder:
         operands = [self.value(x) for x in operand_exprs]
         return self.emit(prim.name, operands, attrs, e.span, operand_exprs, sites)
 
+    def dtype(self, ident: A.Ident) -> DType:
+        """A dtype name, or a dtype variable of this op bound in this instance."""
+        if ident.text in self.type_env:
+            return self.type_env[ident.text]
+        return parse_dtype(ident)
+
+    def instance_called(self, e: A.Call) -> Graph:
+        """A call of a dtype-generic op: the instance its arguments' dtypes pick."""
+        info = self.generics[e.func.text]
+        decl = self.decls[e.func.text]
+        names = [p.name.text for p in decl.params]
+        given = dict(zip(names, e.args))
+        given.update({kw.name.text: kw.value for kw in e.kwargs})
+        combo = []
+        for var, param, admitted in zip(info.variables, info.sources, info.dtypes):
+            x = given.get(param)
+            if x is None:
+                raise SpecError(f"'{e.func.text}' needs the argument '{param}'", e.span, signature_of_decl(decl))
+            v = self._given[id(x)] = self.value(x)
+            dt = v.type.dtype
+            if dt not in admitted:
+                raise SpecError(f"'{e.func.text}' takes {var} = {' | '.join(map(str, admitted))}; '{param}' is {v.type}",
+                                x.span, cast_text(x, admitted[0]))
+            combo.append(dt)
+        return self.graphs[info.instances[tuple(combo)]]
+
     def call_op(self, e: A.Call) -> list[Value]:
         """A call of another op: unify its size symbols with the arguments' shapes."""
-        callee = self.graphs[e.func.text]
         fname = e.func.text
+        callee = self.instance_called(e) if fname in self.generics else self.graphs[fname]
         names = [p.name for p in callee.params]
         described = signature(callee)
         given: dict[str, A.Expr] = {}
@@ -646,7 +748,7 @@ class OpBuilder:
                 inputs.append(self.const(p.default, p.value.type.dtype, e.span))
                 continue
             x = given[p.name]
-            v = self.value(x)
+            v = self._given.pop(id(x)) if id(x) in self._given else self.value(x)
             want = p.value.type
             if isinstance(want, TensorType):
                 if not isinstance(v.type, TensorType):
@@ -685,7 +787,7 @@ class OpBuilder:
         self.check_substitution(callee, mapping, e)
         out_types = [TensorType(t.dtype, tuple(subst(d, mapping) for d in t.shape)) for t in callee.result_types]
         outs = [Value(t) for t in out_types]
-        attrs = Attrs({"callee": fname, "sizes": tuple(sorted(mapping.items()))})
+        attrs = Attrs({"callee": callee.name, "sizes": tuple(sorted(mapping.items()))})
         self.nodes.append(Node("call", tuple(inputs), attrs, tuple(outs), e.span))
         return outs
 
@@ -745,7 +847,7 @@ class OpBuilder:
         if kind == "dtype":
             if not isinstance(x, A.Name):
                 raise SpecError(f"'{a.name}' of '{fname}' must be a dtype such as f32", x.span)
-            return parse_dtype(A.Ident(x.id, x.span))
+            return self.dtype(A.Ident(x.id, x.span))
         if kind == "dim":
             return self.static_dim(x)
         if kind == "dims":

@@ -80,13 +80,22 @@ class ToAst:
         return A.ModuleDecl(tuple(children))
 
     def op_def(self, ext, children):
-        name, *rest = children
+        name, type_params, *rest = children
         *params, result, body = rest
         params = tuple(p for p in params if p is not None)
         results, is_tuple = result
         stmts, body_span = body
         calls, self.calls = tuple(self.calls), []
-        return A.OpDecl(self._tok(name), params, results, is_tuple, stmts, self._span(ext), body_span, calls)
+        return A.OpDecl(self._tok(name), params, results, is_tuple, stmts, self._span(ext), body_span, calls,
+                        tuple(type_params or ()))
+
+    def type_params(self, ext, children):
+        return [c for c in children if c is not None]
+
+    def type_param(self, ext, children):
+        name, *dtypes = children
+        dtypes = [d for d in dtypes if d is not None]
+        return A.TypeParam(self._tok(name), tuple(self._tok(d) for d in dtypes) if dtypes else None, self._span(ext))
 
     def param(self, ext, children):
         name, dtype, shape, layout, default = children

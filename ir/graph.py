@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from .dims import free_symbols
-from .types import ScalarType, TensorType, Type
+from .types import DType, ScalarType, TensorType, Type
 
 
 @dataclass(frozen=True)
@@ -226,16 +226,34 @@ fmt_attr = _fmt_attr
 @dataclass(frozen=True, eq=False)
 class Program:
     """All ops of one spec file, in definition order; ``namespace`` names their torch.library
-    namespace (the file's stem unless given)."""
+    namespace (the file's stem unless given). A dtype-generic op has one graph per binding of
+    its dtype variables (``rms_norm__f16``, ...), listed in ``generics`` under its own name."""
     namespace: str
     source: Source
     graphs: dict[str, Graph]
+    generics: dict[str, "Generic"] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> Graph:
         return self.graphs[name]
 
     def replace_graphs(self, graphs: dict[str, Graph]) -> "Program":
-        return Program(self.namespace, self.source, graphs)
+        return Program(self.namespace, self.source, graphs, self.generics)
+
+
+@dataclass
+class Generic:
+    """A dtype-generic op (``op rms_norm<T: f16 | bf16 | f32>(...)``): its dtype variables, the
+    dtypes each admits, the tensor parameter each is read from at a call, and the graph name of
+    each binding (a tuple of dtypes, one per variable)."""
+    name: str
+    variables: tuple[str, ...]
+    dtypes: tuple[tuple[DType, ...], ...]
+    sources: tuple[str, ...]
+    instances: dict[tuple, str]
+    typed: tuple[tuple[str, ...], ...] = ()     # per variable, every tensor parameter of that dtype
+
+    def instance_name(self, *dtypes) -> str | None:
+        return self.instances.get(tuple(dtypes))
 
 
 @contextlib.contextmanager

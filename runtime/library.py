@@ -207,3 +207,28 @@ def register_composite(namespace: str, g: Graph, compiled) -> Callable:
     _IMPLS[qual] = compiled
     _SCHEMAS[qual] = (schema, "composite")
     return getattr(getattr(torch.ops, namespace), g.name)
+
+
+def register_generic(namespace: str, g: Graph, generic) -> Callable:
+    """Register (or re-point) ``namespace::g.name`` for a dtype-generic op: CompositeImplicitAutograd,
+    its implementation ``generic.dispatch`` (runtime/generic.py), which calls the registered op of
+    the binding the arguments' dtypes pick."""
+    qual = f"{namespace}::{g.name}"
+    schema = schema_of(g)
+    if qual in _SCHEMAS:
+        _same_schema(qual, schema)
+        _IMPLS[qual] = generic
+        return getattr(getattr(torch.ops, namespace), g.name)
+    names = [p.name for p in g.params]
+    defaults = {p.name: p.default for p in g.params if p.has_default}
+
+    def impl(*args, **kwargs):
+        full = list(args) + [kwargs[n] if n in kwargs else defaults[n] for n in names[len(args):]]
+        return _IMPLS[qual].dispatch(full)
+
+    lib = library_of(namespace)
+    lib.define(f"{g.name}{schema}")
+    lib.impl(g.name, impl, "CompositeImplicitAutograd")
+    _IMPLS[qual] = generic
+    _SCHEMAS[qual] = (schema, "generic")
+    return getattr(getattr(torch.ops, namespace), g.name)

@@ -463,7 +463,7 @@ def compile_module(path_or_source, namespace: str | None = None, *, dtype: str |
     key = plan_cache.key(source.text, source.name, namespace, dtype, ops) if plan_cache.enabled() else None
     stored = plan_cache.load(cache.root, key) if key is not None else None
     if stored is not None:
-        ns, built = stored["namespace"], stored["ops"]
+        ns, built, program = stored["namespace"], stored["ops"], stored.get("program")
     else:
         from ..frontend import get_op
         from ..frontend.build import build_program
@@ -473,20 +473,45 @@ def compile_module(path_or_source, namespace: str | None = None, *, dtype: str |
         program = build_program(parse(source), source, namespace or default_ns)
         ns, built = program.namespace, []
         ctx = PassContext(program=program)
-        for name in ops or list(program.graphs):
+        instances = {n for info in program.generics.values() for n in info.instances.values()}
+        for name in ops or [n for n in program.graphs if n not in instances] + list(program.generics):
+            if name in program.generics:
+                continue         # compiled per binding at first use (runtime/generic.py)
             get_op(program, name)
             g = prepared_graph(program, name, dtype, ctx)
             built.append((name, g, *fuse_and_plan(kernel_graph(g))))
+        if not program.generics:
+            program = None       # only generic ops need the program after this
     compiled: dict[str, Any] = {}
     for name, g, fused, plan in built:
         # from stored plans the kernels load at first use: their sources were made then
         compiled[name] = CompiledOp(ns, g, fused, cache, mode, plan, preload=stored is None)
         compiled[name].default_sizes = shapes
+    if program is not None:
+        from .generic import GenericOp
+        ctx = PassContext(program=program)
+        for name, info in program.generics.items():
+            if ops and name not in ops:
+                continue
+            from ..ir.types import SPEC_DTYPES
+            default = SPEC_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+            compiled[name] = GenericOp(ns, info, program.graphs,
+                                       functools.partial(_compile_instance, program, ctx, cache, mode), default)
+            compiled[name].default_sizes = shapes
     if stored is None and key is not None:
-        plan_cache.store(cache.root, key, {"namespace": ns, "ops": built})
+        plan_cache.store(cache.root, key, {"namespace": ns, "ops": built, "program": program})
     from .export import remember
     remember(ns, source.text, source.name, dtype, list(compiled), registration)
     return CompiledModule(ns, compiled, source.name)
+
+
+def _compile_instance(program, ctx, cache, mode, name: str) -> CompiledOp:
+    """One binding of a dtype-generic op, through the whole pipeline (runtime/generic.py)."""
+    from ..passes.pipeline import kernel_graph, prepared_graph
+    from ..passes.plan import fuse_and_plan
+    g = prepared_graph(program, name, None, ctx)
+    fused, plan = fuse_and_plan(kernel_graph(g))
+    return CompiledOp(program.namespace, g, fused, cache, mode, plan)
 
 
 def _digest(key) -> str:
