@@ -150,7 +150,8 @@ def _show_native(file, op, stage, shape, target, kernel):
     missing = [s for s in op.graph.symbols if s not in sizes]
     if missing:
         raise CallError(f"{op.name}: give the sizes {', '.join(missing)} with --shape")
-    cases = [c for c in op_cases(op, {s: sizes[s] for s in op.graph.symbols}, [target_of(target)], which="heuristic")
+    from .runtime.sizes import size_bindings
+    cases = [c for c in op_cases(op, size_bindings(op.graph, sizes), [target_of(target)], which="heuristic")
              if kernel is None or kernel in c.kernel.name]
     for c, r in zip(cases, NativeCompiler(op.cache).compile([c.job for c in cases])):
         head = f"{c.kernel.name} for {r.target} at {c.config} ({', '.join(f'{k}={v}' for k, v in c.bindings)})"

@@ -74,7 +74,8 @@ def example_calls(files=None):
             g = op.graph
             if any(s not in shapes for s in g.symbols):
                 continue
-            bindings = {s: shapes[s] for s in g.symbols}
+            from ..runtime.sizes import size_bindings
+            bindings = size_bindings(g, shapes)
             ins = random_inputs(g, bindings, seed=0, device=str(_device()))
             if any(p.layout is not None for p in g.params):
                 layer = op.bind(**{p.name: ins[p.name] for p in g.params if p.layout is not None})

@@ -58,7 +58,8 @@ def workload_traffic(name: str, spec: str, op_name: str, sizes: dict, weights: t
     op = getattr(mod, op_name)
     if weights:
         op, _ = packed_op(op, weights, sizes)       # its bound parameters are the weights
-    return op_traffic(op, {s: sizes[s] for s in op.graph.symbols})
+    from ..runtime.sizes import size_bindings
+    return op_traffic(op, size_bindings(op.graph, sizes))
 
 
 def measure(only: str | None = None, decode: bool = True) -> dict:

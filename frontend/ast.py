@@ -121,7 +121,7 @@ class Return:
 
 @dataclass(frozen=True)
 class DimDecl:
-    value: str | int
+    value: Any          # a size symbol (str), an integer, or size arithmetic (an Expr)
     span: Span
 
 

@@ -353,6 +353,11 @@ class OpBuilder:
     # -- parameters ----------------------------------------------------------------------------
     def params(self) -> list[Param]:
         out = []
+        # an integer scalar parameter may be used as a size (reshape(x, [B, S, heads, -1])):
+        # bound at the call from its value, like a symbol from a shape
+        self.scalar_sizes = {p.name.text for p in self.decl.params if p.type.dims is None
+                             and p.type.dtype.text in ("i64", "i32", "i8", "u8")}
+        compound = []
         for p in self.decl.params:
             name = p.name.text
             check_not_keyword(p.name, "a parameter")
@@ -366,6 +371,10 @@ class OpBuilder:
                         if d.value < 0:
                             raise SpecError(f"size {d.value} is negative", d.span)
                         dims.append(d.value)
+                    elif not isinstance(d.value, str):
+                        # size arithmetic: its symbols must be bound by another axis (checked below)
+                        compound.append((len(out), len(dims), d))
+                        dims.append(0)
                     else:
                         if d.value in SPEC_DTYPES:
                             raise SpecError(f"'{d.value}' is a dtype, not a size", d.span)
@@ -397,10 +406,41 @@ class OpBuilder:
             self.env[name] = (v, p.name.span)
             out.append(Param(name, v, default, has_default, layout, p.span))
         for name, (v, span) in self.env.items():
-            if name in self.symbols:
+            if name in self.symbols and name not in self.scalar_sizes:
                 raise SpecError(f"'{name}' is both a parameter and a size symbol", self.symbols[name],
                                 "give the size another name")
+        for name in self.scalar_sizes:
+            self.symbols.setdefault(name, self.env[name][1])
+        for i, axis, d in compound:
+            size = self.param_size(d)
+            p = out[i]
+            shape = list(p.value.type.shape)
+            shape[axis] = size
+            v = Value(TensorType(p.value.type.dtype, tuple(shape)), p.name)
+            self.env[p.name] = (v, self.env[p.name][1])
+            out[i] = Param(p.name, v, p.default, p.has_default,
+                           check_layout(self.decl.params[i].layout, v.type, p.name)
+                           if self.decl.params[i].layout is not None else None, p.span)
         return out
+
+    def param_size(self, d: A.DimDecl) -> Dim:
+        """A parameter axis written as size arithmetic (``w: f16[3 * D, D]``): every symbol in it
+        bound by a plain axis of some parameter (or an integer scalar parameter)."""
+        def names(x):
+            if isinstance(x, A.Name):
+                yield x
+            for attr in ("lhs", "rhs", "operand"):
+                if hasattr(x, attr):
+                    yield from names(getattr(x, attr))
+        for n in names(d.value):
+            if n.id not in self.symbols:
+                raise SpecError(f"the size '{n.id}' in {snippet(d.span)} is not bound by any parameter", n.span,
+                                f"a size in arithmetic must also be a whole axis of some parameter (x: f16[{n.id}, ...]) "
+                                f"or an integer scalar parameter")
+        size = self.static_dim(d.value)
+        if isinstance(size, int) and size < 0:
+            raise SpecError(f"size {size} is negative", d.span)
+        return size
 
     def scalar_default(self, e: A.Expr, dtype: DType):
         v = self.static_number(e)
@@ -741,6 +781,7 @@ class OpBuilder:
         mapping: dict[str, Dim] = {}
         source_of: dict[str, tuple[str, A.Expr, Type]] = {}
         inputs: list[Value] = []
+        sizes_given: dict[str, Dim] = {}
         for p in callee.params:
             if p.name not in given:
                 if not p.has_default:
@@ -748,8 +789,22 @@ class OpBuilder:
                 inputs.append(self.const(p.default, p.value.type.dtype, e.span))
                 continue
             x = given[p.name]
-            v = self._given.pop(id(x)) if id(x) in self._given else self.value(x)
             want = p.value.type
+            if p.name in callee.size_params:
+                # a size of the callee: an integer or a size of this op (D / E is the size, not
+                # a true division); the callee gets its value
+                try:
+                    d = sizes_given[p.name] = self.static_dim(x)
+                except SpecError:
+                    raise SpecError(f"'{fname}' uses '{p.name}' as a size: pass an integer or a size of this op",
+                                    x.span, f"a computed value cannot size a tensor; {described}") from None
+                v = self.const(d, want.dtype, x.span) if isinstance(d, int) else \
+                    self.emit("dim", [], {"size": d}, x.span, [])[0]
+                if v.type.dtype != want.dtype:
+                    v = self.emit("cast", [v], {"dtype": want.dtype}, x.span, [x])[0]
+                inputs.append(v)
+                continue
+            v = self._given.pop(id(x)) if id(x) in self._given else self.value(x)
             if isinstance(want, TensorType):
                 if not isinstance(v.type, TensorType):
                     raise SpecError(f"'{fname}' expects a tensor {want} for '{p.name}', got the scalar {v.type}",
@@ -784,6 +839,13 @@ class OpBuilder:
                         raise SpecError(f"'{fname}' expects {want.dtype} for '{p.name}', got {v.type}", x.span)
                     v = self.emit("cast", [v], {"dtype": want.dtype}, x.span, [x])[0]
             inputs.append(v)
+        for s in callee.size_params:      # an integer scalar the callee uses as a size
+            x = given.get(s)
+            d = sizes_given[s] if s in sizes_given else next(q for q in callee.params if q.name == s).default
+            if s in mapping and mapping[s] != d:
+                raise SpecError(f"'{fname}' gets {s} = {d}, but its arguments' shapes give {s} = {mapping[s]}",
+                                (x or e).span, described)
+            mapping[s] = d
         self.check_substitution(callee, mapping, e)
         out_types = [TensorType(t.dtype, tuple(subst(d, mapping) for d in t.shape)) for t in callee.result_types]
         outs = [Value(t) for t in out_types]

@@ -108,11 +108,14 @@ class ToAst:
         return tuple(c for c in children if c is not None), (ext[2], ext[3])
 
     def dim(self, ext, children):
-        (tok,) = children
-        return A.DimDecl(self._int(tok) if tok.type == "INT" else str(tok), self._span(ext))
-
-    def neg_dim(self, ext, children):
-        return A.DimDecl(-self._int(children[0]), self._span(ext))
+        (x,) = children
+        if isinstance(x, A.Name):
+            return A.DimDecl(x.id, self._span(ext))
+        if isinstance(x, A.Num) and isinstance(x.value, int):
+            return A.DimDecl(x.value, self._span(ext))
+        if isinstance(x, A.Neg) and isinstance(x.operand, A.Num) and isinstance(x.operand.value, int):
+            return A.DimDecl(-x.operand.value, self._span(ext))
+        return A.DimDecl(x, self._span(ext))      # size arithmetic, checked by the builder
 
     def layout(self, ext, children):
         kind, *args = children

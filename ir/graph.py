@@ -7,6 +7,7 @@ expression it came from, so that errors found late still point at the user's tex
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -170,6 +171,32 @@ class Graph:
     @property
     def scalar_params(self) -> tuple[Param, ...]:
         return tuple(p for p in self.params if not p.is_tensor)
+
+    @functools.cached_property
+    def size_params(self) -> tuple[str, ...]:
+        """Integer scalar parameters used as sizes (``reshape(x, [B, S, heads, -1])``): a call
+        binds the size symbol of that name to the argument's value."""
+        names = {p.name for p in self.scalar_params if p.value.type.dtype.is_int and not p.value.type.dtype.is_bool}
+        if not names:
+            return ()
+        used: set[str] = set()
+
+        def visit(x):
+            if isinstance(x, (tuple, list)):
+                for y in x:
+                    visit(y)
+            elif hasattr(x, "terms") and hasattr(x, "symbols"):
+                used.update(x.symbols)
+        for p in self.params:
+            if p.is_tensor:
+                used.update(free_symbols(list(p.value.type.shape)))
+        for n in self.nodes:
+            for v in n.outputs:
+                if isinstance(v.type, TensorType):
+                    used.update(free_symbols(list(v.type.shape)))
+            for a in n.attrs.values():
+                visit(a)
+        return tuple(p.name for p in self.scalar_params if p.name in names and p.name in used)
 
     @property
     def symbols(self) -> tuple[str, ...]:

@@ -113,6 +113,13 @@ def bind_sizes(g: Graph, values: Mapping[str, Any], *, check_dtype: bool = True,
     bindings: dict[str, int] = {}
     origin: dict[str, str] = {}
     derived = []   # sizes like K/2 in a packed weight's shape, checked once the symbols are bound
+    for name in g.size_params:        # integer scalars used as sizes bind their own symbol
+        n = values[name]
+        n = int(n.item()) if isinstance(n, torch.Tensor) else n
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise CallError(f"{g.name}(): '{name}' is used as a size, so it must be a whole number >= 0, got {n!r}")
+        bindings[name] = n
+        origin[name] = name
     for p in g.params:
         x = values[p.name]
         want = p.value.type

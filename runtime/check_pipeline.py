@@ -30,7 +30,8 @@ def check_pipeline(file, shape, console, errors) -> bool:
     from .sweep import launched_kernels, variant
     ok, kernels = True, 0
     for name, g in program.graphs.items():
-        bindings = {s: sizes.get(s, DEFAULT_SIZE) for s in g.symbols}
+        from .sizes import size_bindings
+        bindings = size_bindings(g, {s: sizes.get(s, DEFAULT_SIZE) for s in g.symbols})
         at = ", ".join(f"{k}={v}" for k, v in bindings.items())
         try:
             op = compile_module(file, ops=[name]).ops[name]

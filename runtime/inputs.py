@@ -113,6 +113,9 @@ def random_inputs(g: Graph, bindings: Mapping[str, int], *, seed: int = 0, devic
     for p in g.params:
         t = p.value.type
         if not isinstance(t, TensorType):
+            if p.name in g.size_params and p.name in bindings:    # an integer used as a size
+                out[p.name] = int(bindings[p.name])
+                continue
             out[p.name] = p.default if p.has_default else _scalar(t.dtype, gen)
             continue
         shape = tuple(evaluate(d, bindings) for d in t.shape)

@@ -375,7 +375,8 @@ class CompiledOp:
         if missing:
             raise CallError(f"{self.name}.explain(target=...): give the sizes {', '.join(missing)} "
                             f"(sizes={{{', '.join(repr(s) + ': ...' for s in self.graph.symbols)}}})")
-        cases = op_cases(self, {s: int(sizes[s]) for s in self.graph.symbols}, [tgt])
+        from .sizes import size_bindings
+        cases = op_cases(self, {k: int(v) for k, v in size_bindings(self.graph, sizes).items()}, [tgt])
         results = NativeCompiler(self.cache).compile([c.job for c in cases])
         at = ", ".join(f"{s}={sizes[s]}" for s in self.graph.symbols)
         lines = [f"== resources on {tgt.name} ({tgt.product}, {tgt.shared_memory} B shared memory) at {at} ==",
@@ -390,7 +391,8 @@ class CompiledOp:
     def traffic(self, sizes: dict, weights=None):
         """The static figures of merit at ``sizes`` (runtime/traffic.op_traffic)."""
         from .traffic import op_traffic
-        return op_traffic(self, {s: int(sizes[s]) for s in self.graph.symbols}, weights=weights)
+        from .sizes import size_bindings
+        return op_traffic(self, {k: int(v) for k, v in size_bindings(self.graph, sizes).items()}, weights=weights)
 
     def traffic_text(self, sizes: dict | None = None, weights=None) -> str:
         from .traffic import format_traffic

@@ -17,6 +17,8 @@ from .binding import bind_args, bind_sizes, check_derived_sizes, check_indices
 def run_graph(g: Graph, values: Mapping[str, Any], bindings: Mapping[str, int], *, check: bool = False,
               device: torch.device | str | None = None) -> list[torch.Tensor]:
     """Run ``g`` on bound arguments (parameter name -> tensor or number)."""
+    if g.size_params:       # integer parameters used as sizes: their values are bindings too
+        bindings = {**{n: int(values[n]) for n in g.size_params if n in values}, **bindings}
     check_derived_sizes(g, tuple(sorted(bindings.items())))  # a CallError for sizes that do not fit
     check_indices(g, values, bindings)
     if device is None:

@@ -108,7 +108,8 @@ def demo(files=None, *, reference_only=False, console: Console | None = None) ->
                 table.add_row(f.name, name, f"no sizes for {', '.join(missing)}", "", "", "", "[yellow]skipped[/]")
                 skipped.append(name)
                 continue
-            bindings = {s: shapes[s] for s in g.symbols}
+            from .sizes import size_bindings
+            bindings = size_bindings(g, shapes)
             sizes = ",".join(f"{k}={v}" for k, v in bindings.items())
             op, kernels = None, "-"
             if not reference_only:

@@ -48,21 +48,24 @@ def resolve_shapes(graph, path, given: str | None) -> dict[str, int]:
     """The op's sizes: --shape over the file's ``# shapes:`` line. A --shape symbol the op does
     not have is an error naming the closest one (the file's line may hold other ops' sizes)."""
     explicit = parse_shapes(given)
-    unknown = [s for s in explicit if s not in graph.symbols]
+    # integer parameters used as sizes count as sizes: --shape heads=8 (else their default)
+    defaults = {p.name: p.default for p in graph.params if p.name in graph.size_params and p.has_default}
+    names = list(graph.symbols) + [n for n in graph.size_params if n not in graph.symbols]
+    unknown = [s for s in explicit if s not in names]
     if unknown:
         from ..frontend.diagnostics import closest
-        have = ", ".join(graph.symbols) or "none"
+        have = ", ".join(names) or "none"
         s = unknown[0]
-        near = closest(s, graph.symbols) or _nearest(s, graph.symbols)
+        near = closest(s, names) or _nearest(s, names)
         hint = f"; did you mean '{near}'?" if near else ""
         raise CallError(f"{graph.name}: --shape {s}={explicit[s]}: the op has no size '{s}'{hint} "
                         f"(its sizes: {have})")
-    sizes = {**file_shapes(path), **explicit}
-    missing = [s for s in graph.symbols if s not in sizes]
+    sizes = {**defaults, **file_shapes(path), **explicit}
+    missing = [s for s in names if s not in sizes]
     if missing:
         raise CallError(f"{graph.name}: give the sizes {', '.join(missing)} with --shape "
-                        f"{','.join(f'{s}=...' for s in graph.symbols)}")
-    return {s: sizes[s] for s in graph.symbols}
+                        f"{','.join(f'{s}=...' for s in names)}")
+    return {s: sizes[s] for s in names}
 
 
 def _nearest(name: str, candidates) -> str | None:
@@ -77,3 +80,16 @@ def _nearest(name: str, candidates) -> str | None:
         return row[-1]
     cands = list(candidates)
     return min(cands, key=lambda c: edits(name, c)) if cands else None
+
+
+def size_bindings(graph, sizes: dict) -> dict[str, int]:
+    """The bindings of a call at ``sizes``: every size symbol, and every integer parameter used
+    as a size (``heads``: from ``sizes`` if given, else its default)."""
+    out = {s: sizes[s] for s in graph.symbols}
+    for p in graph.params:
+        if p.name in graph.size_params and p.name not in out:
+            if p.name in sizes:
+                out[p.name] = sizes[p.name]
+            elif p.has_default:
+                out[p.name] = p.default
+    return out

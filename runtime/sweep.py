@@ -177,7 +177,8 @@ def _file_op_cases(op, sizes, targets, which, cache, file, dtype, shape_name, er
     if missing:
         errors.append(SweepError(file, op.name, dtype, shape_name, f"no size for {', '.join(missing)}"))
         return []
-    bindings = {s: sizes[s] for s in op.graph.symbols}
+    from .sizes import size_bindings
+    bindings = size_bindings(op.graph, sizes)
     try:
         return op_cases(op, bindings, targets, which=which, cache=cache, file=file, dtype=dtype, shape=shape_name)
     except Exception as e:      # a spec that cannot be compiled at these sizes

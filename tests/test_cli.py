@@ -136,9 +136,9 @@ def test_run_reference_with_file_shapes():
 
 
 def test_run_reference_with_shape_option():
-    result = invoke("run", EXAMPLES / "llama.opf", "--op", "split_heads", "--reference", "--shape", "S=5,D=12,E=4")
+    result = invoke("run", EXAMPLES / "llama.opf", "--op", "split_heads", "--reference", "--shape", "S=5,D=12,heads=3")
     assert_clean_exit(result, 0)
-    assert "B=2, S=5, D=12, E=4" in result.stdout  # B from the file's '# shapes:' line
+    assert "B=2, S=5, D=12, heads=3" in result.stdout  # B from the file's '# shapes:' line
     assert "[2, 3, 5, 4]" in result.stdout
     assert re.search(r"\bok\b", result.stdout)
 
@@ -161,9 +161,9 @@ def test_run_errors(tmp_path):
     assert "give the sizes M, N with --shape M=...,N=..." in r.stderr
     r = invoke("run", spec, "--op", "f", "--reference", "--shape", "M=2,N=3")
     assert_clean_exit(r, 0)
-    r = invoke("run", EXAMPLES / "llama.opf", "--op", "split_heads", "--reference", "--shape", "D=10,E=4")
-    assert_clean_exit(r, 1)
-    assert "D/E" in r.stderr and "not a whole number" in r.stderr
+    r = invoke("run", EXAMPLES / "llama.opf", "--op", "split_heads", "--reference", "--shape", "D=10")
+    assert_clean_exit(r, 1)      # heads: its default, 4
+    assert "D/heads" in r.stderr and "not a whole number" in r.stderr
 
 
 @pytest.mark.parametrize("command", [["run", "--reference"], ["show"]])

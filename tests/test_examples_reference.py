@@ -26,6 +26,7 @@ from opforge.ir.dims import evaluate
 from opforge.ir.torch_dtypes import to_torch
 from opforge.passes.pipeline import canonical_graph
 from opforge.runtime.inputs import random_inputs
+from opforge.runtime.sizes import size_bindings
 from opforge.runtime.reference import run_graph, run_reference
 from opforge.runtime.sizes import file_shapes
 from opforge.runtime.tolerances import assert_close, tolerance_for
@@ -152,7 +153,7 @@ IMPLS = {
     ("llama", "rotary"): lambda i: t_rotary(i["x"], i["cos"], i["sin"]),
     ("llama", "attention"): lambda i: t_attention(i["q"], i["k"], i["v"]),
     ("llama", "swiglu_mlp"): lambda i: t_swiglu_mlp(i["x"], i["wg"], i["wu"], i["wd"]),
-    ("llama", "split_heads"): lambda i: t_split_heads(i["x"], i["cos"].shape[-1]),
+    ("llama", "split_heads"): lambda i: t_split_heads(i["x"], i["x"].shape[-1] // i["heads"]),
     ("llama", "llama_block"): lambda i: t_llama_block(**i),
     ("moe", "router"): lambda i: t_router(i["x"], i["w_router"]),
     ("moe", "moe_ffn"): lambda i: t_moe_ffn(**i),
@@ -177,12 +178,12 @@ IMPLS = {
 
 # Awkward sizes per file (beyond the '# shapes:' line), with scalar overrides per set so that a
 # dropped attribute cannot hide behind its default. Derived sizes stay whole: E even (x[..., :E/2])
-# and D a multiple of E (split_heads) in llama; K a multiple of 64 where a layout will later pack
+# and D a multiple of E and of split_heads' heads in llama; K a multiple of 64 where a layout will later pack
 # groups of 64 (int4), 2:4 or 32 x 32 blocks.
 AWKWARD = {
     "llama": [
-        ({"B": 1, "S": 7, "D": 18, "E": 6, "H": 3, "F": 17}, {"eps": 0.25}),
-        ({"B": 3, "S": 1, "D": 10, "E": 2, "H": 5, "F": 1}, {}),
+        ({"B": 1, "S": 7, "D": 18, "E": 6, "H": 3, "F": 17, "heads": 3}, {"eps": 0.25}),
+        ({"B": 3, "S": 1, "D": 10, "E": 2, "H": 5, "F": 1, "heads": 5}, {}),
     ],
     "moe": [
         ({"T": 7, "D": 33, "F": 17, "E": 3}, {}),
@@ -256,7 +257,7 @@ def test_shapes_lines_bind_every_symbol(stem):
 @pytest.mark.parametrize("stem,op,sizes,overrides,seed", cases())
 def test_example_op_matches_torch(stem, op, sizes, overrides, seed):
     g = graph(stem, op)
-    bindings = {s: sizes[s] for s in g.symbols}
+    bindings = size_bindings(g, sizes)
     inputs = random_inputs(g, bindings, seed=seed)
     inputs.update({k: v for k, v in overrides.items() if k in inputs})  # scalars of this op only
     for p in g.tensor_params:

@@ -23,6 +23,8 @@ from opforge.runtime.inputs import random_inputs
 from opforge.runtime.sizes import file_shapes
 from opforge.runtime.tolerances import graph_dtypes
 
+from opforge.runtime.sizes import size_bindings
+
 from .kernel_helpers import call_args, compile_spec, compiled, run_case
 
 EXAMPLES = Path(opforge.__file__).resolve().parent / "examples"
@@ -30,8 +32,8 @@ FILES = sorted(EXAMPLES.glob("*.opf"))
 
 # A second set of sizes per file: awkward, but valid for every op of the file.
 AWKWARD = {
-    # E even (x[..., :E/2]), D = H * E (split_heads), S odd, F odd
-    "llama": dict(B=1, S=7, D=18, H=3, E=6, F=33),
+    # E even (x[..., :E/2]), D = H * E and a multiple of split_heads' default 4 heads, S odd, F odd
+    "llama": dict(B=1, S=7, D=24, H=4, E=6, F=33),
     "lora": dict(M=7, K=33, N=5, R=3),
     "moe": dict(T=7, D=33, F=5, E=3),
     "quant_linear": dict(M=1, K=33, N=7),
@@ -40,7 +42,7 @@ AWKWARD = {
 }
 # and a third with every size as small as the spec allows (1, or 2 where it must be even)
 TINY = {
-    "llama": dict(B=2, S=1, D=2, H=1, E=2, F=1),
+    "llama": dict(B=2, S=1, D=2, H=1, E=2, F=1, heads=1),
     "lora": dict(M=1, K=1, N=1, R=1),
     "moe": dict(T=1, D=1, F=1, E=2),
     "quant_linear": dict(M=1, K=1, N=1),
@@ -74,7 +76,7 @@ def _op(stem: str, name: str, dtype: str | None = None):
 
 
 def _sizes(op, sizes: dict) -> dict:
-    return {s: sizes[s] for s in op.graph.symbols}
+    return size_bindings(op.graph, sizes)
 
 
 def test_every_example_op_is_covered():
