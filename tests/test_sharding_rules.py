@@ -28,7 +28,7 @@ from .conftest import EXAMPLE_FILES
 
 SIZES = {   # the examples' "# shapes:" sizes, with odd sizes where a symbol is split
     "attention_variants": dict(B=3, H=4, G=2, R=3, S=13, T=17, E=16),
-    "llama": dict(B=3, S=7, D=16, H=4, E=4, F=24),
+    "llama": dict(B=3, S=7, D=16, H=4, E=4, F=24, heads=4),
     "lora": dict(M=7, K=32, N=12, R=5),
     "moe": dict(T=9, D=16, F=24, E=4),
     "quant_linear": dict(M=7, K=256, N=12),
