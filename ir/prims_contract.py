@@ -12,7 +12,7 @@ from .registry import Arg, Kind, RuleError, primitive
 from .types import DType, TensorType, accumulator
 
 
-def _matmul_infer(types, attrs):
+def matmul_infer(types, attrs):
     a = rules.need_tensor(types[0], "@", 0)
     b = rules.need_tensor(types[1], "@", 1)
     if a.dtype != b.dtype:
@@ -94,10 +94,10 @@ def _matmul_vjp(e, node, cts):
 
 
 primitive("matmul", Kind.CONTRACTION, [Arg("a", "tensor"), Arg("b", "tensor")], internal=True,
-          doc="a @ b (torch.matmul)", vjp=_matmul_vjp)(infer=_matmul_infer, reference=_matmul_ref)
+          doc="a @ b (torch.matmul)", vjp=_matmul_vjp)(infer=matmul_infer, reference=_matmul_ref)
 
 
-def _expert_infer(types, attrs):
+def expert_infer(types, attrs):
     x = rules.need_tensor(types[0], "expert_matmul", 0)
     w = rules.need_tensor(types[1], "expert_matmul", 1)
     idx = rules.need_tensor(types[2], "expert_matmul", 2)
@@ -160,7 +160,7 @@ def _expert_vjp(e, node, cts):
 
 primitive("expert_matmul", Kind.MOE, [Arg("x", "tensor"), Arg("w", "tensor"), Arg("idx", "tensor")],
           doc="out[t, j] = x[t(, j)] @ w[idx[t, j]].T for mixture-of-experts layers", vjp=_expert_vjp)(
-    infer=_expert_infer, reference=_expert_ref)
+    infer=expert_infer, reference=_expert_ref)
 
 
 def _wgrad_infer(types, attrs):

@@ -242,8 +242,8 @@ primitive("moe_align", Kind.MOE, [Arg("idx", "tensor")], internal=True, n_output
 
 
 def _expert_gemm_infer(types, attrs):
-    from .prims_contract import _expert_infer
-    return _expert_infer(types[:3], attrs)
+    from .prims_contract import expert_infer
+    return expert_infer(types[:3], attrs)
 
 
 def _expert_gemm_ref(ctx, inputs, attrs, out_types, in_types):

@@ -115,8 +115,8 @@ def quantized_matmul_infer(name: str, operand: DType, result: DType, operands_ar
         a, b = types
         if a.dtype != operand or b.dtype != operand:
             raise RuleError(f"{name} needs {operands_are} as both operands")
-        from .prims_contract import _matmul_infer
-        (t,) = _matmul_infer(types, attrs)
+        from .prims_contract import matmul_infer
+        (t,) = matmul_infer(types, attrs)
         return [t.with_dtype(result)]
     return infer
 

@@ -21,7 +21,7 @@ The last four need the weight used as ``x @ w.T``; any other use is a SpecError 
 """
 from __future__ import annotations
 
-from ..frontend.diagnostics import SpecError
+from ..ir.diagnostics import SpecError
 from ..ir.dims import Sym, div
 from ..ir.graph import Graph, Layout, Node, Param, Value
 from ..ir.types import DType, TensorType
