@@ -36,7 +36,7 @@ def check_pipeline(file, shape, console, errors) -> bool:
         try:
             op = compile_module(file, ops=[name]).ops[name]
             v = variant(op, bindings)
-            vb = {s: bindings[s] for s in v.graph.symbols}
+            vb = size_bindings(v.graph, bindings)
             ks = launched_kernels(v.plan, vb)
             for k in ks:
                 heuristic_config(k, vb)

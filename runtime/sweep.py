@@ -191,7 +191,8 @@ def op_cases(op, bindings: Mapping[str, int], targets: list[Target], *, which: s
     """The cases of one compiled op (runtime/module.CompiledOp) at these sizes."""
     cache = cache or op.cache
     v = variant(op, bindings)
-    vb = {s: bindings[s] for s in v.graph.symbols}
+    from .sizes import size_bindings
+    vb = size_bindings(v.graph, bindings)
     out = []
     for k in launched_kernels(v.plan, vb):
         for tgt in targets:
