@@ -84,6 +84,10 @@ class GenericOp:
         return self.instance(*self.binding_of(values)).torch_op(*args)
 
     def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            # torch.compile: the registered op, opaque to Dynamo (a binding compiled at first use
+            # is compiled where the op runs on fake tensors, not traced)
+            return self.torch_op(*args, **kwargs)
         values = bind_args(self.graph, args, kwargs)
         return self.instance(*self.binding_of(values))(*args, **kwargs)
 
