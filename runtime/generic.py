@@ -36,13 +36,13 @@ class GenericOp:
         first = graphs[next(iter(info.instances.values()))]
         # the signature every binding shares (checked: a scalar parameter's kind may not vary)
         self.graph = first.replace(name=info.name)
-        from .library import register_generic, schema_of
+        from .library import register_composite, schema_of
         schemas = {schema_of(graphs[n]) for n in info.instances.values()}
         if len(schemas) > 1:
             raise CallError(f"{info.name}: its bindings have different signatures ({' / '.join(sorted(schemas))}); "
                             f"a scalar parameter typed with a dtype variable must stay a float (or an integer) "
                             f"in every binding")
-        self.torch_op = register_generic(namespace, self.graph, self)
+        self.torch_op = register_composite(namespace, self.graph, self, route="generic")
         self._index = {p.name: i for i, p in enumerate(first.params)}
         self.default_sizes: dict = {}
         combos = list(info.instances)

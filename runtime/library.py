@@ -183,11 +183,13 @@ def register(namespace: str, g: Graph, compiled, mode: str) -> Callable:
     return packet
 
 
-def register_composite(namespace: str, g: Graph, compiled) -> Callable:
-    """Register (or re-point) ``namespace::g.name`` as a CompositeImplicitAutograd op whose
-    implementation is ``compiled.gradients.forward`` (runtime/autograd.py): it calls other
-    registered ops (the plain forward, or the forward that saves for the backward), so autograd
-    and torch.compile see through it to ops with autograd formulas and fake implementations."""
+def register_composite(namespace: str, g: Graph, compiled, route: str = "gradients") -> Callable:
+    """Register (or re-point) ``namespace::g.name`` as a CompositeImplicitAutograd op that
+    routes to other registered ops, so autograd and torch.compile see through it to ops with
+    autograd formulas and fake implementations. ``route``: ``"gradients"``, the implementation is
+    ``compiled.gradients.forward`` (runtime/autograd.py: the plain forward, or the forward that
+    saves for the backward); ``"generic"``, it is ``compiled.dispatch`` (runtime/generic.py: the
+    registered op of the binding the arguments' dtypes pick)."""
     qual = f"{namespace}::{g.name}"
     schema = schema_of(g)
     if qual in _SCHEMAS:
@@ -199,36 +201,12 @@ def register_composite(namespace: str, g: Graph, compiled) -> Callable:
 
     def impl(*args, **kwargs):
         full = list(args) + [kwargs[n] if n in kwargs else defaults[n] for n in names[len(args):]]
-        return _IMPLS[qual].gradients.forward(full)
+        target = _IMPLS[qual]
+        return target.dispatch(full) if route == "generic" else target.gradients.forward(full)
 
     lib = library_of(namespace)
     lib.define(f"{g.name}{schema}")
     lib.impl(g.name, impl, "CompositeImplicitAutograd")
     _IMPLS[qual] = compiled
-    _SCHEMAS[qual] = (schema, "composite")
-    return getattr(getattr(torch.ops, namespace), g.name)
-
-
-def register_generic(namespace: str, g: Graph, generic) -> Callable:
-    """Register (or re-point) ``namespace::g.name`` for a dtype-generic op: CompositeImplicitAutograd,
-    its implementation ``generic.dispatch`` (runtime/generic.py), which calls the registered op of
-    the binding the arguments' dtypes pick."""
-    qual = f"{namespace}::{g.name}"
-    schema = schema_of(g)
-    if qual in _SCHEMAS:
-        _same_schema(qual, schema)
-        _IMPLS[qual] = generic
-        return getattr(getattr(torch.ops, namespace), g.name)
-    names = [p.name for p in g.params]
-    defaults = {p.name: p.default for p in g.params if p.has_default}
-
-    def impl(*args, **kwargs):
-        full = list(args) + [kwargs[n] if n in kwargs else defaults[n] for n in names[len(args):]]
-        return _IMPLS[qual].dispatch(full)
-
-    lib = library_of(namespace)
-    lib.define(f"{g.name}{schema}")
-    lib.impl(g.name, impl, "CompositeImplicitAutograd")
-    _IMPLS[qual] = generic
-    _SCHEMAS[qual] = (schema, "generic")
+    _SCHEMAS[qual] = (schema, "composite" if route == "gradients" else route)
     return getattr(getattr(torch.ops, namespace), g.name)
