@@ -141,12 +141,17 @@ TUNABLE_RULES = {"moe_block": _moe_block, "split_k": lambda *a: _split_k(*a), "s
 @dataclass(frozen=True)
 class GridDim:
     """One grid axis: the product of ``cdiv(extent, block)`` (or ``extent`` where block is
-    None) over its parts."""
-    parts: tuple[tuple[Dim, str | None], ...]
+    None) over its parts. An extent that is a string names a tunable whose chosen value is the
+    count (``GridDim.count("SPLIT_K")``: one program per split)."""
+    parts: tuple[tuple[Dim | str, str | None], ...]
 
     @staticmethod
     def of(extent: Dim, block: str | None = None) -> "GridDim":
         return GridDim(((extent, block),))
+
+    @staticmethod
+    def count(tunable: str) -> "GridDim":
+        return GridDim(((tunable, None),))
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ def print_kernel(k: TileKernel) -> str:
     if k.tunables:
         lines.append("  tunables: " + "; ".join(fmt_tunable(t) for t in k.tunables)
                      + f"; num_warps in {{{', '.join(map(str, k.warps))}}}")
-    grid = ", ".join(" * ".join(f"cdiv({format_dim(e)}, {blk})" if blk else format_dim(e) for e, blk in g.parts)
+    grid = ", ".join(" * ".join(f"cdiv({format_dim(e)}, {blk})" if blk else e if isinstance(e, str) else format_dim(e) for e, blk in g.parts)
                      for g in k.grid)
     lines.append(f"  grid: ({grid},)" if len(k.grid) == 1 else f"  grid: ({grid})")
     if k.extents:

@@ -9,7 +9,7 @@ either rebuilds the dense value from them (dequantising prologues, which fusion 
 GEMM's B loads: the GEMM reads the packed bytes) or replaces the contraction that uses it:
 
     @quant(int8)          w' = cast(cast(q, f32) * scale[:, None], dt)
-    @quant(int4, group=G) w' = cast((unpack_int4(packed) - zero') * scale', dt)   (', the group's)
+    @quant(int4, group=G) w' = (cast(unpack_int4(packed), dt) - zero') * scale'   (', the group's, in dt)
     @quant(fp8)           w' = cast(fp8_bits(bits) * scale[:, None], dt)
     @sparse(2:4)          w' = unpack_24(values, meta)
     @quant(int8, act=int8) x @ w.T -> (matmul_i32(q8(x), q.T) * sx) * scale      (x per row)
@@ -107,16 +107,20 @@ def dequantised(e: Emitter, p: Param, layout: Layout, packed: dict[str, Value]) 
         vals = e("cast", [src], {"dtype": DType.f32}) if q == "int8" else e("fp8_bits", [src])
         scale = e("reshape", [packed[f"{name}_scale"]], {"shape": (N, 1)})
         return e("cast", [e("mul", [vals, scale])], {"dtype": dt})
+    # in the weight's dtype, which is exact here: q - zero is an integer in [-15, 15] and its
+    # product with the scale has at most 4 + 11 significant bits, so rounding that product once
+    # to dt (f16, bf16, f32) is what rounding the f32 product to dt gives
     g = kw["group"]
-    q4 = e("cast", [e("unpack_int4", [packed[f"{name}_packed"]])], {"dtype": DType.f32})
+    q4 = e("cast", [e("unpack_int4", [packed[f"{name}_packed"]])], {"dtype": dt})
 
     def per_group(v: Value) -> Value:   # [N, K/G] -> [N, K]: each group's value repeated G times
         v = e("reshape", [v], {"shape": (N, div(K, g), 1)})
         v = e("expand", [v], {"shape": (N, div(K, g), g)})
-        return e("cast", [e("reshape", [v], {"shape": (N, K)})], {"dtype": DType.f32})
+        v = e("reshape", [v], {"shape": (N, K)})
+        return v if v.type.dtype == dt else e("cast", [v], {"dtype": dt})
     zero = per_group(packed[f"{name}_zero"])
     scale = per_group(packed[f"{name}_scale"])
-    return e("cast", [e("mul", [e("sub", [q4, zero]), scale])], {"dtype": dt})
+    return e("mul", [e("sub", [q4, zero]), scale])
 
 
 def apply_layouts(g: Graph, chosen: dict[str, Layout], shapes: dict | None = None,

@@ -228,7 +228,7 @@ class Flash:
         if self.outer or split:
             g.append(GridDim.of(self.nb))
         if split:
-            g.append(GridDim.of(SPLIT_MAX))
+            g.append(GridDim.count("SPLIT_KV"))
         return g
 
     def extents(self) -> tuple:
@@ -272,7 +272,7 @@ def split_kernel(fl: Flash):
     m_i, l_i, acc = fl.key_loop(b, ev, pid_m, batch_idx, rows, row_ok, ev_cols, start,
                                 lambda hi: b.let(b.minimum(b.add(start, chunk), hi), "kv_stop"))
     b.comment("this split's running max, sum and unnormalised output, for the combine kernel")
-    live = b.let(b.and_(row_ok, b.lt(s, split)), "live")
+    live = row_ok              # the grid's third axis has exactly SPLIT_KV programs
     qr = fl.qrows
     b.store(_scratch_ptr(b, fl.m_buf, (s, pid_b, qr), fl.acc), m_i, live)
     b.store(_scratch_ptr(b, fl.l_buf, (s, pid_b, qr), fl.acc), l_i, live)

@@ -224,7 +224,7 @@ class PlanRunner:
         for gd in launch.kernel.grid:
             n = 1
             for extent, block in gd.parts:
-                e = evaluate(extent, bindings)
+                e = vals[extent] if isinstance(extent, str) else evaluate(extent, bindings)
                 n *= -(-e // vals[block]) if block else e
             out.append(n)
         for axis, (n, limit) in enumerate(zip(out, GRID_AXIS_LIMIT)):

@@ -118,7 +118,7 @@ def grid_is_empty(k: TileKernel, bindings) -> bool:
     """A launch with no programs (a zero-sized extent) is skipped by the executor."""
     for gd in k.grid:
         for extent, block in gd.parts:
-            if evaluate(extent, bindings) == 0:
+            if not isinstance(extent, str) and evaluate(extent, bindings) == 0:
                 return True
     return False
 

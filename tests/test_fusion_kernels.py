@@ -219,6 +219,51 @@ def test_batched_matmul_with_broadcast_batch_axes(case):
     run_case(op, sizes, seed=12)
 
 
+# -- batch axes folded into M (issue 11, item 2) ---------------------------------------------------
+FOLDED = {
+    "decode_residual": ("""
+op lin(x: f16[B, S, K], w: f16[N, K], r: f16[B, S, N]) -> f16[B, S, N] {
+    return x @ w.T + r
+}""", [dict(B=5, S=1, K=40, N=33), dict(B=3, S=7, K=33, N=130), dict(B=1, S=70, K=17, N=9)]),
+    "unit_axis_between": ("""
+op lin(x: f32[B, H, S, K], w: f32[1, N, K], b: f32[N]) -> f32[B, H, S, N] {
+    return silu(x @ w.T + b)
+}""", [dict(B=2, H=1, S=5, K=33, N=7), dict(B=3, H=2, S=1, K=9, N=40)]),
+    "shared_a_split_k": ("""
+op lin(x: f32[B, S, K], wg: f32[N, K], wu: f32[N, K]) -> f32[B, S, N] {
+    return silu(x @ wg.T) * (x @ wu.T)
+}""", [dict(B=3, S=1, K=1100, N=7), dict(B=2, S=3, K=50, N=20)]),
+}
+
+
+def tile_kernels(op):
+    (step,) = op.plan.steps
+    return [k for alt in step for k in alt.kernels]
+
+
+@pytest.mark.parametrize("case", list(FOLDED))
+def test_batch_axes_fold_into_m_when_the_weight_has_none(case):
+    """A weight shared by the batch: one grid axis of (batch x M) row tiles, each row's batch
+    indices unflattened from its row, so the weight is read once per row tile."""
+    src, sizes_list = FOLDED[case]
+    op = op_of(src, f"fold_{case}")
+    assert op.kernel_count == 1 and op.fused.groups[0].kind == "matmul"
+    for k in tile_kernels(op):
+        if k.name.endswith("_splitk"):
+            assert len(k.grid) == 3 and k.grid[1].parts[0][0] == 1       # no batch on axis 1
+        else:
+            assert len(k.grid) == 1, (k.name, k.grid)
+        assert "folded into M" in (k.doc or "")
+    for sizes in sizes_list:
+        run_case(op, sizes, seed=16)
+
+
+def test_a_batched_weight_keeps_the_batch_grid_axis():
+    src, sizes = BATCHED["transposed_operands"]
+    for k in tile_kernels(op_of(src, "fold_not")):
+        assert len(k.grid) >= 2 and "folded" not in (k.doc or "")
+
+
 VECTOR_PRODUCTS = {
     "matrix_vector": ("""
 op mv(a: f32[B, M, K], v: f32[K]) -> f32[B, M] {

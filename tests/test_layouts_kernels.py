@@ -147,6 +147,85 @@ def test_bound_layout_against_the_reference(case):
         assert torch.equal(y[:, b:2 * b], want), f"{case.id} M={m}: the all-zero block row"
 
 
+INT4_STEP = r"""
+CHECK: {{^    }}for k0 in range({{[^)]*}}, BLOCK_K * 2):
+CHECK-NEXT: ks_even = k0 + rk * 2
+CHECK-NEXT: ks_odd = ks_even + 1
+CHECK-COUNT-1: w_packed_ptr + cols
+CHECK: lo = w_packed_tile & 15
+CHECK-NEXT: hi = w_packed_tile >> 4
+CHECK-COUNT-1: w_zero_row = tl.load(
+CHECK-COUNT-1: w_scale_row = tl.load(
+CHECK-COUNT-2: tl.dot(
+"""
+
+
+@pytest.mark.parametrize("group, k, sizes", [(32, 2080, [(1, 1), (2, 1)]), (64, 192, [(3, 5), (1, 70)]),
+                                             (128, 384, [(4, 1)])],
+                         ids=["g32-split-k", "g64-folded", "g128-decode"])
+def test_int4_reads_each_packed_byte_once_per_step(group, k, sizes):
+    """int4 (issue 11, item 3): a K step of 2 * BLOCK_K loads the packed bytes once as a
+    [BLOCK_K, BLOCK_N] tile, splits the low (even k) and high (odd k) nibbles into two dots, and
+    loads each group's scale and zero as one row; K long enough for split-K (g32) and batch
+    axes folded into M. Every kernel with a dot has the step, and the results match."""
+    from .filecheck import filecheck, split_kernels
+    src = (f"op f(x: f16[B, M, K], w: f16[N, K] @quant(int4, group={group})) -> f16[B, M, N] "
+           "{ return x @ w.T }")
+    mod = compiled(src, f"layout_int4_step_{group}")
+    w = torch.randn(45, k, generator=torch.Generator().manual_seed(5)).to(F16)
+    layer = mod.f.bind(w=w)
+    kernels = split_kernels(layer._packed.stage_text("triton"))
+    dots = [t for t in kernels.values() if "tl.dot(" in t]
+    assert dots
+    for text in dots:
+        filecheck(text, INT4_STEP)
+    tol = tolerance_for(mod.f.graph)
+    for b, m in sizes:
+        x = torch.randn(b, m, k, generator=torch.Generator().manual_seed(b * 100 + m)).to(F16)
+        values = {"x": x, **layer.unpacked()}
+        want = run_graph(mod.f.graph, values, {"B": b, "M": m, "K": k, "N": 45}, check=True)[0]
+        assert_close(layer(x), want, tol, f"int4 g{group} B={b} M={m}")
+
+
+S24_STEP = r"""
+CHECK: {{^    }}for k0 in range({{[^)]*}}, BLOCK_K * 8):
+CHECK-NEXT: ks_p0 = k0 + rk * 8
+CHECK-COUNT-4: w_values_ptr + cols
+CHECK-COUNT-1: w_meta_ptr + cols
+CHECK-COUNT-8: tl.dot(
+"""
+
+
+@pytest.mark.parametrize("k, sizes", [(2052, [(1, 1), (2, 1)]), (100, [(3, 5), (1, 70)])],
+                         ids=["split-k-half-meta-byte", "folded"])
+def test_s24_reads_values_and_metadata_once_per_step(k, sizes):
+    """2:4 (issue 11, item 3): a K step of 8 * BLOCK_K loads each metadata byte (two groups of
+    four k) and the four kept values under it once, and runs one dot per phase k % 8, its tile
+    the kept value at that position or 0. K = 2052 ends in half a metadata byte and splits K."""
+    from .filecheck import filecheck, split_kernels
+    src = "op f(x: f16[B, M, K], w: f16[N, K] @sparse(2:4)) -> f16[B, M, N] { return x @ w.T }"
+    mod = compiled(src, "layout_s24_step")
+    w = torch.randn(37, k, generator=torch.Generator().manual_seed(6)).to(F16)
+    layer = mod.f.bind(w=w)
+    dots = [t for t in split_kernels(layer._packed.stage_text("triton")).values() if "tl.dot(" in t]
+    assert dots
+    for text in dots:
+        filecheck(text, S24_STEP)
+    tol = tolerance_for(mod.f.graph)
+    for b, m in sizes:
+        x = torch.randn(b, m, k, generator=torch.Generator().manual_seed(b * 10 + m)).to(F16)
+        values = {"x": x, **layer.unpacked()}
+        want = run_graph(mod.f.graph, values, {"B": b, "M": m, "K": k, "N": 37}, check=True)[0]
+        assert_close(layer(x), want, tol, f"2:4 B={b} M={m}")
+
+
+def test_int4_with_groups_under_32_keeps_the_generic_loop():
+    src = "op f(x: f16[M, K], w: f16[N, K] @quant(int4, group=16)) -> f16[M, N] { return x @ w.T }"
+    layer = compiled(src, "layout_int4_g16").f.bind(w=torch.randn(9, 48).to(F16))
+    text = layer._packed.stage_text("triton")
+    assert "ks_even" not in text and "nibble" in text
+
+
 def test_block_sparse_kernel_with_an_all_zero_weight():
     case = Case("bsr16-zero", "@sparse(block=16)", k=40)
     mod = module(case)

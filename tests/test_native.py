@@ -145,6 +145,31 @@ def test_results_come_back_from_the_disk_cache(compiled_batch):
     assert [r.resources for r in again] == [r.resources for r in first]
 
 
+INT4 = """
+op lin4(x: f16[M, K], w: f16[N, K] @quant(int4, group=64)) -> f16[M, N] {
+    return x @ w.T
+}"""
+DECODE = dict(M=1, N=4096, K=4096)
+
+
+def test_int4_decode_reads_the_packed_bytes_once_with_vector_loads():
+    """Issue 11's SASS check: at M = 1 the int4 GEMM's packed [BLOCK_K, BLOCK_N] tile is one
+    16-byte copy per thread (cp.async), not a u8 load per element; the only u8 loads left are
+    a group's zero-point row."""
+    from opforge.runtime.sizes import size_bindings
+    op = op_of(INT4, "nat_int4")
+    b = size_bindings(op.graph, DECODE)
+    v = variant(op, b)
+    vb = size_bindings(v.graph, b)
+    k = [k for k in launched_kernels(v.plan, vb) if "_matmul" in k.name][0]     # the split-K partial GEMM
+    (r,) = NativeCompiler(op.cache).compile([make_job(k, heuristic_config(k, vb), "sm_90a", v.plan.buffers, vb, op.cache)])
+    assert r.ok, r.error
+    assert r.resources.spills == 0 and "HMMA" in r.resources.tensor_cores
+    sass = r.stage("sass")
+    assert re.search(r"LDGSTS\.E(?:\.BYPASS)?\.128|LDG\.E\.128", sass)
+    assert len(re.findall(r"LDG\.E\.U8\b", sass)) <= 2, re.findall(r"LDG\S*", sass)
+
+
 # -- the estimates ---------------------------------------------------------------------------------------
 def test_dequantising_kernels_count_their_tiles_and_temporaries():
     _, plain = gemm()
