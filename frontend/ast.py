@@ -107,6 +107,27 @@ class Index(Expr):
 
 # -- statements and declarations ----------------------------------------------------------------
 @dataclass(frozen=True)
+class Carry:
+    """``h: f32[H, E] = 0.0`` in a scan's ``with``: the name, its type (optional), the first value."""
+    name: Ident
+    dtype: Optional[Ident]
+    dims: Optional[tuple]        # DimDecl per axis, or None (a scalar type or no type)
+    init: Expr
+    span: Span
+
+
+@dataclass(frozen=True)
+class Scan(Expr):
+    """``scan t in S [reverse] with CARRY, ... { BODY }`` (the right side of an assignment)."""
+    index: Ident
+    length: Expr
+    reverse: Optional[Ident]     # the word after the length: must be 'reverse'
+    carries: tuple
+    body: tuple                  # statements
+    body_span: Span
+
+
+@dataclass(frozen=True)
 class Assign:
     targets: tuple[Ident, ...]
     value: Expr

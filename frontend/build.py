@@ -21,6 +21,7 @@ from ..ir.types import INT_RANGES, SPEC_DTYPES, DType, ScalarType, TensorType, T
 from . import ast as A
 from .build_calls import CallsMixin, _builtins
 from .build_index import IndexMixin
+from .build_scan import ScanMixin
 from .build_static import StaticMixin
 from .diagnostics import SpecError, did_you_mean
 from .layouts import check_layout
@@ -134,7 +135,7 @@ def call_order(decls: dict[str, A.OpDecl]) -> list[str]:
 # -- one op -------------------------------------------------------------------------------------
 
 
-class OpBuilder(CallsMixin, StaticMixin, IndexMixin):
+class OpBuilder(CallsMixin, StaticMixin, IndexMixin, ScanMixin):
     def __init__(self, decl: A.OpDecl, graphs: dict[str, Graph], decls: dict[str, A.OpDecl], *,
                  type_env: dict[str, DType] | None = None, name: str | None = None,
                  generics: dict[str, Generic] | None = None):
@@ -156,6 +157,7 @@ class OpBuilder(CallsMixin, StaticMixin, IndexMixin):
         self.builtins = _builtins()
         self.checked_calls: set = set()
         self.divisions: dict[str, tuple] = {}
+        self.scan_locals: dict[str, Span] = {}   # names local to a scan's body (frontend/build_scan.py)
 
     # -- entry ---------------------------------------------------------------------------------
     def build(self) -> Graph:
@@ -326,6 +328,8 @@ class OpBuilder(CallsMixin, StaticMixin, IndexMixin):
             self.env[t.text] = (v, t.span)
 
     def values(self, e: A.Expr, n: int) -> list[Value]:
+        if isinstance(e, A.Scan):
+            return self.scan(e, n)
         if n == 1:
             return [self.value(e)]
         if isinstance(e, A.Call):
@@ -451,7 +455,15 @@ class OpBuilder(CallsMixin, StaticMixin, IndexMixin):
 
     def name(self, e: A.Name) -> Value:
         if e.id in self.env:
-            return self.env[e.id][0]
+            v = self.env[e.id][0]
+            if self.scan_scope is not None and v is self.scan_scope.index_value:
+                return self.step_index_value(e)
+            return v
+        if e.id in self.scan_locals:
+            first = self.scan_locals[e.id]
+            raise SpecError(f"'{e.id}' is defined in the body of a scan (line {first.line}); the names of a "
+                            f"scan's body are local to it", e.span,
+                            "return it from the body (as a carry or a step output) to use it after the scan")
         if e.id in self.symbols:
             return self.dim_value(e.id, e.span)
         if e.id in SPEC_DTYPES or e.id in self.type_env:

@@ -13,6 +13,9 @@ from .diagnostics import SpecError
 
 class IndexMixin:
     def index(self, e: A.Index) -> Value:
+        stepped = self.step_slice(e)          # x[t] in a scan's body (frontend/build_scan.py)
+        if stepped is not None:
+            return stepped
         v = self.value(e.value)
         if not isinstance(v.type, TensorType):
             raise SpecError(f"cannot index the scalar {v.type}", e.value.span)

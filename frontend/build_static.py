@@ -92,6 +92,11 @@ class StaticMixin:
         if isinstance(x, A.Name):
             if x.id in self.symbols:
                 return Sym.of(x.id)
+            scope = getattr(self, "scan_scope", None)
+            if scope is not None and x.id == scope.index:
+                raise SpecError(f"the step index '{x.id}' is a value, not a size", x.span,
+                                f"it can index one position of an axis ({x.id} in x[{x.id}] or x[:, {x.id}]) or take part "
+                                f"in arithmetic; slices, shapes and static arguments need sizes")
             hint = did_you_mean(x.id, self.symbols) or (
                 f"sizes are the symbols of the parameters' shapes: {', '.join(self.symbols)}"
                 if self.symbols else "no parameter has a symbolic size")

@@ -73,7 +73,7 @@ def fill_hint(hint: str | None, operand_exprs: list) -> str | None:
     return _PLACEHOLDER.sub(sub, hint)
 
 
-KEYWORDS = ("op", "return", "true", "false", "inf")
+KEYWORDS = ("op", "return", "true", "false", "inf", "scan", "in", "with")
 
 
 def check_not_keyword(ident: A.Ident, what: str) -> None:

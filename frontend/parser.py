@@ -158,6 +158,18 @@ class ToAst:
         *targets, value = children
         return A.Assign(tuple(self._tok(t) for t in targets), value, self._span(ext))
 
+    def scan_expr(self, ext, children):
+        index, length, rev, *rest = children
+        *carries, body = rest
+        stmts, body_span = body
+        return A.Scan(self._span(ext), self._tok(index), length, self._tok(rev) if rev is not None else None,
+                      tuple(carries), stmts, body_span)
+
+    def carry(self, ext, children):
+        name, dtype, shape, init = children
+        return A.Carry(self._tok(name), self._tok(dtype) if dtype is not None else None,
+                       shape[0] if shape else None, init, self._span(ext))
+
     def return_stmt(self, ext, children):
         return A.Return(tuple(children), self._span(ext))
 
@@ -355,7 +367,7 @@ TOKEN_TEXT = {
     "COMMA": "','", "COLON": "':'", "SEMICOLON": "';'", "EQUAL": "'='", "MINUS": "'-'", "PLUS": "'+'",
     "STAR": "'*'", "SLASH": "'/'", "AT": "'@'", "DOT": "'.'", "NAME": "a name", "INT": "an integer",
     "FLOAT": "a number", "STRING": "a string", "_NL": "a newline", "__ANON_0": "'->'", "RETURN": "'return'",
-    "OP": "'op'", "COMPARE": "a comparison", "TRUE": "'true'", "FALSE": "'false'", "INF": "'inf'",
+    "OP": "'op'", "SCAN": "'scan'", "IN": "'in'", "WITH": "'with'", "COMPARE": "a comparison", "TRUE": "'true'", "FALSE": "'false'", "INF": "'inf'",
     "$END": "the end of the file", "__ANON_1": "'//'", "__ANON_2": "'**'", "__ANON_3": "'...'",
 }
 

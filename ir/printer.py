@@ -57,6 +57,13 @@ def print_graph(g: Graph) -> str:
     for n in g.nodes:
         outs = ", ".join(f"{name(v)}: {v.type}" for v in n.outputs)
         ins = ", ".join(name(v) for v in n.inputs)
+        if isinstance(n.attrs.get("body"), Graph):
+            # a region (scan): its attributes on the node's line, its body indented below
+            rest = {k: v for k, v in n.attrs.items() if k != "body"}
+            lines.append(f"  {outs} = {n.op}({ins}){format_attrs(rest)} {{")
+            lines += ["    " + line for line in print_graph(n.attrs["body"]).splitlines()]
+            lines.append("  }")
+            continue
         lines.append(f"  {outs} = {n.op}({ins}){format_attrs(n.attrs)}")
     lines.append(f"  return {', '.join(name(v) for v in g.outputs)}")
     lines.append("}")

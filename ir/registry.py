@@ -26,6 +26,7 @@ class Kind(enum.Enum):
     SELECTION = "selection"      # topk
     MOE = "moe"
     CALL = "call"                # a call of another op of the file, removed by inlining
+    RECURRENCE = "recurrence"    # a scan over steps with carries (ir/prims_scan.py)
     FUSED = "fused"              # produced by pattern rewrites (flash attention, ...)
 
 
@@ -129,7 +130,7 @@ def _load() -> None:
     if not _loaded:
         _loaded = True
         from . import prims_elementwise, prims_reduce, prims_shape, prims_select, prims_contract  # noqa: F401
-        from . import prims_call, prims_fused, prims_layout  # noqa: F401
+        from . import prims_call, prims_fused, prims_layout, prims_scan  # noqa: F401
         missing = sorted(n for n, p in REGISTRY.items() if "vjp" not in p.extra)
         if missing:
             raise RuntimeError(f"primitives without a gradient rule (vjp=..., or vjp=no_grad(why)): {missing}")

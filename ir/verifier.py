@@ -29,7 +29,9 @@ def verify(g: Graph) -> Graph:
             if v in defined:
                 raise VerifyError(f"{where}: {v} is defined twice")
             defined.add(v)
-        if len(n.outputs) != prim.n_outputs and prim.kind is not Kind.CALL:
+        if prim.kind is Kind.RECURRENCE:
+            verify(n.attrs["body"])
+        if len(n.outputs) != prim.n_outputs and prim.kind not in (Kind.CALL, Kind.RECURRENCE):
             raise VerifyError(f"{where}: {len(n.outputs)} outputs, the primitive has {prim.n_outputs}")
         if prim.kind is Kind.CALL:
             continue

@@ -121,8 +121,13 @@ def _expand(t: _Template, args: tuple, prefix: str, nodes: list) -> list[Value]:
     return result
 
 
+def _calls(g: Graph) -> bool:
+    return any(n.op == "call" or n.op == "scan" and _calls(n.attrs["body"]) for n in g.nodes)
+
+
 def inline(g: Graph, ctx: PassContext) -> Graph:
-    if not any(n.op == "call" for n in g.nodes):
+    """Every call replaced by its callee's nodes, also inside scan bodies."""
+    if not _calls(g):
         return g
     if ctx.program is None:
         raise ValueError(f"{g.name} calls other ops; inlining needs PassContext(program=...)")
@@ -131,6 +136,9 @@ def inline(g: Graph, ctx: PassContext) -> Graph:
     remap: dict[Value, Value] = {}
     for n in g.nodes:
         ins = tuple(remap.get(v, v) for v in n.inputs)
+        if n.op == "scan" and _calls(n.attrs["body"]):
+            nodes.append(Node(n.op, ins, n.attrs.replace(body=inline(n.attrs["body"], ctx)), n.outputs, n.span))
+            continue
         if n.op != "call":
             nodes.append(n if ins == n.inputs else Node(n.op, ins, n.attrs, n.outputs, n.span))
             continue

@@ -37,7 +37,9 @@ def retype(g: Graph, old: DType, new: DType, ctx: PassContext | None = None) -> 
     params = tuple(Param(p.name, v(p.value), p.default, p.has_default, p.layout, p.span) for p in g.params)
     nodes = []
     for n in g.nodes:
-        attrs = Attrs({k: (new if a == old else a) if isinstance(a, DType) else a for k, a in n.attrs.items()})
+        attrs = Attrs({k: (new if a == old else a) if isinstance(a, DType)
+                       else retype(a, old, new) if isinstance(a, Graph) else a       # a scan's body
+                       for k, a in n.attrs.items()})
         nodes.append(Node(n.op, tuple(v(i) for i in n.inputs), attrs, tuple(v(o) for o in n.outputs), n.span))
     return g.replace(params=params, nodes=tuple(nodes), outputs=tuple(v(o) for o in g.outputs),
                      result_types=tuple(t(r) for r in g.result_types))

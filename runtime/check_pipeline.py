@@ -34,14 +34,15 @@ def check_pipeline(file, shape, console, errors) -> bool:
         bindings = size_bindings(g, {s: sizes.get(s, DEFAULT_SIZE) for s in g.symbols})
         at = ", ".join(f"{k}={v}" for k, v in bindings.items())
         try:
-            op = compile_module(file, ops=[name]).ops[name]
-            v = variant(op, bindings)
-            vb = size_bindings(v.graph, bindings)
-            ks = launched_kernels(v.plan, vb)
-            for k in ks:
-                heuristic_config(k, vb)
-                interpreter_config(k, vb)
-            kernels += len(ks)
+            from .scan import compiled_parts
+            for part in compiled_parts(compile_module(file, ops=[name]).ops[name]):
+                v = variant(part, size_bindings(part.graph, bindings))
+                vb = size_bindings(v.graph, bindings)
+                ks = launched_kernels(v.plan, vb)
+                for k in ks:
+                    heuristic_config(k, vb)
+                    interpreter_config(k, vb)
+                kernels += len(ks)
         except (SpecError, CallError) as e:
             errors.print(f"{file}: {name} at {at}: {e}", markup=False)
             ok = False

@@ -189,7 +189,8 @@ def register_composite(namespace: str, g: Graph, compiled, route: str = "gradien
     autograd formulas and fake implementations. ``route``: ``"gradients"``, the implementation is
     ``compiled.gradients.forward`` (runtime/autograd.py: the plain forward, or the forward that
     saves for the backward); ``"generic"``, it is ``compiled.dispatch`` (runtime/generic.py: the
-    registered op of the binding the arguments' dtypes pick)."""
+    registered op of the binding the arguments' dtypes pick); ``"scan"``, also ``compiled.dispatch``
+    (runtime/scan.py: the op's pieces and the steps of its scans)."""
     qual = f"{namespace}::{g.name}"
     schema = schema_of(g)
     if qual in _SCHEMAS:
@@ -202,7 +203,7 @@ def register_composite(namespace: str, g: Graph, compiled, route: str = "gradien
     def impl(*args, **kwargs):
         full = list(args) + [kwargs[n] if n in kwargs else defaults[n] for n in names[len(args):]]
         target = _IMPLS[qual]
-        return target.dispatch(full) if route == "generic" else target.gradients.forward(full)
+        return target.dispatch(full) if route in ("generic", "scan") else target.gradients.forward(full)
 
     lib = library_of(namespace)
     lib.define(f"{g.name}{schema}")

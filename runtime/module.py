@@ -481,11 +481,24 @@ def compile_module(path_or_source, namespace: str | None = None, *, dtype: str |
                 continue         # compiled per binding at first use (runtime/generic.py)
             get_op(program, name)
             g = prepared_graph(program, name, dtype, ctx)
+            from .scan import has_scan, plan_pieces
+            if has_scan(g):
+                from ..passes.scan_hoist import hoist_scans
+                g = hoist_scans(g)                    # the carry-free GEMMs leave the loop
+                built.append((name, g, None, plan_pieces(g)))     # runs as its pieces (runtime/scan.py)
+                continue
             built.append((name, g, *fuse_and_plan(kernel_graph(g))))
         if not program.generics:
             program = None       # only generic ops need the program after this
     compiled: dict[str, Any] = {}
     for name, g, fused, plan in built:
+        if fused is None:
+            from .scan import ScanOp
+            preload = stored is None
+            compiled[name] = ScanOp(ns, g, plan, lambda pg, pf, pp: CompiledOp(ns, pg, pf, cache, mode, pp,
+                                                                              preload=preload))
+            compiled[name].default_sizes = shapes
+            continue
         # from stored plans the kernels load at first use: their sources were made then
         compiled[name] = CompiledOp(ns, g, fused, cache, mode, plan, preload=stored is None)
         compiled[name].default_sizes = shapes

@@ -179,8 +179,11 @@ def _file_op_cases(op, sizes, targets, which, cache, file, dtype, shape_name, er
         return []
     from .sizes import size_bindings
     bindings = size_bindings(op.graph, sizes)
+    from .scan import compiled_parts
     try:
-        return op_cases(op, bindings, targets, which=which, cache=cache, file=file, dtype=dtype, shape=shape_name)
+        return [c for part in compiled_parts(op) for c in
+                op_cases(part, size_bindings(part.graph, bindings), targets, which=which, cache=cache, file=file,
+                         dtype=dtype, shape=shape_name)]
     except Exception as e:      # a spec that cannot be compiled at these sizes
         errors.append(SweepError(file, op.name, dtype, shape_name, f"{type(e).__name__}: {e}"))
         return []

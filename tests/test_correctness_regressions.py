@@ -48,7 +48,8 @@ def test_no_kernel_of_the_examples_defines_a_name_twice(examples_dir):
     import opforge
     for path in sorted(examples_dir.glob("*.opf")):
         mod = opforge.compile(path, namespace=f"names_{path.stem}")
-        for op in mod.ops.values():
+        from opforge.runtime.scan import compiled_parts
+        for op in (part for o in mod.ops.values() for part in compiled_parts(o)):
             for k in op.plan.kernels:
                 params = {p.name for p in k.params}
                 tunables = {t.name for t in k.tunables}

@@ -148,6 +148,49 @@ def t_decode_kv(q, k, v, lens):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=j < lens[:, None, None, None])
 
 
+# recurrences (examples/recurrent.opf): naive step-by-step loops, written from the papers' forms;
+# the GRU is torch.nn.GRU itself (its weights set to the spec's)
+def t_gla(q, k, v, gate, h0):
+    h, out = h0, []
+    for t in range(q.shape[0]):
+        h = torch.sigmoid(gate[t]).unsqueeze(-1) * h + torch.einsum("he,hf->hef", k[t], v[t])
+        out.append(torch.einsum("he,hef->hf", q[t], h))
+    return _stack(out, (0,) + tuple(v.shape[1:]), v), h
+
+
+def t_selective_scan(x, dt, a, bm, cm, d):
+    h = torch.zeros(x.shape[1], x.shape[2], a.shape[1], dtype=x.dtype)
+    out = []
+    for t in range(x.shape[0]):
+        h = torch.exp(dt[t].unsqueeze(-1) * a) * h + (dt[t] * x[t]).unsqueeze(-1) * bm[t].unsqueeze(1)
+        out.append(torch.einsum("bdn,bn->bd", h, cm[t]) + d * x[t])
+    return _stack(out, (0,) + tuple(x.shape[1:]), x)
+
+
+def t_retention(q, k, v, gamma):
+    s = torch.zeros(q.shape[1], q.shape[2], v.shape[2], dtype=q.dtype)
+    out = []
+    for t in range(q.shape[0]):
+        s = gamma[:, None, None] * s + torch.einsum("he,hf->hef", k[t], v[t])
+        out.append(torch.einsum("he,hef->hf", q[t], s))
+    return _stack(out, (0,) + tuple(v.shape[1:]), v)
+
+
+def t_gru(x, h0, w_ih, w_hh, b_ih, b_hh):
+    gru = torch.nn.GRU(x.shape[2], h0.shape[1]).to(x.dtype)
+    with torch.no_grad():
+        for name, w in (("weight_ih_l0", w_ih), ("weight_hh_l0", w_hh), ("bias_ih_l0", b_ih), ("bias_hh_l0", b_hh)):
+            getattr(gru, name).copy_(w)
+        if x.shape[0] == 0:
+            return torch.empty(0, *h0.shape, dtype=x.dtype), h0
+        y, h = gru(x, h0.unsqueeze(0))
+    return y, h[0]
+
+
+def _stack(xs, empty_shape, like):
+    return torch.stack(xs) if xs else torch.empty(empty_shape, dtype=like.dtype)
+
+
 IMPLS = {
     ("llama", "rms_norm"): lambda i: t_rms_norm(i["x"], i["w"], i["eps"]),
     ("llama", "rotary"): lambda i: t_rotary(i["x"], i["cos"], i["sin"]),
@@ -174,6 +217,10 @@ IMPLS = {
     ("attention_variants", "alibi"): lambda i: t_alibi(**i),
     ("attention_variants", "packed_docs"): lambda i: t_packed_docs(**i),
     ("attention_variants", "decode_kv"): lambda i: t_decode_kv(**i),
+    ("recurrent", "gla"): lambda i: t_gla(**i),
+    ("recurrent", "selective_scan"): lambda i: t_selective_scan(**i),
+    ("recurrent", "retention"): lambda i: t_retention(**i),
+    ("recurrent", "gru"): lambda i: t_gru(**i),
 }
 
 # Awkward sizes per file (beyond the '# shapes:' line), with scalar overrides per set so that a
@@ -204,6 +251,10 @@ AWKWARD = {
     "attention_variants": [
         ({"B": 1, "H": 3, "G": 1, "R": 3, "S": 7, "T": 9, "E": 5}, {"window": 3, "cap": 0.5}),
         ({"B": 3, "H": 1, "G": 3, "R": 1, "S": 1, "T": 1, "E": 1}, {"window": 1}),
+    ],
+    "recurrent": [
+        ({"S": 37, "B": 3, "H": 2, "E": 5, "F": 7, "D": 3, "N": 5, "I": 9}, {}),
+        ({"S": 1, "B": 1, "H": 1, "E": 1, "F": 1, "D": 1, "N": 1, "I": 1}, {}),
     ],
 }
 
@@ -239,7 +290,7 @@ def to_f64(values):
 
 def test_every_example_op_has_a_torch_version():
     ops = set(all_ops())
-    assert len(ops) == 25, sorted(ops)
+    assert len(ops) == 29, sorted(ops)
     assert ops == set(IMPLS), f"missing: {ops - set(IMPLS)}, stale: {set(IMPLS) - ops}"
     assert {f.stem for f in EXAMPLE_FILES} == set(AWKWARD)
 

@@ -33,6 +33,7 @@ SIZES = {   # the examples' "# shapes:" sizes, with odd sizes where a symbol is 
     "moe": dict(T=9, D=16, F=24, E=4),
     "quant_linear": dict(M=7, K=256, N=12),
     "sparse_linear": dict(M=7, K=128, N=12),
+    "recurrent": dict(S=5, B=3, H=3, E=5, F=4, D=6, N=3, I=5),
 }
 
 
@@ -41,19 +42,30 @@ def _kernel_graphs(programs):
     and its gradients' forward and backward; ``inputs(seed)`` gives random arguments (a
     backward's saved values and cotangents come from running its forward, as at run time:
     random ones would not be a forward's)."""
+    from opforge.runtime.scan import has_scan, plan_pieces
     out = []
     for prefix, program, sizes in programs:
-        for name in program.graphs:
-            g = kernel_graph(prepared_graph(program, name, "f32"))
-            gid = f"{prefix}.{name}"
-            out.append((gid, g, sizes, _random(g, sizes)))
-            wrt = differentiable_params(g)
-            if wrt and any(t.dtype.is_float for t in g.result_types):
-                d = derive(g, wrt)
-                fwd, bwd = (kernel_graph(run_passes(x.replace(name=f"{name}__{part}"), [canonicalize], PassContext()))
-                            for part, x in (("fwd", d.forward), ("bwd", d.backward)))
-                out.append((f"{gid}.fwd", fwd, sizes, _random(fwd, sizes)))
-                out.append((f"{gid}.bwd", bwd, sizes, _backward_inputs(fwd, bwd, d, sizes)))
+        for op in program.graphs:
+            whole = prepared_graph(program, op, "f32")
+            # an op with a scan is registered piece by piece (runtime/scan.py), each with its rule
+            pieces = [(op, whole)] if not has_scan(whole) else [(pg.name, pg) for pg, _, _ in plan_pieces(whole)]
+            out += _piece_graphs(prefix, pieces, sizes)
+    return out
+
+
+def _piece_graphs(prefix, pieces, sizes):
+    out = []
+    for name, g in pieces:
+        g = kernel_graph(g)
+        gid = f"{prefix}.{name}"
+        out.append((gid, g, sizes, _random(g, sizes)))
+        wrt = differentiable_params(g)
+        if wrt and any(t.dtype.is_float for t in g.result_types):
+            d = derive(g, wrt)
+            fwd, bwd = (kernel_graph(run_passes(x.replace(name=f"{name}__{part}"), [canonicalize], PassContext()))
+                        for part, x in (("fwd", d.forward), ("bwd", d.backward)))
+            out.append((f"{gid}.fwd", fwd, sizes, _random(fwd, sizes)))
+            out.append((f"{gid}.bwd", bwd, sizes, _backward_inputs(fwd, bwd, d, sizes)))
     return out
 
 

@@ -90,7 +90,8 @@ def test_masks_are_bool_and_stores_go_through_pointers():
 @pytest.mark.parametrize("path", example_files(), ids=lambda p: p.stem)
 def test_every_example_kernel_verifies(path):
     mod = opforge.compile(path, namespace=f"tv_{path.stem}")
-    kernels = [k for op in mod.ops.values() for k in op.plan.kernels]
+    from opforge.runtime.scan import compiled_parts
+    kernels = [k for op in mod.ops.values() for part in compiled_parts(op) for k in part.plan.kernels]
     assert kernels
     for k in kernels:
         verify_kernel(k)

@@ -1,0 +1,321 @@
+"""Ops with a ``scan``: run as their pieces, the scans step by step.
+
+An op whose graph holds scan nodes (ir/prims_scan.py) is split at them (``split_at_scans``):
+the nodes between two scans form a *segment*, compiled as an ordinary op (fusion, kernels,
+gradients, registration), and each scan's body is compiled as an op too. A call runs the
+segments in order and, for each scan, the body op once per step with the carries passed from
+step to step (``scan_steps``, the same loop the reference executor runs) and the steps' outputs
+stacked. Every piece is a registered op with its gradients, so autograd differentiates through
+the steps (backpropagation through time over the carries each step returned, which autograd
+keeps) and ``torch.compile`` traces the loop into calls of the pieces' ops.
+
+This is the first lowering of a scan, correct for any body, and slow: a step costs a launch of
+the body's kernels, with the carries in memory between steps. Before splitting, the body's
+carry-free matmuls (``x[t] @ w.T + b``) are hoisted into the piece before the scan
+(passes/scan_hoist.py): one GEMM over all steps. Not built yet (DSL.md's contract and the
+recurrences issue): the one-kernel sequential lowering with the carry on chip, the chunked
+parallel lowering of linear recurrences, the one-step decode kernel. ``explain()`` says which class a scan is
+(passes/scan_class.py) and how it runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..ir.dims import evaluate
+from ..ir.graph import Graph, Node, Param, Value
+from ..ir.prims_scan import scan_steps
+from ..ir.torch_dtypes import to_torch
+from ..ir.types import DType, ScalarType, TensorType
+from .binding import CallError, bind_args, bind_sizes
+
+SOURCES = ("const", "dim")         # nodes without operands, made again in each piece that reads them
+
+
+def has_scan(g: Graph) -> bool:
+    return any(n.op == "scan" for n in g.nodes)
+
+
+def compiled_parts(op) -> list:
+    """The CompiledOps an op runs: a ScanOp's pieces, else the op itself (for tools that read
+    plans and kernels: check, the native sweep)."""
+    return op.parts if isinstance(op, ScanOp) else [op]
+
+
+@dataclass
+class Segment:
+    graph: Graph
+    inputs: list          # the top-level values it reads, in its parameters' order
+    outputs: list         # the top-level values it gives, in its results' order
+    op: Any = None        # its CompiledOp
+    sizes: tuple = ()     # size symbols passed as trailing integer arguments (with_sizes)
+
+
+@dataclass
+class ScanPiece:
+    node: Node
+    op: Any = None        # the body's CompiledOp
+    sizes: tuple = ()
+
+
+def split_at_scans(g: Graph) -> list:
+    """The op's pieces in order: Segments (the nodes between scans, as graphs of their own) and
+    ScanPieces. A value a later piece or the op's results read leaves its segment as a result;
+    literals and sizes used as values are made again where they are read."""
+    sources = {n.out: n for n in g.nodes if n.op in SOURCES}
+    runs: list = [[]]
+    for n in g.nodes:
+        if n.op in SOURCES:
+            continue
+        if n.op == "scan":
+            runs.append(n)
+            runs.append([])
+        else:
+            runs[-1].append(n)
+    later_uses: list[set] = []
+    used: set = set(g.outputs)
+    for r in reversed(runs):
+        later_uses.append(set(used))
+        for n in ([r] if isinstance(r, Node) else r):
+            used.update(n.inputs)
+    later_uses.reverse()
+    pieces: list = []
+    for i, r in enumerate(runs):
+        if isinstance(r, Node):
+            pieces.append(ScanPiece(r))
+            continue
+        if not r:
+            continue
+        defined = {o for n in r for o in n.outputs}
+        outputs = [o for n in r for o in n.outputs if o in later_uses[i]]
+        if not outputs:
+            continue
+        inputs: list = []
+        remade: list = []
+        for n in r:
+            for v in n.inputs:
+                if v in defined or v in inputs or v in remade:
+                    continue
+                (remade if v in sources else inputs).append(v)
+        fresh = {v: Value(v.type, v.name) for v in inputs + remade}
+        nodes = [Node(sources[v].op, (), sources[v].attrs, (fresh[v],), sources[v].span) for v in remade]
+        nodes += [Node(n.op, tuple(fresh.get(v, v) for v in n.inputs), n.attrs, n.outputs, n.span) for n in r]
+        params = _params(g, inputs, fresh)
+        seg = Graph(f"{g.name}__part{len(pieces)}", tuple(params), tuple(nodes), tuple(outputs),
+                    tuple(o.type for o in outputs), len(outputs) > 1, g.span)
+        pieces.append(Segment(seg, inputs, outputs))
+    return pieces
+
+
+def _params(g: Graph, inputs: list, fresh: dict) -> list[Param]:
+    by_value = {p.value: p for p in g.params}
+    out, used = [], set()
+    for i, v in enumerate(inputs):
+        p = by_value.get(v)
+        name = p.name if p is not None else (v.name or f"v{i}")
+        base, k = name, 1
+        while name in used:
+            name, k = f"{base}_{k}", k + 1
+        used.add(name)
+        out.append(Param(name, fresh[v], p.default if p else None, p.has_default if p else False,
+                         p.layout if p else None, p.span if p else None))
+    return out
+
+
+def unbound_sizes(g: Graph) -> tuple[str, ...]:
+    """Size symbols a piece uses that no axis of its tensor parameters binds (a body reading
+    ``arange(S)`` while its slices have lost the S axis): they become integer parameters used
+    as sizes, which the op passes from its own bindings."""
+    bound = {str(d) for p in g.tensor_params for d in p.value.type.shape if not isinstance(d, int) and d.is_symbol()}
+    bound |= set(g.size_params)
+    used: list[str] = []
+
+    def visit(x):
+        if isinstance(x, (tuple, list)):
+            for y in x:
+                visit(y)
+        elif hasattr(x, "terms") and hasattr(x, "symbols"):
+            used.extend(s for s in sorted(x.symbols) if s not in used)
+    for p in g.tensor_params:
+        visit(tuple(p.value.type.shape))
+    for n in g.nodes:
+        for v in n.outputs:
+            if isinstance(v.type, TensorType):
+                visit(tuple(v.type.shape))
+        for a in n.attrs.values():
+            visit(a)
+    return tuple(s for s in used if s not in bound)
+
+
+def with_sizes(g: Graph) -> Graph:
+    extra = [Param(s, Value(ScalarType(DType.i64), s)) for s in unbound_sizes(g)]
+    return g.replace(params=g.params + tuple(extra)) if extra else g
+
+
+def piece_graphs(g: Graph) -> list[Graph]:
+    """The graphs compiled for an op's pieces, in order: each segment's, each scan's body
+    (named ``op__partK`` and ``op__scanK``), with the sizes they cannot bind as parameters."""
+    out = []
+    for k, p in enumerate(split_at_scans(g)):
+        if isinstance(p, Segment):
+            out.append(with_sizes(p.graph))
+            continue
+        body = p.node.attrs["body"]
+        if has_scan(body):
+            raise CallError(f"{g.name}: a scan inside the body of a scan (through a call) is not supported "
+                            f"in this version")
+        out.append(with_sizes(body.replace(name=f"{g.name}__scan{k}")))
+    return out
+
+
+def plan_pieces(g: Graph) -> list[tuple]:
+    """(graph, fused, plan) of each piece, through the pipeline from canonicalisation on (the
+    op's calls, also in scan bodies, were inlined with it). Stored with the op's plans."""
+    from ..passes.context import PassContext
+    from ..passes.pipeline import GRAPH_PASSES, kernel_graph, run_passes
+    from ..passes.plan import fuse_and_plan
+    out = []
+    for piece in piece_graphs(g):
+        piece = run_passes(piece, [p for p in GRAPH_PASSES if p.__name__ != "inline"], PassContext())
+        out.append((piece, *fuse_and_plan(kernel_graph(piece))))
+    return out
+
+
+@dataclass(frozen=True)
+class ScanGradients:
+    params: tuple
+
+    @property
+    def differentiable(self) -> bool:
+        return bool(self.params)
+
+
+class ScanOp:
+    """A compiled op with scans (see the module's docstring): callable like a CompiledOp,
+    registered as one composite op ``ns::name`` routing to its pieces' ops."""
+
+    def __init__(self, namespace: str, graph: Graph, plans: list, make):
+        """``plans``: ``plan_pieces(graph)``; ``make(g, fused, plan)``: a piece's CompiledOp."""
+        from .library import register_composite
+        self.namespace = namespace
+        self.graph = graph
+        self.name = self.public = graph.name
+        self.default_sizes: dict = {}
+        self.pieces = split_at_scans(graph)
+        for p, (g, fused, plan) in zip(self.pieces, plans, strict=True):
+            p.op = make(g, fused, plan)
+            n = len(p.graph.params) if isinstance(p, Segment) else len(p.node.attrs["body"].params)
+            p.sizes = tuple(q.name for q in g.params[n:])     # sizes passed as arguments (with_sizes)
+        self.torch_op = register_composite(namespace, graph, self, route="scan")
+
+    # -- calling -------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return self.torch_op(*args, **kwargs)
+        values = bind_args(self.graph, args, kwargs)
+        return self.torch_op(*[values[p.name] for p in self.graph.params])
+
+    def dispatch(self, args: list) -> Any:
+        """The composite op's implementation: every argument positional."""
+        values = {p.name: a for p, a in zip(self.graph.params, args)}
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        bindings = bind_sizes(self.graph, values, device=tensors[0].device if tensors else None)
+        env: dict = {p.value: a for p, a in zip(self.graph.params, args)}
+        sources = {n.out: n for n in self.graph.nodes if n.op in ("const", "dim")}
+
+        def read(v: Value):
+            if v in env:
+                return env[v]
+            n = sources[v]
+            return n.attrs["value"] if n.op == "const" else evaluate(n.attrs["size"], bindings)
+        device = tensors[0].device if tensors else None
+        for p in self.pieces:
+            if isinstance(p, Segment):
+                res = p.op(*[read(v) for v in p.inputs], *[bindings[s] for s in p.sizes])
+                res = res if isinstance(res, tuple) else (res,)
+                env.update(zip(p.outputs, res))
+                continue
+            node, body = p.node, p.op
+
+            def step(a, body=body):
+                r = body(*a)
+                return r if isinstance(r, tuple) else (r,)
+
+            def full(t, value):
+                return torch.full([evaluate(d, bindings) for d in t.shape], value, dtype=to_torch(t.dtype), device=device)
+
+            def stack(xs, t):
+                if not xs:
+                    return torch.empty([0] + [evaluate(d, bindings) for d in t.shape], dtype=to_torch(t.dtype), device=device)
+                return torch.stack(xs)
+            ins = [read(v) for v in node.inputs] + [bindings[s] for s in p.sizes]     # sizes after the closed-over values
+            res = scan_steps(node.attrs, ins, bindings, step, full, stack)
+            env.update(zip(node.outputs, res))
+        outs = tuple(read(v) for v in self.graph.outputs)
+        return outs if self.graph.tuple_result else outs[0]
+
+    # -- what tools ask of an op ---------------------------------------------------------------
+    @property
+    def gradients(self) -> "ScanGradients":
+        """Which parameters get gradients: the float tensor parameters (autograd differentiates
+        the pieces' ops through the steps; a packed weight stays frozen in its piece)."""
+        return ScanGradients(tuple(p.name for p in self.graph.tensor_params if p.value.type.dtype.is_float))
+
+    @property
+    def parts(self) -> list:
+        """The compiled pieces: the segments' ops and the scans' body ops."""
+        return [p.op for p in self.pieces]
+
+    @property
+    def kernel_count(self) -> int:
+        """Kernels of the segments plus each scan body's (launched once per step)."""
+        return sum(op.kernel_count for op in self.parts)
+
+    def stage_text(self, stage: str) -> str:
+        if stage == "graph":
+            from ..ir.printer import print_graph
+            return print_graph(self.graph)
+        return "\n\n".join(f"# {op.name}\n{op.stage_text(stage)}" for op in self.parts)
+
+    def scan_text(self) -> str:
+        from ..passes.scan_class import classify
+        lines = ["== scans =="]
+        for p in self.pieces:
+            if isinstance(p, ScanPiece):
+                c = classify(p.node)
+                a = p.node.attrs
+                line = p.node.span.line if p.node.span is not None else "?"
+                lines.append(f"scan at line {line} over {a['length']}{' (reverse)' if a['reverse'] else ''}: "
+                             f"{c.kind} recurrence: {c.why}")
+                hoisted = a.get("hoisted", ())
+                if hoisted:
+                    ops = ", ".join(f"{op} x{hoisted.count(op)}" if hoisted.count(op) > 1 else op
+                                    for op in dict.fromkeys(hoisted))
+                    lines.append(f"  hoisted out of the loop, run once over all steps before it: {ops} "
+                                 f"(passes/scan_hoist.py)")
+                else:
+                    lines.append("  hoisted out of the loop: nothing (no carry-free matmul)")
+                lines.append(f"  runs step by step: each step launches the body's {p.op.kernel_count} kernel(s) "
+                             f"({p.op.name}), the carries in memory between steps")
+                lines.append("  not built yet: the one-kernel lowering with the carry on chip"
+                             + (", the chunked parallel lowering of a linear recurrence" if c.kind == "linear" else ""))
+        return "\n".join(lines)
+
+    def explain(self, file=None, **kwargs):
+        from .module import Explanation
+        text = [self.scan_text()]
+        for op in self.parts:
+            text.append(f"== piece {op.name} ==\n{op.explain(**kwargs)}")
+        out = Explanation("\n\n".join(text))
+        if file is not None:
+            out.written_to(file)
+        return out
+
+    def bind(self, calibration=None, **weights):
+        raise CallError(f"{self.name}(): binding weights of an op with a scan is not supported in this version; "
+                        f"call it with the weights as arguments")
+
+    def __repr__(self) -> str:
+        return f"<opforge op {self.namespace}::{self.name}: {len(self.pieces)} pieces, scans run step by step>"
