@@ -23,7 +23,10 @@ class IndexMixin:
             if self.is_tensor_index(it):
                 raise SpecError("an index tensor is only allowed in the first position", it.span,
                                 "emb[ids] gathers rows; index other axes with integers and slices")
-        items = list(e.items)
+        return self.index_items(v, list(e.items), e)
+
+    def index_items(self, v: Value, items: list, e: A.Index) -> Value:
+        """v indexed by ``items`` (a tensor of indices allowed first: a gather of rows)."""
         if self.is_tensor_index(items[0]):
             ids = self.value(items[0])
             v = self.emit("gather_rows", [v, ids], {}, e.span, [e.value, items[0]])[0]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..ir.dims import Dim, format_shape
-from ..ir.graph import Attrs, Graph, Node, Param, Value
+from ..ir.graph import Attrs, Graph, Node, Param, Value, unique_param_names
 from ..ir.types import DType, ScalarType, TensorType
 from . import ast as A
 from .build_text import check_not_keyword, snippet
@@ -129,7 +129,7 @@ class ScanMixin:
                       for nd in body_nodes]
         params = [Param(v.name or f"p{i}", v) for i, v in enumerate(params_v)]
         params += [Param(v.name or f"c{i}", fresh[v]) for i, v in enumerate(closed)]
-        params = _unique_names(params)
+        params = unique_param_names(params)
         results = tuple(fresh.get(v, v) for v in values)
         body = Graph(f"{self.graph_name}__scan_body", tuple(params), tuple(body_nodes), results,
                      tuple(v.type for v in results), True, e.span)
@@ -233,32 +233,12 @@ class ScanMixin:
         rest = items[:k] + items[k + 1:]
         if not rest:
             return s
-        return self.basic_index(s, rest, e) if not self.is_tensor_index(rest[0]) else self._index_rest(s, rest, e)
-
-    def _index_rest(self, v: Value, items: list, e: A.Index) -> Value:
-        ids = self.value(items[0])
-        v = self.emit("gather_rows", [v, ids], {}, e.span, [e.value, items[0]])[0]
-        if len(items) == 1:
-            return v
-        items = [A.SliceItem(items[0].span, None, None, None)] * ids.type.rank + items[1:]
-        return self.basic_index(v, items, e)
+        return self.index_items(s, rest, e)
 
     def step_index_value(self, e: A.Name) -> Value:
         """The step index used as a value (``t``, ``t + 1``, ``arange(S) <= t``)."""
         self.scan_scope.index_used = True
         return self.scan_scope.index_value
-
-
-def _unique_names(params: list[Param]) -> list[Param]:
-    used: set[str] = set()
-    out = []
-    for p in params:
-        name, k = p.name, 1
-        while name in used:
-            name, k = f"{p.name}_{k}", k + 1
-        used.add(name)
-        out.append(p if name == p.name else Param(name, p.value))
-    return out
 
 
 def shape_text(t) -> str:

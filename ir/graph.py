@@ -297,3 +297,17 @@ def collector_paused():
     finally:
         if was_enabled:
             gc.enable()
+
+
+def unique_param_names(params) -> list[Param]:
+    """The parameters with clashing names renamed ``name_1``, ``name_2`` (graphs cut out of
+    others: a scan's body, the pieces of an op with a scan)."""
+    used: set[str] = set()
+    out = []
+    for p in params:
+        name, k = p.name, 1
+        while name in used:
+            name, k = f"{p.name}_{k}", k + 1
+        used.add(name)
+        out.append(p if name == p.name else Param(name, p.value, p.default, p.has_default, p.layout, p.span))
+    return out

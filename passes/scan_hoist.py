@@ -20,7 +20,7 @@ by one). A node without such a rule stays in the body.
 from __future__ import annotations
 
 from ..ir import registry
-from ..ir.graph import Attrs, Graph, Node, Param, Value
+from ..ir.graph import Attrs, Graph, Node, Param, Value, unique_param_names
 from ..ir.registry import Kind, RuleError
 from ..ir.types import ScalarType, TensorType
 
@@ -105,7 +105,7 @@ def hoist(node: Node) -> tuple[list[Node], Node]:
     new_params += [by_value[p] for p, _, _ in keep_slices]
     new_params += [Param(_name(v, i), fresh[v]) for i, v in enumerate(new_slices)]
     new_params += [by_value[p] for p, _ in keep_closed]
-    new_params = _unique(new_params)
+    new_params = unique_param_names(new_params)
     new_body = body.replace(params=tuple(new_params), nodes=tuple(remaining), outputs=results)
     inputs = list(node.inputs[:carried]) + [x for _, x, _ in keep_slices] + [batched[v] for v in new_slices] + \
         [x for _, x in keep_closed]
@@ -219,15 +219,3 @@ def _emit(outer: list, op: str, inputs: list, attrs: dict, like: Node) -> Value:
 
 def _name(v: Value, i: int) -> str:
     return f"{v.name}_t" if v.name else f"hoisted{i}_t"
-
-
-def _unique(params: list[Param]) -> list[Param]:
-    used: set[str] = set()
-    out = []
-    for p in params:
-        name, k = p.name, 1
-        while name in used:
-            name, k = f"{p.name}_{k}", k + 1
-        used.add(name)
-        out.append(p if name == p.name else Param(name, p.value, p.default, p.has_default, p.layout, p.span))
-    return out

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from ..ir.dims import evaluate
-from ..ir.graph import Graph, Node, Param, Value
+from ..ir.graph import Graph, Node, Param, Value, unique_param_names
 from ..ir.prims_scan import scan_steps
 from ..ir.torch_dtypes import to_torch
 from ..ir.types import DType, ScalarType, TensorType
@@ -110,18 +110,15 @@ def split_at_scans(g: Graph) -> list:
 
 
 def _params(g: Graph, inputs: list, fresh: dict) -> list[Param]:
+    """A segment's parameters: the op's own where it reads one (name, default, layout kept),
+    else named after the value."""
     by_value = {p.value: p for p in g.params}
-    out, used = [], set()
+    out = []
     for i, v in enumerate(inputs):
         p = by_value.get(v)
-        name = p.name if p is not None else (v.name or f"v{i}")
-        base, k = name, 1
-        while name in used:
-            name, k = f"{base}_{k}", k + 1
-        used.add(name)
-        out.append(Param(name, fresh[v], p.default if p else None, p.has_default if p else False,
-                         p.layout if p else None, p.span if p else None))
-    return out
+        out.append(Param(p.name, fresh[v], p.default, p.has_default, p.layout, p.span) if p is not None
+                   else Param(v.name or f"v{i}", fresh[v]))
+    return unique_param_names(out)
 
 
 def unbound_sizes(g: Graph) -> tuple[str, ...]:
