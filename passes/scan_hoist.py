@@ -22,7 +22,7 @@ from __future__ import annotations
 from ..ir import registry
 from ..ir.graph import Attrs, Graph, Node, Param, Value, unique_param_names
 from ..ir.registry import Kind, RuleError
-from ..ir.types import ScalarType, TensorType
+from ..ir.types import TensorType
 
 VIEWS = {"reshape", "expand", "slice", "transpose", "cast"}
 
