@@ -161,8 +161,10 @@ class PackedOperands:
         ev.special[v] = fn
 
     @staticmethod
-    def _nibbles(ev: Evaluator, node: Node, phase: dict, k0, r):
-        b, cache = ev.b, {}
+    def _phased(ev: Evaluator, node: Node, phase: dict, load, pick):
+        """The special of an unpacking node: at a phase's K index, ``pick(tiles, p)`` of the
+        tiles ``load(i_n)`` made once per step (and per column index); elsewhere the usual glue."""
+        cache = {}
 
         def fn(ctx: Ctx):
             i_n, i_k = ctx.idx
@@ -170,36 +172,41 @@ class PackedOperands:
             if p is None:
                 return GLUE[node.op](ev, node, node.out, ctx)
             if id(i_n) not in cache:
-                byte = load_tile(ev, node.inputs[0], (i_n, b.add(b.floordiv(k0, 2), r)), "packed")
-                cache[id(i_n)] = (b.let(b.bitand(byte, 0xF), "lo"), b.let(b.shr(byte, 4), "hi"))
-            return cache[id(i_n)][p]
+                cache[id(i_n)] = load(i_n)
+            return pick(cache[id(i_n)], p)
         return fn
 
     @staticmethod
+    def _nibbles(ev: Evaluator, node: Node, phase: dict, k0, r):
+        b = ev.b
+
+        def load(i_n):
+            byte = load_tile(ev, node.inputs[0], (i_n, b.add(b.floordiv(k0, 2), r)), "packed")
+            return b.let(b.bitand(byte, 0xF), "lo"), b.let(b.shr(byte, 4), "hi")
+        return PackedOperands._phased(ev, node, phase, load, lambda tiles, p: tiles[p])
+
+    @staticmethod
     def _sparse24(ev: Evaluator, node: Node, phase: dict, k0, r):
-        b, cache = ev.b, {}
+        b = ev.b
         vals, meta = node.inputs
 
-        def fn(ctx: Ctx):
-            i_n, i_k = ctx.idx
-            p = phase.get(id(i_k))
-            if p is None:
-                return GLUE[node.op](ev, node, node.out, ctx)
-            if id(i_n) not in cache:
-                base = b.let(b.add(b.floordiv(k0, 2), b.mul(r, 4)), "kv")
-                v = [load_tile(ev, vals, (i_n, base if j == 0 else b.add(base, j)), f"v{j}") for j in range(4)]
-                byte = load_tile(ev, meta, (i_n, b.add(b.floordiv(k0, 8), r)), "meta")
-                slots = []
-                for h, nib in enumerate((b.let(b.bitand(byte, 0xF), "meta_lo"), b.let(b.shr(byte, 4), "meta_hi"))):
-                    slots.append((b.let(b.bitand(nib, 3), f"pos0_{h}"), b.let(b.bitand(b.shr(nib, 2), 3), f"pos1_{h}")))
-                cache[id(i_n)] = (v, slots)
-            v, slots = cache[id(i_n)]
+        def load(i_n):
+            base = b.let(b.add(b.floordiv(k0, 2), b.mul(r, 4)), "kv")
+            v = [load_tile(ev, vals, (i_n, base if j == 0 else b.add(base, j)), f"v{j}") for j in range(4)]
+            byte = load_tile(ev, meta, (i_n, b.add(b.floordiv(k0, 8), r)), "meta")
+            slots = []
+            for h, nib in enumerate((b.let(b.bitand(byte, 0xF), "meta_lo"), b.let(b.shr(byte, 4), "meta_hi"))):
+                slots.append((b.let(b.bitand(nib, 3), f"pos0_{h}"), b.let(b.bitand(b.shr(nib, 2), 3), f"pos1_{h}")))
+            return v, slots
+
+        def pick(tiles, p):
+            v, slots = tiles
             h, pos = divmod(p, 4)
             i0, i1 = slots[h]
             at = b.const(pos, i0.dtype)
             dense = b.where(b.binop("eq", i0, at), v[2 * h], b.where(b.binop("eq", i1, at), v[2 * h + 1], 0.0))
             return b.let(b.cast(dense, node.out.type.dtype), "w24")
-        return fn
+        return PackedOperands._phased(ev, node, phase, load, pick)
 
     @staticmethod
     def _group_row(ev: Evaluator, node: Node, src: Value, g: int, phase: dict, k0):
