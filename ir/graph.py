@@ -173,29 +173,36 @@ class Graph:
         return tuple(p for p in self.params if not p.is_tensor)
 
     @functools.cached_property
-    def size_params(self) -> tuple[str, ...]:
-        """Integer scalar parameters used as sizes (``reshape(x, [B, S, heads, -1])``): a call
-        binds the size symbol of that name to the argument's value."""
-        names = {p.name for p in self.scalar_params if p.value.type.dtype.is_int and not p.value.type.dtype.is_bool}
-        if not names:
-            return ()
-        used: set[str] = set()
+    def used_symbols(self) -> tuple[str, ...]:
+        """Every size symbol the graph uses (in tensor parameters' and values' shapes and in
+        node attributes), in the order first met."""
+        used: dict[str, None] = {}
 
         def visit(x):
             if isinstance(x, (tuple, list)):
                 for y in x:
                     visit(y)
             elif hasattr(x, "terms") and hasattr(x, "symbols"):
-                used.update(x.symbols)
+                used.update(dict.fromkeys(sorted(x.symbols)))
         for p in self.params:
             if p.is_tensor:
-                used.update(free_symbols(list(p.value.type.shape)))
+                used.update(dict.fromkeys(sorted(free_symbols(list(p.value.type.shape)))))
         for n in self.nodes:
             for v in n.outputs:
                 if isinstance(v.type, TensorType):
-                    used.update(free_symbols(list(v.type.shape)))
+                    used.update(dict.fromkeys(sorted(free_symbols(list(v.type.shape)))))
             for a in n.attrs.values():
                 visit(a)
+        return tuple(used)
+
+    @functools.cached_property
+    def size_params(self) -> tuple[str, ...]:
+        """Integer scalar parameters used as sizes (``reshape(x, [B, S, heads, -1])``): a call
+        binds the size symbol of that name to the argument's value."""
+        names = {p.name for p in self.scalar_params if p.value.type.dtype.is_int and not p.value.type.dtype.is_bool}
+        if not names:
+            return ()
+        used = set(self.used_symbols)
         return tuple(p.name for p in self.scalar_params if p.name in names and p.name in used)
 
     @property

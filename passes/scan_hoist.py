@@ -80,7 +80,7 @@ def hoist(node: Node) -> tuple[list[Node], Node]:
             continue
         res = _batched_node(n, batched, outer_of, producer, length, outer)
         if res is None:                          # no rule: it (and what needs it) stays in the body
-            chosen = {m for m in chosen if m is not n and not _needs(m, n, body)}
+            chosen = {m for m in chosen if m is not n and not _needs(m, n, producer)}
             continue
         out, over_steps = res
         (batched if over_steps else outer_of)[n.out] = out
@@ -147,8 +147,7 @@ def _choose(body: Graph, free: list[Node]) -> set:
     return chosen
 
 
-def _needs(m: Node, n: Node, body: Graph) -> bool:
-    producer = body.producers()
+def _needs(m: Node, n: Node, producer: dict) -> bool:
     todo, seen = list(m.inputs), set()
     while todo:
         v = todo.pop()

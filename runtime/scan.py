@@ -127,23 +127,7 @@ def unbound_sizes(g: Graph) -> tuple[str, ...]:
     as sizes, which the op passes from its own bindings."""
     bound = {str(d) for p in g.tensor_params for d in p.value.type.shape if not isinstance(d, int) and d.is_symbol()}
     bound |= set(g.size_params)
-    used: list[str] = []
-
-    def visit(x):
-        if isinstance(x, (tuple, list)):
-            for y in x:
-                visit(y)
-        elif hasattr(x, "terms") and hasattr(x, "symbols"):
-            used.extend(s for s in sorted(x.symbols) if s not in used)
-    for p in g.tensor_params:
-        visit(tuple(p.value.type.shape))
-    for n in g.nodes:
-        for v in n.outputs:
-            if isinstance(v.type, TensorType):
-                visit(tuple(v.type.shape))
-        for a in n.attrs.values():
-            visit(a)
-    return tuple(s for s in used if s not in bound)
+    return tuple(s for s in g.used_symbols if s not in bound)
 
 
 def with_sizes(g: Graph) -> Graph:
@@ -205,6 +189,8 @@ class ScanOp:
             p.op = make(g, fused, plan)
             n = len(p.graph.params) if isinstance(p, Segment) else len(p.node.attrs["body"].params)
             p.sizes = tuple(q.name for q in g.params[n:])     # sizes passed as arguments (with_sizes)
+        # literals and sizes used as values, read by the pieces (made once, not per call)
+        self._sources = {n.out: n for n in graph.nodes if n.op in SOURCES}
         self.torch_op = register_composite(namespace, graph, self, route="scan")
 
     # -- calling -------------------------------------------------------------------------------
@@ -218,38 +204,35 @@ class ScanOp:
         """The composite op's implementation: every argument positional."""
         values = {p.name: a for p, a in zip(self.graph.params, args)}
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        bindings = bind_sizes(self.graph, values, device=tensors[0].device if tensors else None)
+        device = tensors[0].device if tensors else None
+        bindings = bind_sizes(self.graph, values, device=device)
         env: dict = {p.value: a for p, a in zip(self.graph.params, args)}
-        sources = {n.out: n for n in self.graph.nodes if n.op in ("const", "dim")}
 
         def read(v: Value):
             if v in env:
                 return env[v]
-            n = sources[v]
+            n = self._sources[v]
             return n.attrs["value"] if n.op == "const" else evaluate(n.attrs["size"], bindings)
-        device = tensors[0].device if tensors else None
+
+        def full(t, value):
+            return torch.full([evaluate(d, bindings) for d in t.shape], value, dtype=to_torch(t.dtype), device=device)
+
+        def stack(xs, t):
+            if not xs:
+                return torch.empty([0] + [evaluate(d, bindings) for d in t.shape], dtype=to_torch(t.dtype), device=device)
+            return torch.stack(xs)
         for p in self.pieces:
             if isinstance(p, Segment):
                 res = p.op(*[read(v) for v in p.inputs], *[bindings[s] for s in p.sizes])
                 res = res if isinstance(res, tuple) else (res,)
                 env.update(zip(p.outputs, res))
                 continue
-            node, body = p.node, p.op
 
-            def step(a, body=body):
+            def step(a, body=p.op):
                 r = body(*a)
                 return r if isinstance(r, tuple) else (r,)
-
-            def full(t, value):
-                return torch.full([evaluate(d, bindings) for d in t.shape], value, dtype=to_torch(t.dtype), device=device)
-
-            def stack(xs, t):
-                if not xs:
-                    return torch.empty([0] + [evaluate(d, bindings) for d in t.shape], dtype=to_torch(t.dtype), device=device)
-                return torch.stack(xs)
-            ins = [read(v) for v in node.inputs] + [bindings[s] for s in p.sizes]     # sizes after the closed-over values
-            res = scan_steps(node.attrs, ins, bindings, step, full, stack)
-            env.update(zip(node.outputs, res))
+            ins = [read(v) for v in p.node.inputs] + [bindings[s] for s in p.sizes]     # sizes after the closed-over values
+            env.update(zip(p.node.outputs, scan_steps(p.node.attrs, ins, bindings, step, full, stack)))
         outs = tuple(read(v) for v in self.graph.outputs)
         return outs if self.graph.tuple_result else outs[0]
 
