@@ -32,8 +32,9 @@ from .mask_range import TileOps, key_range_of
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); 128 query rows take two warpgroups (with one, the
-# [128, head dim] accumulator and the score tile spill at head dim 128)
-PRESETS = ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4),
+# [128, head dim] accumulator and the score tile spill at head dim 128); 128 x 32 is the tile a
+# computed score fits in on mma.sync GPUs (runtime/autotune.MMA_SYNC_FLASH_ELEMENTS)
+PRESETS = ((128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4),
            (16, 64, 4, 3), (16, 128, 4, 2))
 
 

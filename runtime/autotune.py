@@ -6,8 +6,10 @@ cannot fit are pruned first, by estimates of shared memory (every tile a loop ke
 in the type it is loaded as) and registers (accumulators and the K loop's live tiles, a
 dequantisation's temporaries included; runtime/estimate.py), and so are blocks far larger than
 the problem. Then the compiler has its say (NativePrune): the candidates are compiled for the
-GPU (runtime/native.py, cached on disk) and those that spill or need more shared memory than
-the GPU has are dropped and reported (OPFORGE_NATIVE_PRUNE=0 skips this). The rest are timed
+GPU (runtime/native.py, cached on disk); those that spill only at ptxas's own register choice
+are timed at the register budget that avoids it (runtime/register_budget.py), and those that
+still spill or need more shared memory than the GPU has are dropped and reported
+(OPFORGE_NATIVE_PRUNE=0 skips this). The rest are timed
 with triton.testing.do_bench on the call's own arguments; a configuration that fails to compile
 or launch is skipped and reported, never fatal. The winner is persisted in the kernel's cache
 entry (``tuned.json``) per shape bucket (each size rounded up to a power of two); the cache key already holds the device and the versions. Progress shows on
@@ -40,6 +42,9 @@ def autotune_enabled() -> bool:
 class Limits:
     shared_memory: int = 227 * 1024     # bytes per block (H100 opt-in maximum)
     registers_per_thread: int = 255
+    # the GPU's dots take their operands from registers (mma.sync: sm_80, sm_89), not from
+    # shared memory as Hopper's wgmma does
+    mma_sync: bool = False
 
     @staticmethod
     def of_device() -> "Limits":
@@ -48,7 +53,14 @@ class Limits:
             return Limits()
         p = torch.cuda.get_device_properties(0)
         smem = getattr(p, "shared_memory_per_block_optin", 0) or getattr(p, "shared_memory_per_block", 0)
-        return Limits(shared_memory=int(smem) or Limits.shared_memory)
+        return Limits(shared_memory=int(smem) or Limits.shared_memory,
+                      mma_sync=torch.cuda.get_device_capability()[0] < 9)
+
+    @staticmethod
+    def of_target(tgt) -> "Limits":
+        """The limits of a target of the native check (runtime/targets.py)."""
+        return Limits(shared_memory=tgt.shared_memory, registers_per_thread=tgt.registers_per_thread,
+                      mma_sync=tgt.capability < 90)
 
 
 def space(k: TileKernel, bindings) -> list[Config]:
@@ -77,19 +89,36 @@ REGISTER_SHARE = 1.0
 # a kernel without dots keeps this many elements of its tile per thread at most: the fused
 # rotary epilogue of the Llama block spills at 128 on sm_90a and at 64 on sm_80
 ROW_ELEMENTS_PER_THREAD = 32
+# on mma.sync GPUs, a flash kernel that computes its scores on the tile (a score change or a
+# mask: flash_attention_mod) keeps at most this many score and accumulator elements per thread:
+# at 128 query rows x 64 keys, head dim 128 and 8 warps (96) it spills 16-56 B at 255
+# registers on sm_80 (sliding window, soft-capping; ALiBi under Triton 3.6); at 32 keys (80)
+# it needs 188 and spills nothing
+MMA_SYNC_FLASH_ELEMENTS = 80
+# on mma.sync GPUs a dot kernel holds at most this many accumulator elements per thread: a
+# 128 x 256 GEMM tile at 8 warps (128) takes all 255 registers on sm_80 and spills 16-48 B
+# under Triton 3.6 (the Llama, LoRA and GRU GEMMs); 128 x 128 (64) leaves room
+MMA_SYNC_ACC_ELEMENTS = 64
 
 
 def fits(k: TileKernel, cfg: Config, bindings, limits: Limits, itemsize: int | None = None) -> tuple[bool, str]:
     """Whether a configuration can run well: (ok, why not), from the static estimates of shared
     memory and registers (runtime/estimate.py; ``itemsize`` is unused: the kernel's loads say
     what they read)."""
-    from .estimate import registers, shared_memory
+    from .estimate import accumulator_elements, registers, shared_memory
     v = cfg.as_dict()
     threads = 32 * cfg.num_warps
     smem = shared_memory(k, cfg)
     if smem > limits.shared_memory:
         return False, f"shared memory {smem} B (estimated) > {limits.shared_memory} B"
     if dot_count(k):
+        if limits.mma_sync and "_flash_attention_mod" in k.name:
+            per_thread = v.get("BLOCK_M", 1) * (v.get("BLOCK_N", 1) + v.get("BLOCK_EV", 1)) / threads
+            if per_thread > MMA_SYNC_FLASH_ELEMENTS:
+                return False, (f"{per_thread:.0f} score and accumulator elements per thread "
+                               f"> {MMA_SYNC_FLASH_ELEMENTS} (mma.sync)")
+        if limits.mma_sync and (acc := accumulator_elements(k, cfg)) > MMA_SYNC_ACC_ELEMENTS:
+            return False, f"{acc:.0f} accumulator elements per thread > {MMA_SYNC_ACC_ELEMENTS} (mma.sync)"
         regs = registers(k, cfg)
         if regs > limits.registers_per_thread * REGISTER_SHARE:
             budget = limits.registers_per_thread * REGISTER_SHARE
@@ -172,25 +201,32 @@ class TuneReport:
 
 class NativePrune:
     """Compiles candidates for the GPU before they are timed (runtime/native.py, cached on disk)
-    and says which to drop: those that spill or need more shared memory than the GPU has."""
+    and says which to drop: those that spill or need more shared memory than the GPU has. A
+    candidate that spills at ptxas's own register choice but not at a register budget
+    (runtime/register_budget.py) is not dropped: it is replaced by itself at that budget."""
 
     def __init__(self, cache, target=None):
         from .native import NativeCompiler
         self.compiler = NativeCompiler(cache)
         self.target = target          # None: the GPU's, found on first use
 
-    def __call__(self, k: TileKernel, cfgs: list[Config], args, entry: Path) -> dict[Config, str]:
+    def __call__(self, k: TileKernel, cfgs: list[Config], args, entry: Path) -> dict[Config, str | Config]:
+        """{config: why it is dropped, or the config at the register budget that replaces it}."""
         from .native import call_job
+        from .register_budget import spill_free
         if self.target is None:
             from .targets import device_target
             self.target = device_target()
-        results = self.compiler.compile([call_job(k, c, self.target, args, entry) for c in cfgs])
-        out = {}
-        for c, r in zip(cfgs, results):
+        jobs = [call_job(k, c, self.target, args, entry) for c in cfgs]
+        budgeted, results = spill_free(self.compiler.compile, jobs, self.compiler.compile(jobs))
+        out: dict[Config, str | Config] = {}
+        for c, j, r in zip(cfgs, budgeted, results):
             # a config that does not compile is left to the timing loop, which skips and reports it
             why = [p for p in r.problems(self.target) if r.ok]
             if why:
                 out[c] = "; ".join(why)
+            elif j.config != c:
+                out[c] = j.config
         return out
 
 
@@ -201,8 +237,9 @@ def native_prune_enabled() -> bool:
 class Autotuner:
     def __init__(self, cache, *, timer: Callable | None = None, limits: Limits | None = None, progress: bool = True,
                  prune: Callable | None = None, share: Callable | None = None):
-        """``prune(kernel, configs, args, entry) -> {config: why}``: configs to drop after
-        compiling them (NativePrune on a GPU; None skips the step). ``share()``: the ranks tuning
+        """``prune(kernel, configs, args, entry) -> {config: why | replacement}``: configs to drop
+        after compiling them, or to time at a register budget instead (NativePrune on a GPU;
+        None skips the step). ``share()``: the ranks tuning
         is shared with (runtime/tune_share.py; by default the process group's, if any)."""
         from .tune_share import current
         self.share = share or current
@@ -241,7 +278,7 @@ class Autotuner:
                 elif share is None or share.rank == 0:
                     data = self.cache.read_json(entry, TUNED)
                     data[key] = {"values": list(cfg.values), "num_warps": cfg.num_warps,
-                                 "num_stages": cfg.num_stages, "ms": report.best_ms}
+                                 "num_stages": cfg.num_stages, "maxnreg": cfg.maxnreg, "ms": report.best_ms}
                     self.cache.write_json(entry, TUNED, data)
         self._memo[memo_key] = cfg
         return cfg
@@ -325,10 +362,10 @@ class Autotuner:
                 print(f"opforge autotune: {k.name}: native pruning failed ({type(e).__name__}: "
                       f"{str(e).splitlines()[0][:200] if str(e) else ''}); timing every candidate", file=sys.stderr)
                 dropped = {}
-            report.dropped = [(str(c), why) for c, why in dropped.items()]
+            report.dropped = [(str(c), why) for c, why in dropped.items() if isinstance(why, str)]
             for c, why in report.dropped:
                 print(f"opforge autotune: {k.name}: dropped {c}: {why}", file=sys.stderr)
-            candidates = [c for c in candidates if c not in dropped]
+            candidates = [dropped.get(c, c) for c in candidates if not isinstance(dropped.get(c), str)]
         report.pruned = len(space(k, bindings)) - len(candidates)
         if share is not None:
             candidates = share.broadcast(candidates)     # one list, whatever each rank pruned
@@ -372,13 +409,16 @@ def stored_config(k: TileKernel, stored) -> Config | None:
     try:
         values = tuple((n, _count(x, 1, 1 << 20)) for n, x in stored["values"])
         warps, stages = _count(stored["num_warps"], 1, 32), _count(stored["num_stages"], 1, 16)
-    except (KeyError, TypeError, ValueError):
+        budget = stored.get("maxnreg")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    if budget is not None and _count(budget, 16, 255) is None:
         return None
     names = [n for n, _ in values]
     if not all(isinstance(n, str) for n in names) or warps is None or stages is None or any(x is None for _, x in values) or \
             sorted(names) != sorted(t.name for t in k.tunables) or warps & (warps - 1):
         return None
-    return Config(values, warps, stages)
+    return Config(values, warps, stages, budget)
 
 
 def stored_index(stored, n: int) -> int | None:
@@ -392,7 +432,7 @@ def _launcher(fn, grid, args, cfg: Config, reset=None):
     def run():
         if reset is not None:
             reset()
-        fn[grid](*args, **cfg.as_dict(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        fn[grid](*args, **cfg.launch_meta())
     return run
 
 

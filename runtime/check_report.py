@@ -96,7 +96,8 @@ def _cfg_text(case: Case | None) -> str:
         return ""
     v = case.config.as_dict()
     blocks = "x".join(str(v[n]) for n in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if n in v)
-    return f"{blocks or '-'} w{case.config.num_warps} s{case.config.num_stages}"
+    budget = f" r{case.config.maxnreg}" if case.config.maxnreg is not None else ""
+    return f"{blocks or '-'} w{case.config.num_warps} s{case.config.num_stages}{budget}"
 
 
 def _cand_summary(row: Row) -> str:

@@ -18,13 +18,27 @@ class Config:
     values: tuple[tuple[str, int], ...]
     num_warps: int = 4
     num_stages: int = 1
+    # registers a thread may use (PTX .maxnreg); None leaves the count to ptxas. Set only where
+    # ptxas's own choice spills (runtime/register_budget.py)
+    maxnreg: int | None = None
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.values)
 
+    def launch_meta(self) -> dict[str, int]:
+        """The keyword arguments of a launch: block sizes, warps, stages, a register budget."""
+        meta = {**self.as_dict(), "num_warps": self.num_warps, "num_stages": self.num_stages}
+        if self.maxnreg is not None:
+            meta["maxnreg"] = self.maxnreg
+        return meta
+
+    def with_maxnreg(self, n: int | None) -> "Config":
+        return Config(self.values, self.num_warps, self.num_stages, n)
+
     def __str__(self) -> str:
         vals = ", ".join(f"{k}={v}" for k, v in self.values)
-        return f"{vals}, num_warps={self.num_warps}, num_stages={self.num_stages}"
+        budget = f", maxnreg={self.maxnreg}" if self.maxnreg is not None else ""
+        return f"{vals}, num_warps={self.num_warps}, num_stages={self.num_stages}{budget}"
 
 
 def next_pow2(n: int) -> int:
@@ -144,13 +158,15 @@ def heuristic_config(k: TileKernel, bindings, limits=None) -> Config:
 
 
 def fit(k: TileKernel, cfg: Config, limits=None) -> Config:
-    """Fewer stages, then narrower tiles, until the estimates (runtime/estimate.py) fit."""
+    """Fewer stages (for shared memory), then narrower tiles, until the estimates
+    (runtime/estimate.py) fit."""
     from .autotune import Limits, fits
     limits = limits or Limits()
     free = {t.name: t for t in k.tunables if not is_fixed(t)}
-    while not fits(k, cfg, None, limits)[0]:
+    while not (verdict := fits(k, cfg, None, limits))[0]:
         v = cfg.as_dict()
-        if cfg.num_stages > min(k.stages) and cfg.num_stages > 2:
+        # fewer stages only save shared memory
+        if "shared memory" in verdict[1] and cfg.num_stages > min(k.stages) and cfg.num_stages > 2:
             cfg = Config(cfg.values, cfg.num_warps, cfg.num_stages - 1)
             continue
         for name in ("BLOCK_N", "BLOCK_K", "BLOCK_M"):

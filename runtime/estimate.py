@@ -107,17 +107,27 @@ def shared_memory(k: TileKernel, cfg: Config) -> int:
     return int(max(pipeline, largest))
 
 
+def _accumulators(k: TileKernel) -> set[str]:
+    return {d.args[2].name for d in _dots(k.body) if d.args[2].op == "var"}
+
+
+def accumulator_elements(k: TileKernel, cfg: Config) -> float:
+    """Elements of the dots' accumulators each thread holds."""
+    v = cfg.as_dict()
+    accs, seen, n = _accumulators(k), set(), 0.0
+    for s in walk(k.body):
+        if isinstance(s, Let) and s.var.name in accs and s.var.name not in seen:
+            seen.add(s.var.name)
+            n += _elems(s.var.shape, v)
+    return n / (32 * cfg.num_warps)
+
+
 def registers(k: TileKernel, cfg: Config) -> float:
     """Estimated registers per thread."""
     v = cfg.as_dict()
     threads = 32 * cfg.num_warps
-    accs = {d.args[2].name for d in _dots(k.body) if d.args[2].op == "var"}
-    acc_regs = 0.0
-    seen = set()
-    for s in walk(k.body):
-        if isinstance(s, Let) and s.var.name in accs and s.var.name not in seen:
-            seen.add(s.var.name)
-            acc_regs += _elems(s.var.shape, v) / threads
+    accs = _accumulators(k)
+    acc_regs = accumulator_elements(k, cfg)
     temps = 0.0
     for loop in _loops(k):
         for s in walk(loop.body):

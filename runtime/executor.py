@@ -26,6 +26,7 @@ from ..passes.fusion import FusedGraph
 from . import env
 from .binding import CallError
 from .cache import KernelCache
+from .autotune import native_prune_enabled
 from .config import Config, heuristic_config, interpreter_config
 from .device import interpreting
 from .indexing import forced, inputs_need_index64, plan_extents, sizes_need_index64
@@ -113,7 +114,12 @@ class PlanRunner:
             cfg = self.tuner.choose(launch, fn, entry, bindings, args, self.grid, reset if zeroed else None)
             reset()   # timing runs added into the atomically written buffers
             return cfg
-        return heuristic_config(launch.kernel, bindings, _device_limits())
+        cfg = heuristic_config(launch.kernel, bindings, _device_limits())
+        if not native_prune_enabled():
+            return cfg
+        # where ptxas would spill at its own register choice, the budget that avoids it
+        from .register_budget import budgeted
+        return budgeted(launch.kernel, cfg, self.plan.buffers, bindings, self.cache)
 
     # -- one call ------------------------------------------------------------------------------
     def __call__(self, values: Mapping[str, Any], bindings: Mapping[str, int], device: torch.device) -> list:
@@ -214,7 +220,7 @@ class PlanRunner:
         if 0 in grid:
             return None
         fn, _ = self.kernel(one)
-        meta = {**cfg.as_dict(), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        meta = cfg.launch_meta()
         return KernelCall(fn, grid, template, ptrs, meta, one.kernel.name, cfg)
 
     @staticmethod

@@ -157,9 +157,12 @@ class Job:
     source: Path                 # the kernel's generated module in the kernel cache
 
     def payload(self) -> dict:
-        return {"source": str(self.source), "kernel": self.kernel.name, "args": [list(a) for a in self.args],
-                "constexprs": self.config.as_dict(), "num_warps": self.config.num_warps,
-                "num_stages": self.config.num_stages, "capability": self.target.capability}
+        p = {"source": str(self.source), "kernel": self.kernel.name, "args": [list(a) for a in self.args],
+             "constexprs": self.config.as_dict(), "num_warps": self.config.num_warps,
+             "num_stages": self.config.num_stages, "capability": self.target.capability}
+        if self.config.maxnreg is not None:       # absent otherwise: earlier keys stay valid
+            p["maxnreg"] = self.config.maxnreg
+        return p
 
     def key(self) -> str:
         import triton

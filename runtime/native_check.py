@@ -1,12 +1,16 @@
 """``opforge check --target``: the sweep (runtime/sweep.py) compiled natively (runtime/native.py)
-with a progress bar, then the verdicts (runtime/check_report.py)."""
+with a progress bar, the configurations that spill at ptxas's own register choice compiled again
+at a register budget (runtime/register_budget.py, as the runtime launches them), then the
+verdicts (runtime/check_report.py)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from .cache import KernelCache
 from .check_report import Problem, Row, notes_of, problems_of, rows_of
 from .native import NativeCompiler, NativeResult
+from .register_budget import spill_free
 from .sweep import Case, SweepError, sweep
 from .targets import Target
 
@@ -48,6 +52,11 @@ def native_check(files, targets: list[Target], *, dtypes=("f16",), which="all", 
             results = compiler.compile([c.job for c in cases], tick)
     else:
         results = compiler.compile([c.job for c in cases], count)
+    # a configuration that spills at ptxas's own register choice is checked at the budget the
+    # runtime would launch it with (runtime/register_budget.py)
+    jobs, results = spill_free(lambda js: compiler.compile(js, count), [c.job for c in cases], results,
+                               shrink=[c.role == "heuristic" for c in cases])
+    cases = [c if j is c.job else dataclasses.replace(c, config=j.config, job=j) for c, j in zip(cases, jobs)]
     rows = rows_of(cases, results)
     return CheckResult(cases, results, rows, problems_of(cases, results), notes_of(rows), errors,
                        counted["compiled"])

@@ -74,6 +74,8 @@ def _launch_kwargs(job) -> dict:
     from triton import knobs
     kw = dict(job["constexprs"])
     kw.update(num_warps=job["num_warps"], num_stages=job["num_stages"], debug=bool(knobs.runtime.debug))
+    if job.get("maxnreg") is not None:
+        kw["maxnreg"] = job["maxnreg"]
     for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):
         if hasattr(knobs.compilation, name):
             kw[name] = getattr(knobs.compilation, name)

@@ -125,7 +125,7 @@ def grid_is_empty(k: TileKernel, bindings) -> bool:
 
 def configs_of(k: TileKernel, bindings, tgt: Target, which: str) -> list[tuple[str, Config]]:
     """``which``: "heuristic", "first" (the heuristic and the first candidate) or "all"."""
-    limits = Limits(shared_memory=tgt.shared_memory, registers_per_thread=tgt.registers_per_thread)
+    limits = Limits.of_target(tgt)
     out = [("heuristic", heuristic_config(k, bindings, limits))]
     if which != "heuristic":
         cands = tuning_candidates(k, bindings, limits)

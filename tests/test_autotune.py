@@ -144,7 +144,17 @@ def test_executor_uses_the_heuristic_without_a_tuner_and_the_tuner_when_given(mo
     sizes = dict(M=64, N=64, K=64)
     monkeypatch.setattr(executor, "interpreting", lambda: False)
     runner = PlanRunner(op.plan, op.fused, KernelCache(tmp_path))
+    monkeypatch.setenv("OPFORGE_NATIVE_PRUNE", "0")
     assert runner.config(launch, sizes, []) == heuristic_config(launch.kernel, sizes)
+    # with the compiler's say, the heuristic choice takes the register budget it needs
+    # (runtime/register_budget.py; tests/test_native.py compiles a real case)
+    monkeypatch.delenv("OPFORGE_NATIVE_PRUNE")
+    from opforge.runtime import register_budget
+    asked = []
+    monkeypatch.setattr(register_budget, "budgeted",
+                        lambda k, cfg, buffers, bindings, cache: (asked.append(k.name), cfg.with_maxnreg(128))[1])
+    assert runner.config(launch, sizes, []) == heuristic_config(launch.kernel, sizes).with_maxnreg(128)
+    assert asked == [launch.kernel.name]
 
     class Tuner:
         def choose(self, launch, fn, entry, bindings, args, grid, reset=None):

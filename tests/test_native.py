@@ -226,3 +226,110 @@ def test_the_autotuner_drops_the_configs_the_compiler_rejects():
     ((cfg, why),) = report.dropped
     assert "BLOCK_N=256" in cfg and re.fullmatch(r"needs \d+ B of shared memory, over the 65536 B of tiny "
                                                   r"\(a 64 KiB GPU\)", why)
+
+
+# -- register budgets (runtime/register_budget.py) --------------------------------------------------------
+def test_budgets_are_the_occupancy_steps_above_the_count():
+    from opforge.runtime.register_budget import budgets
+    assert budgets(4, 64) == [96, 128, 168]          # 4 warps: 5, 4 and 3 blocks an SM
+    assert budgets(4, 128) == [168, 255]
+    assert budgets(8, 128) == [255]                  # 8 warps: one block at 255
+    assert budgets(4, 240) == [255] and budgets(8, 255) == []
+
+
+def test_smaller_tiles_halve_block_k_then_block_n():
+    from opforge.runtime.register_budget import smaller
+    _, k = gemm()
+    cfg = heuristic_config(k, BIG)
+    v = cfg.as_dict()
+    got = [c.as_dict() for c in smaller(k, cfg)]
+    assert got[0]["BLOCK_K"] < v["BLOCK_K"] and got[0]["BLOCK_N"] == v["BLOCK_N"]
+    assert got[1]["BLOCK_N"] < v["BLOCK_N"] and got[1]["BLOCK_K"] == v["BLOCK_K"]
+    assert all(c["BLOCK_M"] == v["BLOCK_M"] for c in got)
+
+
+def test_a_register_budget_mends_what_ptxas_spills_by_choice():
+    """The Llama block's decode split-K GEMM (the attention output projection) at its heuristic
+    tile: ptxas, left to choose, holds it at an occupancy step and spills a few bytes (sm_80 under
+    Triton 3.6 and 3.9; sm_90a under 3.9). Compiled again at a budget it spills nothing, and the
+    budget is what the runtime launches with (``maxnreg``) and what ``opforge check`` shows."""
+    from opforge.runtime.module import compile_module
+    from opforge.runtime.register_budget import budgeted, spill_free
+    from opforge.runtime.sizes import size_bindings
+    from opforge.runtime.sweep import op_cases
+    import opforge.runtime.targets as targets
+    sizes = dict(B=1, S=1, D=4096, H=32, E=128, F=11008)
+    op = compile_module(EXAMPLES / "llama.opf", ops=["llama_block"]).ops["llama_block"]
+    cases = [c for c in op_cases(op, sizes, [TARGETS["sm_90a"], TARGETS["sm_80"]], which="heuristic")
+             if c.kernel.name.endswith("k7_matmul_splitk")]
+    assert len(cases) == 2
+    compiler = NativeCompiler(op.cache)
+    first = compiler.compile([c.job for c in cases])
+    assert all(r.ok for r in first)
+    spilled = [i for i, r in enumerate(first) if r.resources.spills]
+    assert spilled, [(r.target, r.resources) for r in first]     # the case this test is about
+    jobs, results = spill_free(compiler.compile, [c.job for c in cases], first)
+    for i in spilled:
+        assert results[i].resources.spills == 0 and jobs[i].config.maxnreg > first[i].resources.registers
+        assert jobs[i].config.as_dict() == cases[i].config.as_dict()        # the same tile
+        assert f"maxnreg={jobs[i].config.maxnreg}" in str(jobs[i].config)
+        assert jobs[i].payload()["maxnreg"] == jobs[i].config.maxnreg
+    for i in set(range(2)) - set(spilled):
+        assert jobs[i] is cases[i].job                                      # nothing to mend
+    # the runtime's heuristic path on a GPU of that target asks the same question
+    i = spilled[0]
+    k, v = cases[i].kernel, variant(op, size_bindings(op.graph, sizes))
+    old = targets.device_target
+    targets.device_target = lambda: TARGETS[first[i].target]
+    try:
+        cfg = budgeted(k, cases[i].config, v.plan.buffers, dict(cases[i].bindings), op.cache)
+    finally:
+        targets.device_target = old
+    assert cfg == jobs[i].config
+
+
+def test_the_autotuner_times_a_candidate_at_the_budget_that_replaces_it():
+    """A prune that answers a Config (NativePrune's answer for a candidate mended by a register
+    budget) has the candidate timed, stored and read back at that budget."""
+    import torch
+
+    from opforge.runtime.autotune import Autotuner, Limits, stored_config, tuning_candidates
+    op, k = gemm()
+    cands = tuning_candidates(k, BIG, Limits())
+    want = cands[0].with_maxnreg(168)
+    timed = []
+    tuner = Autotuner(op.cache, timer=lambda run: (run(), 1.0)[1], limits=Limits(), progress=False,
+                      prune=lambda k, cfgs, args, entry: {cfgs[0]: want, cfgs[1]: "spills 8 B stores / 8 B loads"})
+    best, report = tuner.tune(k, BIG, lambda c: (lambda: timed.append(c)), args=[], entry=op.cache.root)
+    assert want in timed and cands[0] not in timed and cands[1] not in timed
+    assert len(report.dropped) == 1 and report.dropped[0][0] == str(cands[1])
+    stored = {"values": list(want.values), "num_warps": want.num_warps, "num_stages": want.num_stages,
+              "maxnreg": want.maxnreg}
+    assert stored_config(k, stored) == want
+    assert stored_config(k, {**stored, "maxnreg": 7}) is None and stored_config(k, {**stored, "maxnreg": None}) == cands[0]
+    assert want.launch_meta()["maxnreg"] == 168 and "maxnreg" not in cands[0].launch_meta()
+
+
+def test_mma_sync_targets_keep_tiles_the_register_file_holds():
+    """sm_80 (dots on mma.sync, operands in registers) drops a 128 x 256 GEMM tile at 8 warps and
+    a 128 x 64 flash tile whose scores are computed on the tile (head dim 128); sm_90a keeps both."""
+    from opforge.runtime.autotune import Limits, fits
+    _, k = gemm()
+    wide = Config((("BLOCK_M", 128), ("BLOCK_N", 256), ("BLOCK_K", 64), ("GROUP_M", 8)), 8, 3)
+    ok80, why = fits(k, wide, BIG, Limits.of_target(TARGETS["sm_80"]))
+    assert not ok80 and "accumulator elements per thread" in why
+    assert fits(k, wide, BIG, Limits.of_target(TARGETS["sm_90a"]))[0]
+    sizes = dict(B=1, H=32, G=8, R=4, S=4096, T=4096, E=128)
+    from opforge.runtime.module import compile_module
+    op = compile_module(EXAMPLES / "attention_variants.opf", ops=["sliding_window"]).ops["sliding_window"]
+    from opforge.runtime.sizes import size_bindings
+    v = variant(op, size_bindings(op.graph, sizes))
+    vb = size_bindings(v.graph, sizes)
+    (fk,) = [k for k in launched_kernels(v.plan, vb) if k.name.endswith("flash_attention_mod")]
+    tile = Config((("BLOCK_M", 128), ("BLOCK_N", 64), ("BLOCK_E", 128), ("BLOCK_EV", 128)), 8, 3)
+    ok80, why = fits(fk, tile, vb, Limits.of_target(TARGETS["sm_80"]))
+    assert not ok80 and "score and accumulator elements" in why
+    assert fits(fk, tile, vb, Limits.of_target(TARGETS["sm_90a"]))[0]
+    h80 = heuristic_config(fk, vb, Limits.of_target(TARGETS["sm_80"])).as_dict()
+    assert (h80["BLOCK_M"], h80["BLOCK_N"]) == (128, 32)
+    assert heuristic_config(fk, vb, Limits.of_target(TARGETS["sm_90a"])).as_dict()["BLOCK_N"] == 64

@@ -79,12 +79,12 @@ def write_known_problems(version: str, lines: list[str]) -> None:
 
 def test_every_example_kernel_compiles_without_spills_within_shared_memory(sweep):
     """No problem beyond the known ones of this Triton (tests/golden/native_known_problems.txt,
-    a section per version: small stack-slot spills of 16- and 32-row decode tiles and one MoE
-    tile on sm_80 under 3.9; under 3.6 also the prefill GEMMs' 24-40 B on sm_80 and the int4
-    split-K GEMM's 216 B on sm_80, not fixed yet): a new problem fails, and so does a known one
-    that went away (delete its line, or regenerate with OPFORGE_UPDATE_GOLDEN=1). A Triton
-    without a section is held to spills of at most 64 B and no compile or shared-memory
-    failure."""
+    a section per version; both the 3.9 and the 3.6 sections are empty since the register
+    budgets, runtime/register_budget.py, and the mma.sync tile rules): a new problem fails, and
+    so does a known one that went away (delete its line, or regenerate with
+    OPFORGE_UPDATE_GOLDEN=1). A config is checked as the runtime launches it: at its register
+    budget where ptxas spills by choice. A Triton without a section is held to spills of at most
+    64 B and no compile failure."""
     assert not sweep.errors, sweep.errors
     assert len(sweep.cases) > 300 and {c.op for c in sweep.cases} >= {"llama_block", "moe_ffn", "linear_q4"}
     import triton
