@@ -51,29 +51,72 @@ class BoundOp(torch.nn.Module):
         self._order = tuple(("param" if p.name in self._parameters else "buffer", p.name) if p.name in buffers
                             else ("input", self.free.index(p.name)) for p in packed_op.graph.params)
 
+    # (GenericOp, binding) for a bound layer of a dtype-generic op (runtime/generic.py), else None
+    _generic = None
+
     def _apply(self, fn, recurse=True):
-        """Device moves apply; dtype changes do not: the spec fixes every tensor's dtype, so an
-        f32 scale stays f32 (and exact) under .half(). A Parameter stays the same object (its
-        data moved, as torch.nn.Module does), so an optimizer built on it keeps working."""
-        def moved(t):
+        """Device moves apply. Dtype changes apply where the op is dtype-generic: ``.to(bf16)``
+        of a layer bound at ``T = f16`` rebinds it to ``T = bf16`` (a dtype its ``T`` admits),
+        converting every tensor the spec types with ``T`` (dense weights, int4 scales, 2:4 values,
+        low-rank factors: rounded, as torch rounds any module's weights) and calling the op
+        compiled for that binding from then on. Tensors of a fixed dtype in the spec stay as they
+        are: an f32 scale stays f32 (and exact) under .half(), and so does every tensor of a
+        non-generic op. A Parameter stays the same object (its data moved, as torch.nn.Module
+        does), so an optimizer built on it keeps working."""
+        rebind = self._rebinding(fn)
+        want = rebind[2] if rebind else {}
+
+        def moved(t, name):
             u = fn(t)
-            return u if u.dtype == t.dtype else t.to(device=u.device)
+            dtype = want.get(name, t.dtype)
+            return u if u.dtype == dtype else t.to(device=u.device, dtype=dtype)
 
         for name, b in list(self._buffers.items()):
             if b is not None:
-                self._buffers[name] = moved(b)
+                self._buffers[name] = moved(b, name)
         with torch.no_grad():
-            for p in self._parameters.values():
+            for name, p in self._parameters.items():
                 if p is None:
                     continue
-                data = moved(p)
+                data = moved(p, name)
                 if data is not p:
                     p.data = data
                 if p.grad is not None:
-                    g = moved(p.grad)
+                    g = moved(p.grad, name)
                     if g is not p.grad:
                         p.grad = g
+        if rebind:
+            key, self._packed, _ = rebind
+            dense = {p.name: to_torch(p.value.type.dtype) for p in self._generic[0].instance(*key).graph.params
+                     if isinstance(p.value.type, TensorType)}
+            self._dense_types = {n: (shape, dense.get(n, dt)) for n, (shape, dt) in self._dense_types.items()}
+            self._generic = (self._generic[0], key)
         return self
+
+    def _rebinding(self, fn):
+        """Where ``fn`` (the conversion ``.to``/``.half()``/``.bfloat16()`` applies) changes a dtype
+        variable of a generic op's layer to a dtype it admits: (the new binding, its packed op,
+        each bound tensor's dtype in it); else None."""
+        if self._generic is None:
+            return None
+        from ..ir.torch_dtypes import from_torch
+        generic, key = self._generic
+        new = []
+        for d, admitted in zip(key, generic.info.dtypes):
+            try:
+                nd = from_torch(fn(torch.empty(0, dtype=to_torch(d))).dtype)
+            except Exception:      # a dtype opforge has no name for: not a binding
+                nd = d
+            new.append(nd if nd in admitted else d)
+        new = tuple(new)
+        if new == tuple(key):
+            return None
+        chosen = {n: layout for n, layout in self.layouts.items() if layout is not None}
+        shapes = {k: tuple(getattr(self, k).shape) for k in self._bound}
+        packed = generic.instance(*new).packed_variant(chosen, self._bound_sizes, shapes, bound=tuple(self.layouts))
+        dtypes = {p.name: to_torch(p.value.type.dtype) for p in packed.graph.params
+                  if p.name in self._bound and isinstance(p.value.type, TensorType)}
+        return new, packed, dtypes
 
     _empty = False      # bound from meta tensors and not loaded yet
 

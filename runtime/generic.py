@@ -98,7 +98,9 @@ class GenericOp:
         for i, (var, typed) in enumerate(zip(self.info.variables, self.info.typed)):
             given = next((weights[p] for p in typed if isinstance(weights.get(p), torch.Tensor)), None)
             key.append(from_torch(given.dtype) if given is not None else self._default[i])
-        return self.instance(*key).bind(calibration, **weights)
+        module = self.instance(*key).bind(calibration, **weights)
+        module._generic = (self, tuple(key))      # .to(dtype) rebinds it (runtime/bound.py)
+        return module
 
     @property
     def bindings(self) -> list[tuple]:

@@ -128,6 +128,50 @@ def test_a_generic_layer_binds_in_its_weights_dtype():
         assert layer(torch.randn(3, 32, dtype=dtype)).dtype == dtype
 
 
+LAYER = """
+op lin<T: f16 | bf16 | f32>(x: T[M, K], w: T[N, K] @quant(int4, group=32), w8: T[N, K] @quant(int8), b: T[N]) -> T[M, N] {
+    return x @ w.T + x @ w8.T + b
+}"""
+
+
+def test_a_bound_generic_layer_follows_to_dtype():
+    """``.to(dtype)`` of a generic op's bound layer rebinds it: the tensors typed T (the bias, the
+    int4 scales) are converted, the fixed-dtype ones (int8's f32 scales, the packed bytes) stay
+    exactly as they were, the Parameter objects stay, and calls run the new binding's op,
+    matching the reference of the same packed weights. A dtype T does not admit (f64), or a
+    non-generic op, leaves every dtype as it is."""
+    m = opforge.compile(LAYER, namespace=unique_namespace("generic_to"))
+    torch.manual_seed(0)
+    w, w8, b = torch.randn(20, 64), torch.randn(20, 64), torch.randn(20)
+    layer = m.lin.bind(w=w.half(), w8=w8.half(), b=b.half())
+    bias, scale8 = layer.b, layer.w8_scale.clone()
+    assert layer.w_scale.dtype == torch.float16 and scale8.dtype == torch.float32
+    before = layer.unpacked()
+    out = layer.to(torch.float32)
+    assert out is layer and layer.op_name == "lin__f16" and layer._packed.graph.name.startswith("lin__f32")
+    assert layer.b is bias and bias.dtype == torch.float32 and layer.w_scale.dtype == torch.float32
+    assert torch.equal(layer.w8_scale, scale8) and layer.w_packed.dtype == torch.uint8
+    dense = layer.unpacked()
+    # the same codes and scales, dequantised in f32 now instead of rounded to f16
+    assert dense["w"].dtype == torch.float32 and not torch.equal(dense["w"], before["w"].float())
+    torch.testing.assert_close(dense["w"].half(), before["w"], rtol=0, atol=0)
+    x = torch.randn(3, 64)
+    ref = x @ dense["w"].T + x @ dense["w8"].T + layer.b.detach()
+    got = layer(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(CallError, match="expects dtype f32"):
+        layer(x.half())
+    layer.double()                                       # T admits no f64: nothing changes
+    assert layer.b.dtype == torch.float32 and layer(x).dtype == torch.float32
+    layer.bfloat16()
+    assert layer.b.dtype == torch.bfloat16 and layer(x.bfloat16()).dtype == torch.bfloat16
+    plain = opforge.compile(LAYER.replace("<T: f16 | bf16 | f32>", "").replace("T[", "f16["),
+                            namespace=unique_namespace("plain_to"))
+    fixed = plain.lin.bind(w=w.half(), w8=w8.half(), b=b.half()).to(torch.float32)
+    assert fixed.b.dtype == torch.float16 and fixed(x.half()).dtype == torch.float16
+
+
 @pytest.mark.parametrize("src,message", [
     ("op f<T: f16>(x: f32[M]) -> f32[M] { return x }", "dtype variable 'T' is not the dtype of any tensor parameter"),
     ("op f<T, T>(x: T[M]) -> T[M] { return x }", "dtype variable 'T' is declared twice"),
