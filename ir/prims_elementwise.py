@@ -518,6 +518,26 @@ primitive("cast", Kind.POINTWISE, [X, Arg("dtype", "dtype")], doc="convert to an
     infer=_cast_infer, reference=_cast_ref)
 
 
+def _st_infer(types, attrs):
+    shadow, value = types
+    if not isinstance(shadow, TensorType) or not isinstance(value, TensorType) or shadow.shape != value.shape:
+        raise RuleError("straight_through takes a shadow and a value of one shape")
+    return [value]
+
+
+def _st_vjp(e, node, cts):
+    (dy,) = cts
+    shadow, _ = node.inputs
+    return [V.like(e, dy, shadow) if dy is not None else None, None]
+
+
+primitive("straight_through", Kind.POINTWISE, [Arg("shadow", "tensor"), Arg("value", "tensor")], internal=True,
+          doc="value, differentiated as if it were shadow (a straight-through estimate: W8A8's activation "
+              "quantization); dropped before fusion (passes/straight_through.py)",
+          tile=lambda b, args, attrs: args[1], vjp=_st_vjp)(
+    infer=_st_infer, reference=lambda ctx, inputs, attrs, out_types, in_types: inputs[1])
+
+
 # -- scalar sources -----------------------------------------------------------------------------
 def _const_infer(types, attrs):
     return [ScalarType(attrs["dtype"])]

@@ -72,6 +72,13 @@ class FusedGraph:
     names: dict                    # Value -> buffer name, for every stored value and parameter
     results: tuple[str, ...] = ()  # the buffer returned in each result slot
     recompute: frozenset = frozenset()   # compute nodes treated as glue (recomputed where used)
+    # the graph before straight_through nodes were dropped (passes/straight_through.py): what the
+    # gradients are derived from; None where it is ``graph``
+    source: Graph | None = None
+
+    @property
+    def differentiated(self) -> Graph:
+        return self.source if self.source is not None else self.graph
 
     def buffer(self, group: Group, v: Value) -> str:
         """Where a group stores v: its own buffer, or a copy group's result buffer."""

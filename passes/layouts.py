@@ -14,6 +14,7 @@ GEMM's B loads: the GEMM reads the packed bytes) or replaces the contraction tha
     @sparse(2:4)          w' = unpack_24(values, meta)
     @quant(int8, act=int8) x @ w.T -> (matmul_i32(q8(x), q.T) * sx) * scale      (x per row)
     @quant(fp8, act=fp8)   x @ w.T -> (matmul_f8(e4m3(x), bits.T) * sx) * scale  (x per row)
+                           (both differentiated straight through: as x @ w'.T, w' dequantised)
     @sparse(block=B)      x @ w.T -> bsr_matmul(x, blocks, col_idx, row_ptr)
     @lowrank(...)         x @ w.T -> lowrank_matmul(x, v, u)
 
@@ -221,6 +222,11 @@ def _w8a8(e: Emitter, x: Value, p: Param, layout: Layout, packed: dict[str, Valu
         xq = e("fp8_encode", [e("div", [xf, sx])], name="act_q")
         acc = e("matmul_f8", [xq, e("transpose", [packed[f"{p.name}_bits"]], {"a": 0, "b": 1})])
     y = e("mul", [e("mul", [acc, sx]), packed[f"{p.name}_scale"]])
+    # differentiated straight through the activation quantization: as x @ w'.T with w' the
+    # dequantised weight, so dX = dY @ w' (one GEMM dequantising in its loads); the shadow is
+    # never computed in the forward (passes/straight_through.py)
+    shadow = e("matmul", [x, e("transpose", [dequantised(e, p, layout, packed)], {"a": 0, "b": 1})])
+    y = e("straight_through", [e("cast", [shadow], {"dtype": DType.f32}), y])
     e("cast", [y], {"dtype": out.type.dtype}, out=out)
 
 

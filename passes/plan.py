@@ -7,6 +7,8 @@ returns its kernels with the guards that choose between them at call time.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from ..ir.graph import Value
 from ..ir.tile import Alternative, Buffer, Guard, Launch, Plan, TileKernel
 from ..ir.tile_builder import WIDE_SUFFIX, index64
@@ -25,6 +27,7 @@ from .lower_row import lower_row
 from .lower_scan import lower_scan
 from .lower_scatter import lower_scatter, lower_wgrad
 from .lower_topk import lower_topk
+from .straight_through import strip_straight_through
 
 LOWERINGS = {
     "row": lower_row,
@@ -55,10 +58,14 @@ def fuse_and_plan(g, ctx=None) -> tuple[FusedGraph, Plan]:
     as formed (a join the partitioner's rules let through, found when its template cannot
     place a node) is formed again smaller: the node at fault, or else the group's last-joined
     member, starts a group of its own. Each retry splits one more node, so it ends."""
+    source = g
+    g = strip_straight_through(g)
     alone: set = set()
     order = {n: i for i, n in enumerate(g.nodes)}
     while True:
         fg = fuse(g, ctx, frozenset(alone))
+        if source is not g:
+            fg = dataclasses.replace(fg, source=source)
         try:
             return fg, build_plan(fg)
         except LoweringError as e:

@@ -123,7 +123,7 @@ class CompiledOp:
         self._index64 = env.getter("OPFORGE_INDEX64")
         self.run = self.call_function()
         from .autograd import Gradients
-        self.gradients = Gradients(self, fused.graph, frozen)
+        self.gradients = Gradients(self, fused.differentiated, frozen)
         if derived or not self.gradients.differentiable:
             self.torch_op = self.infer_op = register(namespace, graph, self, mode)
         else:

@@ -11,6 +11,7 @@ compute with (``layer.unpacked()``).
 from __future__ import annotations
 
 import io
+import re
 
 import pytest
 import torch
@@ -145,8 +146,11 @@ def test_a_dense_weight_without_a_gradient_is_a_parameter_that_does_not_require_
 
 
 # -- packed weights: frozen buffers --------------------------------------------------------------
+# W8A8 (act=) is differentiated straight through its activation quantization: d/dx is that of
+# x @ w'.T with w' the dequantised weight, as the plain formula below computes it
 PACKED = [("int8", "@quant(int8)", 45), ("int4", "@quant(int4, group=32)", 96), ("fp8", "@quant(fp8)", 45),
-          ("s24", "@sparse(2:4)", 52), ("lowrank", "@lowrank(rank=6)", 45)]
+          ("s24", "@sparse(2:4)", 52), ("lowrank", "@lowrank(rank=6)", 45),
+          ("w8a8", "@quant(int8, act=int8)", 45), ("w8a8fp8", "@quant(fp8, act=fp8)", 45)]
 
 
 def packed_module(annotation: str):
@@ -179,6 +183,24 @@ def test_packed_weights_are_frozen_buffers_and_gradients_flow_to_the_rest(annota
         with pytest.raises(CallError, match=rf"f\(\): '{name}' is a packed weight, frozen once bound"):
             layer(x)
         buffers[name].requires_grad_(False)
+
+
+@pytest.mark.parametrize("act", ["int8", "fp8"])
+def test_w8a8_forward_never_computes_the_straight_through_shadow(act):
+    """The shadow GEMM a straight-through estimate differentiates (x @ w'.T) is dropped before
+    fusion (passes/straight_through.py): the forward is the quantize kernel and the quantized
+    GEMM, as without gradients; the backward is one GEMM dequantising the weight in its loads."""
+    mod = packed_module(f"@quant({act}, act={act})")
+    layer = mod.f.bind(w=randn(37, 45, seed=40), b=randn(37, seed=41))
+    fwd = layer._packed
+    names = [lnch.kernels[0].name for step in fwd.plan.steps for lnch in step[:1]]
+    assert len(names) == 2 and not any(n.endswith("_matmul") for n in names), names
+    assert "straight_through" not in {n.op for n in fwd.fused.graph.nodes}
+    assert "straight_through" in {n.op for n in fwd.fused.differentiated.nodes}
+    text = str(fwd.explain(sizes=dict(M=7, K=45, N=37)))
+    bwd = text[text.index("== gradient =="):]
+    # the bias gradient (a column sum) and dX (one GEMM over the incoming gradient)
+    assert re.search(r"__bwd_\d+: 2 kernel\(s\)", bwd) and re.search(r"= matmul\(%grad_0, %\d+\)", bwd), bwd
 
 
 def test_block_sparse_trains_its_bias_and_says_the_input_has_no_gradient():
