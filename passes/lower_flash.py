@@ -152,13 +152,17 @@ class Flash:
         m_i = b.declare(b.full(("BLOCK_M", 1), float("-inf"), self.acc), "m_i")
         l_i = b.declare(b.full(("BLOCK_M", 1), 0.0, self.acc), "l_i")
         acc = b.declare(b.full(("BLOCK_M", "BLOCK_EV"), 0.0, self.acc), "acc")
+        full = None
         if self.causal:
             b.comment("causal: keys past the diagonal of this row block are never loaded")
-            _, i_last = self.positions(b, pid_m)
-            last = b.add(i_last, 1)
+            i_first, i_last = self.positions(b, pid_m)
+            last, seen = b.add(i_last, 1), b.add(i_first, 1)
             if self.T != self.S:    # + T - S, as two sizes (T - S may be negative)
                 last = b.sub(b.add(last, sT), b.size(self.S))
+                seen = b.sub(b.add(seen, sT), b.size(self.S))
             hi = b.let(b.maximum(b.minimum(last, sT), 0), "hi")
+            b.comment("keys every row of the block sees: whole tiles of them run without the mask")
+            full = b.let(b.mul(b.floordiv(b.maximum(b.minimum(seen, sT), 0), BN), BN), "full")
         elif self.range is not None:
             b.comment("the mask's positions bound the keys this row block can see: tiles outside are never loaded")
             i_first, i_last = self.positions(b, pid_m)
@@ -172,13 +176,16 @@ class Flash:
             start = lo if isinstance(start, int) and start == 0 else b.let(b.maximum(start, lo), "kv_lo")
         else:
             hi = sT
-        stop = stop_of(hi)
-        with b.loop("start_n", start, stop, BN) as s0:
+
+        def step(s0, masked: bool):
+            """One key block: scores, mask (``masked``: this block may hold keys a row does not
+            see, or keys past T), online softmax, accumulate."""
             cols = b.let(b.expand_dims(b.add(s0, b.arange("BLOCK_N")), 0), "cols")
             cols_t = b.let(b.expand_dims(b.add(s0, b.arange("BLOCK_N")), 1), "cols_t")
             col_ok = b.lt(cols, sT)
             k_ctx = operand_ctx(k, batch_idx, len(self.batch), (cols, e_rows))
-            kt = ev(k, Ctx(k_ctx.idx, b.and_(b.lt(e_rows, sE), col_ok)))
+            e_ok = b.lt(e_rows, sE)
+            kt = ev(k, Ctx(k_ctx.idx, b.and_(e_ok, col_ok) if masked else e_ok))
             raw = b.dot(qt, b.cast(kt, k.type.dtype), b.full(("BLOCK_M", "BLOCK_N"), 0.0, self.acc))
             keep = b.and_(row_ok, col_ok)
             if self.mod:
@@ -191,15 +198,16 @@ class Flash:
                 qk = b.let(b.mul(b.cast(ev(self.s, s_ctx), self.acc), LOG2E), "qk")
             else:
                 qk = b.let(b.mul(raw, qk_scale), "qk")
-            if self.causal:
-                if self.T == self.S:
-                    keep = b.and_(keep, b.binop("le", cols, rows))
-                else:   # j + S <= i + T: no negative size
-                    keep = b.and_(keep, b.binop("le", b.add(cols, b.size(self.S)), b.add(rows, sT)))
-            if self.mask is not None:
-                m_ctx = operand_ctx(self.mask, batch_idx, len(self.batch), (rows, cols))
-                keep = b.and_(keep, b.binop("ne", ev(self.mask, Ctx(m_ctx.idx, b.and_(row_ok, col_ok))), 0))
-            qk = b.let(b.where(keep, qk, float("-inf")), "qk_masked")
+            if masked:
+                if self.causal:
+                    if self.T == self.S:
+                        keep = b.and_(keep, b.binop("le", cols, rows))
+                    else:   # j + S <= i + T: no negative size
+                        keep = b.and_(keep, b.binop("le", b.add(cols, b.size(self.S)), b.add(rows, sT)))
+                if self.mask is not None:
+                    m_ctx = operand_ctx(self.mask, batch_idx, len(self.batch), (rows, cols))
+                    keep = b.and_(keep, b.binop("ne", ev(self.mask, Ctx(m_ctx.idx, b.and_(row_ok, col_ok))), 0))
+                qk = b.let(b.where(keep, qk, float("-inf")), "qk_masked")
             b.comment("online softmax: new running max, rescale what came before")
             m_new = b.let(b.maximum(m_i, b.reduce(qk, 1, "max")), "m_new")
             m_safe = b.let(b.where(b.binop("eq", m_new, float("-inf")), 0.0, m_new), "m_safe")
@@ -207,9 +215,19 @@ class Flash:
             alpha = b.let(b.unary("exp2", b.sub(m_i, m_safe)), "alpha")
             b.assign(l_i, b.add(b.mul(l_i, alpha), b.reduce(p, 1, "sum")))
             v_ctx = operand_ctx(v, batch_idx, len(self.batch), (cols_t, ev_cols))
-            vt = ev(v, Ctx(v_ctx.idx, b.and_(b.lt(cols_t, sT), b.lt(ev_cols, sEv))))
+            ev_ok = b.lt(ev_cols, sEv)
+            vt = ev(v, Ctx(v_ctx.idx, b.and_(b.lt(cols_t, sT), ev_ok) if masked else ev_ok))
             b.assign(acc, b.dot(b.cast(p, v.type.dtype), b.cast(vt, v.type.dtype), b.mul(acc, alpha)))
             b.assign(m_i, m_new)
+
+        if full is not None:
+            b.comment("stage 1: key blocks below the diagonal, unmasked (padding rows compute and are never stored)")
+            with b.loop("start_n", start, stop_of(full), BN) as s0:
+                step(s0, masked=False)
+            b.comment("stage 2: the blocks on the diagonal, masked")
+            start = full if isinstance(start, int) and start == 0 else b.let(b.maximum(start, full), "kv_diag")
+        with b.loop("start_n", start, stop_of(hi), BN) as s0:
+            step(s0, masked=True)
         return m_i, l_i, acc
 
     def store_out(self, b: TileBuilder, ev: Evaluator, batch_idx, rows, row_ok, ev_cols, acc, m, l) -> None:
