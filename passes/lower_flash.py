@@ -152,7 +152,7 @@ class Flash:
         m_i = b.declare(b.full(("BLOCK_M", 1), float("-inf"), self.acc), "m_i")
         l_i = b.declare(b.full(("BLOCK_M", 1), 0.0, self.acc), "l_i")
         acc = b.declare(b.full(("BLOCK_M", "BLOCK_EV"), 0.0, self.acc), "acc")
-        full = None
+        full = kept = None
         if self.causal:
             b.comment("causal: keys past the diagonal of this row block are never loaded")
             i_first, i_last = self.positions(b, pid_m)
@@ -170,10 +170,16 @@ class Flash:
                 shape, nb = v.type.shape, max(v.type.rank - 2, 0)
                 idx = [None if shape[a] == 1 else batch_idx[len(self.batch) - nb + a] for a in range(nb)]
                 return ev(v, Ctx(tuple(idx + [None, None])[:v.type.rank], None))
-            lo, hi = self.range.bounds(TileOps(b, self.fg.names, read), i_first, i_last, sT)
+            ops = TileOps(b, self.fg.names, read)
+            lo, hi = self.range.bounds(ops, i_first, i_last, sT)
             lo = b.let(b.mul(b.floordiv(lo, BN), BN), "lo")
             hi = b.let(hi, "hi")
             start = lo if isinstance(start, int) and start == 0 else b.let(b.maximum(start, lo), "kv_lo")
+            if self.range.inner is not None:
+                b.comment("keys every row of the block keeps: whole tiles of them run without the mask")
+                klo, khi = self.range.kept_by_all(ops, i_first, i_last, sT)
+                a = b.let(b.minimum(b.maximum(lo, b.mul(b.cdiv(klo, BN), BN)), hi), "kept_lo")
+                kept = (a, b.let(b.maximum(a, b.minimum(b.mul(b.floordiv(khi, BN), BN), hi)), "kept_hi"))
         else:
             hi = sT
 
@@ -189,13 +195,15 @@ class Flash:
             raw = b.dot(qt, b.cast(kt, k.type.dtype), b.full(("BLOCK_M", "BLOCK_N"), 0.0, self.acc))
             keep = b.and_(row_ok, col_ok)
             if self.mod:
-                b.comment("the spec's scores, evaluated on this tile (in log2 units for exp2)")
+                b.comment("the spec's scores, evaluated on this tile (in log2 units for exp2)" if masked else
+                          "the spec's scores without the masks, which keep every key here")
                 s_ctx = operand_ctx(self.s, batch_idx, len(self.batch), (rows, cols))
-                s_ctx = Ctx(s_ctx.idx, keep)
+                s_ctx = Ctx(s_ctx.idx, keep if masked else row_ok)
                 ev.bind(self.mm.out, s_ctx, b.let(raw, "qk_raw"))
                 if self.mm.out in self.group.outputs:    # saved for the backward
                     store(ev, self.fg.buffer(self.group, self.mm.out), self.mm.out, s_ctx)
-                qk = b.let(b.mul(b.cast(ev(self.s, s_ctx), self.acc), LOG2E), "qk")
+                scores = self.s if masked else self.range.inner
+                qk = b.let(b.mul(b.cast(ev(scores, s_ctx), self.acc), LOG2E), "qk")
             else:
                 qk = b.let(b.mul(raw, qk_scale), "qk")
             if masked:
@@ -226,6 +234,16 @@ class Flash:
                 step(s0, masked=False)
             b.comment("stage 2: the blocks on the diagonal, masked")
             start = full if isinstance(start, int) and start == 0 else b.let(b.maximum(start, full), "kv_diag")
+        if kept is not None:
+            b.comment("stage 1: the blocks before those every row keeps, masked")
+            with b.loop("start_n", start, stop_of(kept[0]), BN) as s0:
+                step(s0, masked=True)
+            b.comment("stage 2: the blocks every row keeps, unmasked (padding rows compute and are never stored)")
+            first = kept[0] if isinstance(start, int) and start == 0 else b.let(b.maximum(start, kept[0]), "kv_kept")
+            with b.loop("start_n", first, stop_of(kept[1]), BN) as s0:
+                step(s0, masked=False)
+            b.comment("stage 3: the blocks after them, masked")
+            start = kept[1] if isinstance(start, int) and start == 0 else b.let(b.maximum(start, kept[1]), "kv_rest")
         with b.loop("start_n", start, stop_of(hi), BN) as s0:
             step(s0, masked=True)
         return m_i, l_i, acc

@@ -74,6 +74,7 @@ def _neg(a: Tree) -> Tree:
 class _Reader:
     def __init__(self, producer: dict, rank: int):
         self.producer, self.rank = producer, rank
+        self.exact = True         # every condition read so far bounds j exactly
 
     def position_axis(self, v: Value) -> int | None:
         """The scores' axis along which v is a position, or None."""
@@ -191,9 +192,11 @@ class _Reader:
         if n.op == "logical_and":
             a, b = (self.cond(x) for x in n.inputs)
             if a is None or b is None:
+                self.exact = False
                 return a or b
             return (_pick("max", a[0], b[0]), _pick("min", a[1], b[1]))
         if n.op == "logical_or":
+            self.exact = False       # the hull is exact for the union only
             a, b = (self.cond(x) for x in n.inputs)
             if a is None or b is None:
                 return None
@@ -274,6 +277,10 @@ def _text(t: Tree) -> str:
 class KeyRange:
     lo: Tree | None
     hi: Tree | None
+    # the scores under the masks, where every mask condition was read exactly (no data, no |,
+    # no & with an unreadable side): then the keys every row of a block keeps are known too
+    # (``kept_by_all``) and their tiles need no mask; else None
+    inner: Value | None = None
 
     @property
     def text(self) -> str:
@@ -285,6 +292,14 @@ class KeyRange:
         lo = _eval(self.lo, ops, env, "lo") if self.lo else None
         hi = _eval(self.hi, ops, env, "hi") if self.hi else None
         return (0 if lo is None else ops.maximum(lo, 0)), (T if hi is None else ops.minimum(hi, T))
+
+    def kept_by_all(self, ops, i_first, i_last, T):
+        """(lo, hi) of the keys every query position in [i_first, i_last] keeps (only where
+        ``inner`` is set: every condition read exactly). Each bound is a monotone function of one
+        row's position, built for the hull (its lower end from the first row, its upper end from
+        the last): evaluated with the two rows swapped it gives the intersection."""
+        assert self.inner is not None
+        return self.bounds(ops, i_last, i_first, T)
 
 
 def _eval(t: Tree, ops, env, side: str):
@@ -338,7 +353,11 @@ def key_range_of(s: Value, producer: dict) -> KeyRange | None:
         r = reader.cond(c)
         if r is not None:
             lo, hi = _pick("max", lo, r[0]), _pick("min", hi, r[1])
-    return None if lo is None and hi is None else KeyRange(lo, hi)
+        else:
+            reader.exact = False
+    if lo is None and hi is None:
+        return None
+    return KeyRange(lo, hi, x if reader.exact else None)
 
 
 class IntOps:

@@ -89,11 +89,11 @@ REGISTER_SHARE = 1.0
 # a kernel without dots keeps this many elements of its tile per thread at most: the fused
 # rotary epilogue of the Llama block spills at 128 on sm_90a and at 64 on sm_80
 ROW_ELEMENTS_PER_THREAD = 32
-# on mma.sync GPUs, a flash kernel that computes its scores on the tile (a score change or a
-# mask: flash_attention_mod) keeps at most this many score and accumulator elements per thread:
-# at 128 query rows x 64 keys, head dim 128 and 8 warps (96) it spills 16-56 B at 255
-# registers on sm_80 (sliding window, soft-capping; ALiBi under Triton 3.6); at 32 keys (80)
-# it needs 188 and spills nothing
+# on mma.sync GPUs, a flash kernel keeps at most this many score and accumulator elements per
+# thread: at 128 query rows x 64 keys, head dim 128 and 8 warps (96) one that computes its
+# scores on the tile (flash_attention_mod) spills 16-56 B at 255 registers on sm_80 (sliding
+# window, soft-capping; ALiBi under Triton 3.6), and the plain causal one 4-12 B since its
+# unmasked and diagonal stages are two loops; at 32 keys (80) they need about 190
 MMA_SYNC_FLASH_ELEMENTS = 80
 # on mma.sync GPUs a dot kernel holds at most this many accumulator elements per thread: a
 # 128 x 256 GEMM tile at 8 warps (128) takes all 255 registers on sm_80 and spills 16-48 B
@@ -112,7 +112,7 @@ def fits(k: TileKernel, cfg: Config, bindings, limits: Limits, itemsize: int | N
     if smem > limits.shared_memory:
         return False, f"shared memory {smem} B (estimated) > {limits.shared_memory} B"
     if dot_count(k):
-        if limits.mma_sync and "_flash_attention_mod" in k.name:
+        if limits.mma_sync and "_flash_attention" in k.name:
             per_thread = v.get("BLOCK_M", 1) * (v.get("BLOCK_N", 1) + v.get("BLOCK_EV", 1)) / threads
             if per_thread > MMA_SYNC_FLASH_ELEMENTS:
                 return False, (f"{per_thread:.0f} score and accumulator elements per thread "

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -181,9 +183,16 @@ def test_decode_over_a_kv_cache_with_lengths_on_the_split_kv_path(dtype):
     check(op(q, k, v, lens), ref, dtype, "decode with lengths")
     names = [kn.name for kn in op.plan.kernels]
     assert any("splitkv" in n for n in names), names     # the flash-decoding alternative exists
-    # the lengths bound the key loop: tiles past lens[b] are never loaded
+    # the lengths bound the key loop: tiles past lens[b] are never loaded; the whole tiles below
+    # lens[b] run without the mask, only the last one is masked
     src = op.stage_text("triton")
-    assert "hi = tl.minimum(lens_tile, " in src and "for start_n in range(lo, hi, BLOCK_N):" in src
+    assert "hi = tl.minimum(lens_tile, " in src
+    full = src[src.index("def dec_k0_flash_attention_mod("):]
+    assert "kept_hi = tl.maximum(kept_lo, " in full and "// BLOCK_N * BLOCK_N" in full
+    assert re.search(r"for start_n_1 in range\(kv_kept, kept_hi, BLOCK_N\):", full), full
+    assert "for start_n_2 in range(kv_rest, hi, BLOCK_N):" in full
+    unmasked = full[full.index("stage 2:"):full.index("stage 3:")]
+    assert "float(\"-inf\"))" not in unmasked.split("online softmax")[0] and "cols_1 < T" not in unmasked
     text = op.explain(sizes={"B": 1, "H": 1, "T": 1000, "E": 16})
     assert "[0, lens)" in text and "depend on the values of lens" in text
 
@@ -243,7 +252,10 @@ def test_the_kernel_loops_over_the_bounded_range_and_stays_right_at_long_sizes()
     the result at S = 400 (several windows) through the interpreter is SDPA's."""
     op = compiled(WINDOW, "win").win
     src = op.stage_text("triton")
-    assert "for start_n in range(lo, hi, BLOCK_N):" in src
+    full = src[src.index("def win_k0_flash_attention_mod("):]
+    # [lo, kept_lo) and [kept_hi, hi) masked, [kept_lo, kept_hi) (every row keeps it) unmasked
+    assert "for start_n in range(lo, kept_lo, BLOCK_N):" in full
+    assert "for start_n_2 in range(kv_rest, hi, BLOCK_N):" in full
     assert "lo = " in src and "hi = " in src
     S, E = 400, 16
     q, k, v = rand(S, E), rand(S, E, seed=1), rand(S, E, seed=2)
@@ -305,6 +317,57 @@ def test_tile_counts_are_supersets_of_the_kept_keys_for_random_windows():
             cols = keep[i0:i0 + BM].any(0).nonzero().flatten()
             if len(cols):
                 assert lo <= int(cols.min()) and int(cols.max()) < hi, (S, T, w, i0, lo, hi)
+
+
+def test_keys_kept_by_every_row_are_exactly_those_of_the_mask():
+    """Where every condition is read exactly, the keys every row of a block keeps (the tiles
+    that run without the mask) are a subset of what each row keeps, and equal to their
+    intersection, for windows and offsets that are not multiples of anything."""
+    op = compiled(SWA.replace("$T", "f32"), "swa").swa
+    grp = flash_group(op)
+    node = next(n for n in grp.nodes if n.op == "flash_attention_mod")
+    kr = key_range_of(node.inputs[0], op.fused.graph.producers())
+    assert kr.inner is not None
+    from opforge.passes.mask_range import IntOps
+    for S, T, w, BM in [(37, 37, 5, 16), (19, 45, 11, 8), (100, 130, 33, 32), (5, 5, 100, 4), (64, 64, 1, 16)]:
+        i, j = positions(S, T)
+        keep = (j <= i + (T - S)) & (j > i + (T - S) - w)
+        ops = IntOps({"S": S, "T": T}, {"w": w})
+        for i0 in range(0, S, BM):
+            lo, hi = kr.kept_by_all(ops, i0, min(i0 + BM, S) - 1, T)
+            cols = keep[i0:i0 + BM].all(0).nonzero().flatten()
+            got = set(range(lo, hi)) if hi > lo else set()
+            assert got == set(cols.tolist()), (S, T, w, i0, lo, hi)
+
+
+@pytest.mark.parametrize("mask, torch_mask, exact", [
+    ("j <= i", "j <= i", True),
+    ("j < i + 1 & j >= i - 7", "(j < i + 1) & (j >= i - 7)", True),
+    ("i // 8 == j // 8", "i // 8 == j // 8", True),
+    ("j < 5 | j <= i", "(j < 5) | (j <= i)", False),
+    ("j <= i & doc[:, None] == doc[None, :]", "(j <= i) & (doc[:, None] == doc[None, :])", False),
+])
+def test_only_exactly_read_masks_get_unmasked_tiles(mask, torch_mask, exact):
+    """A mask with | or a condition on data keeps the mask on every tile it computes."""
+    src = f"""
+op m(q: f32[S, E], k: f32[S, E], v: f32[S, E], doc: i64[S]) -> f32[S, E] {{
+    i = arange(S)[:, None]
+    j = arange(S)[None, :]
+    return softmax(where({mask}, q @ k.T, -inf), axis=-1) @ v
+}}"""
+    op = compiled(src, "exact").m
+    node = next(n for n in flash_group(op).nodes if n.op == "flash_attention_mod")
+    kr = key_range_of(node.inputs[0], op.fused.graph.producers())
+    assert (kr is not None and kr.inner is not None) == exact
+    assert ("stage 2: the blocks every row keeps, unmasked" in op.stage_text("triton")) == exact
+    S, E = 45, 8
+    q, k, v = rand(S, E), rand(S, E, seed=1), rand(S, E, seed=2)
+    doc = torch.tensor([0] * 10 + [1] * 20 + [2] * 15)
+    i, j = positions(S, S)
+    m = eval(torch_mask, {"i": i, "j": j, "doc": doc})
+    ref = F.scaled_dot_product_attention(q.double()[None], k.double()[None], v.double()[None],
+                                         attn_mask=m, scale=1.0)[0]
+    check(op(q, k, v, doc), ref, "f32", mask)
 
 
 def test_explain_names_the_scores_and_the_unbounded_case():

@@ -312,7 +312,7 @@ def test_the_autotuner_times_a_candidate_at_the_budget_that_replaces_it():
 
 def test_mma_sync_targets_keep_tiles_the_register_file_holds():
     """sm_80 (dots on mma.sync, operands in registers) drops a 128 x 256 GEMM tile at 8 warps and
-    a 128 x 64 flash tile whose scores are computed on the tile (head dim 128); sm_90a keeps both."""
+    a 128 x 64 flash tile at head dim 128; sm_90a keeps both."""
     from opforge.runtime.autotune import Limits, fits
     _, k = gemm()
     wide = Config((("BLOCK_M", 128), ("BLOCK_N", 256), ("BLOCK_K", 64), ("GROUP_M", 8)), 8, 3)
