@@ -312,7 +312,7 @@ def test_the_autotuner_times_a_candidate_at_the_budget_that_replaces_it():
 
 def test_mma_sync_targets_keep_tiles_the_register_file_holds():
     """sm_80 (dots on mma.sync, operands in registers) drops a 128 x 256 GEMM tile at 8 warps and
-    a 128 x 64 flash tile at head dim 128; sm_90a keeps both."""
+    a 128 x 64 flash tile at head dim 128 by these rules; sm_90a keeps the GEMM tile."""
     from opforge.runtime.autotune import Limits, fits
     _, k = gemm()
     wide = Config((("BLOCK_M", 128), ("BLOCK_N", 256), ("BLOCK_K", 64), ("GROUP_M", 8)), 8, 3)
@@ -329,7 +329,7 @@ def test_mma_sync_targets_keep_tiles_the_register_file_holds():
     tile = Config((("BLOCK_M", 128), ("BLOCK_N", 64), ("BLOCK_E", 128), ("BLOCK_EV", 128)), 8, 3)
     ok80, why = fits(fk, tile, vb, Limits.of_target(TARGETS["sm_80"]))
     assert not ok80 and "score and accumulator elements" in why
-    assert fits(fk, tile, vb, Limits.of_target(TARGETS["sm_90a"]))[0]
+    # (on sm_90a the register estimate decides: it counts the three stages' loops together,
+    # and the three-stage ALiBi kernel spilled 44 B at 128 x 64 when it was let through)
     h80 = heuristic_config(fk, vb, Limits.of_target(TARGETS["sm_80"])).as_dict()
     assert (h80["BLOCK_M"], h80["BLOCK_N"]) == (128, 32)
-    assert heuristic_config(fk, vb, Limits.of_target(TARGETS["sm_90a"])).as_dict()["BLOCK_N"] == 64
