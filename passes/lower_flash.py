@@ -228,24 +228,28 @@ class Flash:
             b.assign(acc, b.dot(b.cast(p, v.type.dtype), b.cast(vt, v.type.dtype), b.mul(acc, alpha)))
             b.assign(m_i, m_new)
 
+        # the stages over the keys: (where each ends, masked, its comment, the name of where it
+        # begins when that is not where the one before ended)
         if full is not None:
-            b.comment("stage 1: key blocks below the diagonal, unmasked (padding rows compute and are never stored)")
-            with b.loop("start_n", start, stop_of(full), BN) as s0:
-                step(s0, masked=False)
-            b.comment("stage 2: the blocks on the diagonal, masked")
-            start = full if isinstance(start, int) and start == 0 else b.let(b.maximum(start, full), "kv_diag")
-        if kept is not None:
-            b.comment("stage 1: the blocks before those every row keeps, masked")
-            with b.loop("start_n", start, stop_of(kept[0]), BN) as s0:
-                step(s0, masked=True)
-            b.comment("stage 2: the blocks every row keeps, unmasked (padding rows compute and are never stored)")
-            first = kept[0] if isinstance(start, int) and start == 0 else b.let(b.maximum(start, kept[0]), "kv_kept")
-            with b.loop("start_n", first, stop_of(kept[1]), BN) as s0:
-                step(s0, masked=False)
-            b.comment("stage 3: the blocks after them, masked")
-            start = kept[1] if isinstance(start, int) and start == 0 else b.let(b.maximum(start, kept[1]), "kv_rest")
-        with b.loop("start_n", start, stop_of(hi), BN) as s0:
-            step(s0, masked=True)
+            stages = [(full, False, "stage 1: key blocks below the diagonal, unmasked (padding rows compute and are "
+                                    "never stored)", None),
+                      (hi, True, "stage 2: the blocks on the diagonal, masked", "kv_diag")]
+        elif kept is not None:
+            stages = [(kept[0], True, "stage 1: the blocks before those every row keeps, masked", None),
+                      (kept[1], False, "stage 2: the blocks every row keeps, unmasked (padding rows compute and are "
+                                       "never stored)", "kv_kept"),
+                      (hi, True, "stage 3: the blocks after them, masked", "kv_rest")]
+        else:
+            stages = [(hi, True, None, None)]
+        begin = start
+        for n, (end, masked, comment, name) in enumerate(stages):
+            if comment:
+                b.comment(comment)
+            if n:
+                prev = stages[n - 1][0]
+                begin = prev if isinstance(start, int) and start == 0 else b.let(b.maximum(start, prev), name)
+            with b.loop("start_n", begin, stop_of(end), BN) as s0:
+                step(s0, masked)
         return m_i, l_i, acc
 
     def store_out(self, b: TileBuilder, ev: Evaluator, batch_idx, rows, row_ok, ev_cols, acc, m, l) -> None:
