@@ -300,13 +300,17 @@ op m(q: f32[S, E], k: f32[S, E], v: f32[S, E]) -> f32[S, E] {{
     check(op(q, k, v), ref, "f32", mask)
 
 
+def swa_key_range():
+    """The key range of the sliding-window example's scores."""
+    op = compiled(SWA.replace("$T", "f32"), "swa").swa
+    node = next(n for n in flash_group(op).nodes if n.op == "flash_attention_mod")
+    return key_range_of(node.inputs[0], op.fused.graph.producers())
+
+
 def test_tile_counts_are_supersets_of_the_kept_keys_for_random_windows():
     """For every row block, the range holds every key the mask keeps (checked against the mask
     itself), for windows and offsets that are not multiples of anything."""
-    op = compiled(SWA.replace("$T", "f32"), "swa").swa
-    grp = flash_group(op)
-    node = next(n for n in grp.nodes if n.op == "flash_attention_mod")
-    kr = key_range_of(node.inputs[0], op.fused.graph.producers())
+    kr = swa_key_range()
     from opforge.passes.mask_range import IntOps
     for S, T, w, BM in [(37, 37, 5, 16), (19, 45, 11, 8), (100, 130, 33, 32), (5, 5, 100, 4)]:
         i, j = positions(S, T)
@@ -323,10 +327,7 @@ def test_keys_kept_by_every_row_are_exactly_those_of_the_mask():
     """Where every condition is read exactly, the keys every row of a block keeps (the tiles
     that run without the mask) are a subset of what each row keeps, and equal to their
     intersection, for windows and offsets that are not multiples of anything."""
-    op = compiled(SWA.replace("$T", "f32"), "swa").swa
-    grp = flash_group(op)
-    node = next(n for n in grp.nodes if n.op == "flash_attention_mod")
-    kr = key_range_of(node.inputs[0], op.fused.graph.producers())
+    kr = swa_key_range()
     assert kr.inner is not None
     from opforge.passes.mask_range import IntOps
     for S, T, w, BM in [(37, 37, 5, 16), (19, 45, 11, 8), (100, 130, 33, 32), (5, 5, 100, 4), (64, 64, 1, 16)]:
