@@ -171,6 +171,10 @@ class TileKernel:
     # the extent each block size tiles, (("BLOCK_M", M), ("BLOCK_K", K), ...): what the heuristic
     # config's shape buckets read (runtime/config.py)
     extents: tuple = ()
+    # what the lowering built, where the autotuner's rules differ by template: "flash" (an
+    # attention forward kernel over loaded scores), "flash_mod" (scores computed on the tile),
+    # "flash_bwd"; "" for the rest (runtime/autotune.fits)
+    family: str = ""
 
 
 # -- the host plan ------------------------------------------------------------------------------

@@ -477,12 +477,13 @@ class TileBuilder:
 
     # -- the kernel ----------------------------------------------------------------------------
     def kernel(self, grid: Iterable[GridDim], doc: str = "", warps=(4,), stages=(1,), presets=(),
-               extents=()) -> TileKernel:
+               extents=(), family: str = "") -> TileKernel:
         assert len(self.blocks) == 1, "unclosed loop"
         order = {"ptr": 0, "size": 1, "stride": 2, "scalar": 3}
         params = sorted(self.params.values(), key=lambda p: order[p.kind])
         return TileKernel(self.name, tuple(params), tuple(self.tunables.values()), tuple(grid),
-                          tuple(self.blocks[0]), doc, tuple(warps), tuple(stages), tuple(presets), tuple(extents))
+                          tuple(self.blocks[0]), doc, tuple(warps), tuple(stages), tuple(presets), tuple(extents),
+                          family)
 
 
 def _is_zero(e: TExpr) -> bool:

@@ -275,6 +275,12 @@ class Flash:
     def extents(self) -> tuple:
         return (("BLOCK_M", self.rows), ("BLOCK_N", self.T))
 
+    @property
+    def family(self) -> str:
+        """The autotuner's rule set (runtime/autotune.fits): scores computed on the tile keep
+        more live state than loaded ones."""
+        return "flash_mod" if self.mod else "flash"
+
     def doc(self, what: str) -> str:
         return (f"{self.group.name} ({what})" + (", causal" if self.causal else "")
                 + (", masked" if self.mask is not None else "")
@@ -294,7 +300,7 @@ def full_kernel(fl: Flash):
     b.comment("epilogue: normalise and store")
     fl.store_out(b, ev, batch_idx, rows, row_ok, ev_cols, acc, m_i, l_i)
     return b.kernel(fl.grid(), doc=fl.doc("flash attention: online softmax over key blocks"),
-                    warps=(4, 8), stages=(2, 3, 4), presets=_presets(), extents=fl.extents())
+                    warps=(4, 8), stages=(2, 3, 4), presets=_presets(), extents=fl.extents(), family=fl.family)
 
 
 def _scratch_ptr(b: TileBuilder, name: str, idx, dtype=DType.f32) -> TExpr:
@@ -319,7 +325,7 @@ def split_kernel(fl: Flash):
     b.store(_scratch_ptr(b, fl.l_buf, (s, pid_b, qr), fl.acc), l_i, live)
     b.store(_scratch_ptr(b, fl.o_buf, (s, pid_b, qr, ev_cols), fl.acc), acc, b.and_(live, b.lt(ev_cols, b.size(fl.Ev))))
     return b.kernel(fl.grid(split=True), doc=fl.doc("flash-decoding: one split of the keys"),
-                    warps=(4, 8), stages=(2, 3), presets=_presets(), extents=fl.extents())
+                    warps=(4, 8), stages=(2, 3), presets=_presets(), extents=fl.extents(), family=fl.family)
 
 
 def combine_kernel(fl: Flash):

@@ -132,7 +132,7 @@ def dkdv_kernel(f: FlashBwd):
     store_tile(b, ev, f, f.dk, batch_idx, keys, e, b.and_(key_ok, b.lt(e, sE)), b.mul(dk, scale))
     store_tile(b, ev, f, f.dv, batch_idx, keys, evc, b.and_(key_ok, b.lt(evc, sEv)), dv)
     return b.kernel(f.grid(f.T, "BLOCK_N"), doc=f"{f.group.name} (flash attention backward: dK, dV over query blocks)",
-                    warps=(4, 8), stages=(1, 2, 3), presets=_presets())
+                    warps=(4, 8), stages=(1, 2, 3), presets=_presets(), family="flash_bwd")
 
 
 def dq_kernel(f: FlashBwd):
@@ -170,7 +170,7 @@ def dq_kernel(f: FlashBwd):
     b.comment("store dQ (scaled)")
     store_tile(b, ev, f, f.dq, batch_idx, rows, e, b.and_(row_ok, b.lt(e, sE)), b.mul(dq, scale))
     return b.kernel(f.grid(f.S, "BLOCK_M"), doc=f"{f.group.name} (flash attention backward: dQ over key blocks)",
-                    warps=(4, 8), stages=(1, 2, 3), presets=_presets())
+                    warps=(4, 8), stages=(1, 2, 3), presets=_presets(), family="flash_bwd")
 
 
 def store_tile(b, ev, f: FlashBwd, v, batch_idx, rows, cols, mask, tile) -> None:

@@ -89,12 +89,23 @@ REGISTER_SHARE = 1.0
 # a kernel without dots keeps this many elements of its tile per thread at most: the fused
 # rotary epilogue of the Llama block spills at 128 on sm_90a and at 64 on sm_80
 ROW_ELEMENTS_PER_THREAD = 32
-# on mma.sync GPUs, a flash kernel keeps at most this many score and accumulator elements per
-# thread: at 128 query rows x 64 keys, head dim 128 and 8 warps (96) one that computes its
-# scores on the tile (flash_attention_mod) spills 16-56 B at 255 registers on sm_80 (sliding
-# window, soft-capping; ALiBi under Triton 3.6), and the plain causal one 4-12 B since its
-# unmasked and diagonal stages are two loops; at 32 keys (80) they need about 190
+# A flash kernel's live state is its [BLOCK_M, BLOCK_N] score tile and [BLOCK_M, head dim]
+# accumulator; per thread, at most this many of their elements (fitted to the compiled figures
+# of every example attention kernel, head dim 128, Triton 3.9 and 3.6):
+# - on mma.sync GPUs, every flash kernel: 80. At 128 query rows x 64 keys and 8 warps (96) one
+#   that computes its scores on the tile spills 16-56 B at 255 registers on sm_80 (sliding
+#   window, soft-capping; ALiBi under Triton 3.6), and the plain causal one 4-12 B since its
+#   unmasked and diagonal stages are two loops; at 32 keys (80) they need about 190;
+# - on Hopper, a forward kernel over loaded scores: 96 (128 x 64 on 8 warps takes 190
+#   registers, 128 x 128 spills), one that computes them: 80 (at 96, ALiBi spills 44 B at
+#   128 x 64 and soft-capping 12 B at 64 x 64; at 80 every one takes 168-186 registers).
+# For forward tiles of 64 rows or more this rule replaces the register estimate, which counts
+# every stage's temporaries and is 1.4-1.9x high there for computed scores (it kept only 16-row
+# tiles, on HMMA, at prefill sizes for ALiBi and soft-capping) and 0.7x low for loaded ones.
+# Smaller tiles keep the estimate too: there the key and value tiles are register operands of
+# mma.sync, which it counts (a 16 x 128 KV-cache tile, 32 elements, spills 24 B on sm_90a).
 MMA_SYNC_FLASH_ELEMENTS = 80
+FLASH_ELEMENTS = {"flash": 96, "flash_mod": 80}
 # on mma.sync GPUs a dot kernel holds at most this many accumulator elements per thread: a
 # 128 x 256 GEMM tile at 8 warps (128) takes all 255 registers on sm_80 and spills 16-48 B
 # under Triton 3.6 (the Llama, LoRA and GRU GEMMs); 128 x 128 (64) leaves room
@@ -112,15 +123,17 @@ def fits(k: TileKernel, cfg: Config, bindings, limits: Limits, itemsize: int | N
     if smem > limits.shared_memory:
         return False, f"shared memory {smem} B (estimated) > {limits.shared_memory} B"
     if dot_count(k):
-        if limits.mma_sync and "_flash_attention" in k.name:
+        if k.family.startswith("flash"):
             per_thread = v.get("BLOCK_M", 1) * (v.get("BLOCK_N", 1) + v.get("BLOCK_EV", 1)) / threads
-            if per_thread > MMA_SYNC_FLASH_ELEMENTS:
-                return False, (f"{per_thread:.0f} score and accumulator elements per thread "
-                               f"> {MMA_SYNC_FLASH_ELEMENTS} (mma.sync)")
+            limit = MMA_SYNC_FLASH_ELEMENTS if limits.mma_sync else FLASH_ELEMENTS.get(k.family)
+            if limit is not None and per_thread > limit:
+                return False, (f"{per_thread:.0f} score and accumulator elements per thread > {limit}"
+                               + (" (mma.sync)" if limits.mma_sync else ""))
         if limits.mma_sync and (acc := accumulator_elements(k, cfg)) > MMA_SYNC_ACC_ELEMENTS:
             return False, f"{acc:.0f} accumulator elements per thread > {MMA_SYNC_ACC_ELEMENTS} (mma.sync)"
         regs = registers(k, cfg)
-        if regs > limits.registers_per_thread * REGISTER_SHARE:
+        by_elements = k.family in FLASH_ELEMENTS and v.get("BLOCK_M", 1) >= 64
+        if not by_elements and regs > limits.registers_per_thread * REGISTER_SHARE:
             budget = limits.registers_per_thread * REGISTER_SHARE
             return False, f"{regs:.0f} registers per thread (estimated) > {budget:.0f}"
     else:

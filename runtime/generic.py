@@ -8,8 +8,8 @@ users call, ``torch.ops.ns.rms_norm``, is one CompositeImplicitAutograd op doing
 choice, so torch.compile and autograd see through it to the binding's registered op (its
 fake implementation, its gradients). Anything else asked of a GenericOp (explain, plan,
 kernel_count, ...) is its default binding's (the first, or the compile's ``dtype=``), or
-``op.instance(torch.float16)``'s. Not yet: a bound layer of a generic op does not follow
-``.to(dtype)`` (it stays the binding it was bound at; bind again in the other dtype).
+``op.instance(torch.float16)``'s. A bound layer of a generic op follows ``.to(dtype)`` by
+binding again in the new dtype (runtime/bound.py).
 """
 from __future__ import annotations
 
