@@ -121,10 +121,10 @@ def _native_check(files, shape, targets, dtypes, configs, markdown, verbose) -> 
 def show(file, op_name, stage, shape, target, kernel):
     """Print one stage of the compilation of an op. ttgir, ptx and sass compile the op's kernels for
     --target at their heuristic config (no GPU needed)."""
-    from .frontend import get_op, load_program
+    from .frontend import graph_name, load_program
     from .passes.pipeline import canonical_graph
     program = load_program(file)
-    get_op(program, op_name)
+    op_name = graph_name(program, op_name)      # a generic op: its first binding
     if stage == "graph":
         from .ir.printer import print_graph
         console.print(print_graph(canonical_graph(program, op_name)), markup=False)

@@ -65,9 +65,26 @@ def load_program(path_or_source: str | Path, namespace: str | None = None) -> Pr
 
 
 def get_op(program: Program, name: str):
-    """The op's graph; an unknown name is a SpecError naming the closest op."""
+    """The op's graph (of a dtype-generic op, its first binding's); an unknown name is a
+    SpecError naming the closest op."""
+    return program.graphs[graph_name(program, name)]
+
+
+def graph_name(program: Program, name: str, dtype=None) -> str:
+    """The graph the tools (``opforge show``, ``run``) take for an op: its own, or for a
+    dtype-generic op the binding of ``dtype`` (every variable bound to it) where it admits one,
+    else its first binding. An unknown name is a SpecError naming the closest op."""
     from .diagnostics import did_you_mean
+    from ..ir.types import SPEC_DTYPES
+    info = program.generics.get(name)
+    if info is not None:
+        want = SPEC_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+        keys = list(info.instances)
+        key = next((k for k in keys if want is not None and all(d == want for d in k)), keys[0])
+        return info.instances[key]
     if name not in program.graphs:
+        ops = [program.op_of(n) for n in program.graphs]
+        ops = list(dict.fromkeys(ops))
         raise SpecError(f"{program.source.name} has no op '{name}'", None,
-                        did_you_mean(name, program.graphs) or f"its ops are {', '.join(program.graphs)}")
-    return program.graphs[name]
+                        did_you_mean(name, ops) or f"its ops are {', '.join(ops)}")
+    return name

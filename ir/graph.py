@@ -273,6 +273,13 @@ class Program:
     def replace_graphs(self, graphs: dict[str, Graph]) -> "Program":
         return Program(self.namespace, self.source, graphs, self.generics)
 
+    def op_of(self, graph: str) -> str:
+        """The op a graph is of: a dtype-generic op's name for each of its bindings' graphs."""
+        for info in self.generics.values():
+            if graph in info.instances.values():
+                return info.name
+        return graph
+
 
 @dataclass
 class Generic:

@@ -43,10 +43,12 @@ def canonical_graph(program: Program, op: str, ctx: PassContext | None = None) -
 
 def prepared_graph(program: Program, op: str, dtype=None, ctx: PassContext | None = None) -> Graph:
     """The canonical graph, its main float dtype changed to ``dtype`` if given (--dtype). One
-    ``ctx`` for the ops of a program lets inlining reuse its callees' templates."""
+    ``ctx`` for the ops of a program lets inlining reuse its callees' templates. A binding of a
+    dtype-generic op (``rms_norm__f16``) keeps its dtypes: they are the binding (its op picks
+    the binding of ``dtype`` instead, runtime/generic.py)."""
     from .retype import main_float_dtype, retype
     g = canonical_graph(program, op, ctx)
-    if dtype:
+    if dtype and program.op_of(op) == op:
         from ..ir.types import SPEC_DTYPES
         old = main_float_dtype(g)
         if old is not None:

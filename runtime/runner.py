@@ -9,7 +9,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from ..frontend import get_op, load_program
+from ..frontend import graph_name, load_program
 from ..passes.pipeline import canonical_graph, prepared_graph
 from .console import make_console
 from .inputs import random_inputs
@@ -32,16 +32,16 @@ def execution_path() -> str:
 
 def _prepare(file, op_name, shape, dtype):
     program = load_program(file)
-    get_op(program, op_name)
-    g = prepared_graph(program, op_name, dtype)
+    name = graph_name(program, op_name, dtype)     # a generic op: the binding of dtype
+    g = prepared_graph(program, name, dtype)
     bindings = resolve_shapes(g, str(file), shape)
-    return program, g, bindings
+    return program, g, bindings, name
 
 
 def run_op(file, op_name, shape=None, *, dtype=None, seed=0, reference_only=False, bench=False,
            console: Console | None = None):
     console = console or make_console()
-    program, g, bindings = _prepare(file, op_name, shape, dtype)
+    program, g, bindings, op_name = _prepare(file, op_name, shape, dtype)
     device = torch.device("cpu") if reference_only else default_device()
     inputs = random_inputs(g, bindings, seed=seed, device=str(device))
     ref = run_graph(g, inputs, bindings, check=True)

@@ -151,9 +151,9 @@ def sweep(files, targets: list[Target], *, dtypes=("f16",), shapes: Mapping[str,
     errors: list[SweepError] = []
     for f in files:
         program = load_program(f)
-        names = [n for n in program.graphs if ops is None or n in ops]
         file_shapes_ = dict(shapes) if shapes is not None else file_sweep_shapes(f)
         for dtype in dtypes:
+            names = [n for n in swept_graphs(program, dtype) if ops is None or n in ops or program.op_of(n) in ops]
             # lowered once per kind of target: an sm_80 kernel decodes fp8 with integers
             for has_fp8 in sorted({t.has_fp8 for t in targets}, reverse=True):
                 tgts = [t for t in targets if t.has_fp8 == has_fp8]
@@ -170,6 +170,18 @@ def sweep(files, targets: list[Target], *, dtypes=("f16",), shapes: Mapping[str,
 
 
 SHAPE_ORDER = {name: i for i, name in enumerate(SHAPE_NAMES)}
+
+
+def swept_graphs(program, dtype: str) -> list[str]:
+    """The graphs a sweep in ``dtype`` compiles: every op's (retyped to ``dtype``), and of a
+    dtype-generic op the binding of ``dtype`` (every variable bound to it; none if it admits
+    no such binding: its other bindings are other dtypes' business)."""
+    from ..ir.types import SPEC_DTYPES
+    want = SPEC_DTYPES[dtype]
+    chosen = {info.instances[key] for info in program.generics.values() for key in info.instances
+              if all(d == want for d in key)}
+    instances = {n for info in program.generics.values() for n in info.instances.values()}
+    return [n for n in program.graphs if n not in instances or n in chosen]
 
 
 def _file_op_cases(op, sizes, targets, which, cache, file, dtype, shape_name, errors):

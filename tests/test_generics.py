@@ -197,3 +197,41 @@ def test_stored_plans_keep_generic_ops(monkeypatch, tmp_path):
     warm = opforge.compile(SPEC, namespace=ns, cache_dir=tmp_path)
     run_case(warm.rms_norm.instance(torch.bfloat16), {"B": 1, "S": 2, "D": 9}, seed=8)
     run_case(warm.block, {"B": 1, "S": 2, "D": 9}, seed=9)
+
+
+def test_the_command_line_takes_a_generic_op_by_its_name(tmp_path):
+    """``opforge show`` and ``run`` take the op's own name (its first binding, or the binding of
+    ``--dtype``); an unknown name's hint names the ops, not their bindings' graphs."""
+    from click.testing import CliRunner
+    from opforge.cli import main
+    spec = tmp_path / "norm.opf"
+    spec.write_text(SPEC)
+    shown = CliRunner().invoke(main, ["show", str(spec), "--op", "rms_norm"])
+    assert shown.exit_code == 0, shown.output
+    assert "rms_norm__f16" in shown.output and "cast(%3) {dtype=f16}" in shown.output
+    ran = CliRunner().invoke(main, ["run", str(spec), "--op", "rms_norm", "--shape", "B=1,S=3,D=7", "--dtype", "f32"])
+    assert ran.exit_code == 0, ran.output
+    assert "float32" in ran.output and "ok" in ran.output
+    wrong = CliRunner().invoke(main, ["show", str(spec), "--op", "rms_nrm"])
+    assert wrong.exit_code != 0 and "did you mean 'rms_norm'?" in wrong.output
+
+
+def test_a_binding_is_never_retyped():
+    """``compile(dtype=...)`` retypes concrete ops; a binding's dtypes are the binding."""
+    from opforge.passes.pipeline import prepared_graph
+    p = load_program(SPEC)
+    g = prepared_graph(p, "rms_norm__f32", "f16")
+    assert str(g.params[0].value.type) == "f32[B, S, D]"
+    assert str(prepared_graph(p, "block", "bf16").params[0].value.type) == "bf16[B, S, D]"
+
+
+def test_the_native_sweep_takes_the_binding_of_each_dtype():
+    """``opforge check --dtype f16,bf16`` compiles each generic op's binding of that dtype
+    (not every binding retyped: an f32 binding retyped to f16 would drop its f32 arithmetic)."""
+    from opforge.runtime.sweep import swept_graphs
+    p = load_program(SPEC)
+    assert [n for n in swept_graphs(p, "f16") if p.op_of(n) in ("rms_norm", "scaled", "mixed")] == \
+        ["rms_norm__f16", "scaled__f16", "mixed__f16_f16"]
+    assert [n for n in swept_graphs(p, "bf16") if p.op_of(n) in ("rms_norm", "scaled")] == ["rms_norm__bf16"]
+    assert "block" in swept_graphs(p, "bf16")
+    assert p.op_of("rms_norm__bf16") == "rms_norm" and p.op_of("block") == "block"
