@@ -100,12 +100,18 @@ _CURRENT: dict[str, Variant] = {}   # "ns::op__fwd_mask" -> the variant its auto
 class Gradients:
     """The derivatives of one compiled op, by set of differentiated inputs."""
 
-    def __init__(self, op, source: Graph, frozen=()):
+    def __init__(self, op, source, frozen=()):
         self.op = op
-        self.source = source                    # the graph derivatives are taken of
+        self._source = source                   # the graph derivatives are taken of, or a function giving it
         self.frozen = frozenset(frozen)         # packed weights: never differentiated
         self.params = differentiable_params(op.graph, self.frozen)
         self._variants: dict[tuple, Variant] = {}
+
+    @property
+    def source(self) -> Graph:
+        if callable(self._source):
+            self._source = self._source()       # the op's plan loads at its first gradient
+        return self._source
 
     @property
     def differentiable(self) -> bool:

@@ -28,10 +28,12 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from filelock import FileLock, SoftFileLock
 from platformdirs import user_cache_dir
+
+if TYPE_CHECKING:
+    from filelock import FileLock
 
 SOURCE = "kernel.py"
 META = "meta.json"
@@ -145,6 +147,7 @@ class KernelCache:
         # OPFORGE_CACHE_LOCK=soft: lock files by existence, for a cache on a network filesystem
         # whose flock is missing or unreliable (a cluster's shared storage)
         soft = os.environ.get("OPFORGE_CACHE_LOCK", "") == "soft"
+        from filelock import FileLock, SoftFileLock     # here: a warm compile takes no lock (11 ms to import)
         return (SoftFileLock if soft else FileLock)(str(path))
 
     def valid(self, path: Path) -> bool:

@@ -119,8 +119,9 @@ def _same_schema(qual: str, schema: str) -> None:
 @contextlib.contextmanager
 def _plain_source():
     """register_fake records where it was called from with inspect.getframeinfo, which reads
-    and scans this file (about 12 ms a call, most of a warm compile's time); the file and line
-    of the caller, from the frame, say the same."""
+    and scans this file (about 12 ms a call, most of a warm compile's time), and the caller's
+    module with inspect.getmodule; the file and line of the caller, and the module, from the
+    frame say the same."""
     utils = getattr(getattr(torch, "_library", None), "utils", None)
     real = getattr(utils, "get_source", None)
     if real is None:
@@ -130,11 +131,22 @@ def _plain_source():
     def get_source(stacklevel: int) -> str:
         f = sys._getframe(stacklevel + 1)
         return f"{f.f_code.co_filename}:{f.f_lineno}"
-    utils.get_source = get_source
+
+    real_getmodule = inspect.getmodule
+
+    def getmodule(obj, _filename=None):
+        # the caller's module from the frame's globals; inspect's first call maps the file of
+        # every loaded module (thousands with torch: about 10 ms)
+        if inspect.isframe(obj):
+            module = sys.modules.get(obj.f_globals.get("__name__", ""))
+            if module is not None:
+                return module
+        return real_getmodule(obj, _filename)
+    utils.get_source, inspect.getmodule = get_source, getmodule
     try:
         yield
     finally:
-        utils.get_source = real
+        utils.get_source, inspect.getmodule = real, real_getmodule
 
 
 def register(namespace: str, g: Graph, compiled, mode: str) -> Callable:

@@ -22,12 +22,10 @@ from ..ir.dims import evaluate
 from ..ir.graph import Graph
 from ..ir.types import TensorType
 from ..ir.printer import print_graph
-from ..ir.tile_printer import print_plan
 from ..passes.context import PassContext
 from .binding import CallError, bind_args, bind_sizes, check_index_args, index_checks, output_shapes
 from .cache import KernelCache
 from .device import describe, interpreting, kernel_device
-from .executor import PlanRunner
 from . import env, sharding
 from .library import register, register_composite, registration_mode
 from .records import MISSING, call_function, call_key, plain_tensors
@@ -104,15 +102,16 @@ class CompiledOp:
         self.default_sizes: dict = {}      # the spec file's "# shapes:" sizes (explain's default)
         self.bound_weights: tuple = ()     # a packed variant's bound (packed) parameters
         self.variant_of: "CompiledOp | None" = None    # the op a bound layer's variant was made from
-        self.fused = fused
-        if plan is None:
-            from ..passes.plan import build_plan
-            plan = build_plan(fused)
-        self.plan = plan
-        wrap = torch.library.wrap_triton if mode == "triton_op" else None
-        self.runner = PlanRunner(self.plan, fused, cache, tuner=functools.partial(_tuner, cache), wrap=wrap)
-        if preload:
-            self.runner.load_all()
+        self._records: dict = {}           # call key -> launch record (the runner's, once made)
+        self._runner = None
+        from .plan_cache import Deferred
+        if isinstance(fused, Deferred):
+            self._deferred = fused             # a warm compile: unpickled at first use (_load)
+        else:
+            self._deferred = None
+            self._made(graph, fused, plan)
+            if preload:
+                self.runner.load_all()
         params = graph.params
         self._nparams = len(params)
         self._required = next((i for i, p in enumerate(params) if p.has_default), len(params))
@@ -123,7 +122,7 @@ class CompiledOp:
         self._index64 = env.getter("OPFORGE_INDEX64")
         self.run = self.call_function()
         from .autograd import Gradients
-        self.gradients = Gradients(self, fused.differentiated, frozen)
+        self.gradients = Gradients(self, lambda: self.fused.differentiated, frozen)
         if derived or not self.gradients.differentiable:
             self.torch_op = self.infer_op = register(namespace, graph, self, mode)
         else:
@@ -132,6 +131,40 @@ class CompiledOp:
             self.infer_op = register(namespace, graph.replace(name=f"{graph.name}__infer"), self, mode)
         self._overload = self.torch_op.default      # a little cheaper than the packet
         self._infer = self.infer_op.default
+
+    def _made(self, graph: Graph, fused: FusedGraph, plan) -> None:
+        from .executor import PlanRunner
+        if plan is None:
+            from ..passes.plan import build_plan
+            plan = build_plan(fused)
+        self.graph, self._fused, self._plan = graph, fused, plan
+        wrap = torch.library.wrap_triton if self.mode == "triton_op" else None
+        self._runner = PlanRunner(plan, fused, self.cache, tuner=functools.partial(_tuner, self.cache), wrap=wrap)
+        self._runner.records = self._records
+
+    def _load(self) -> None:
+        """The fusion groups, plan and runner of an op from a warm compile, at first use: a
+        compile that registers six ops but calls one unpickles one (runtime/plan_cache.py)."""
+        deferred, self._deferred = self._deferred, None
+        self._made(*deferred.load())
+
+    @property
+    def fused(self) -> "FusedGraph":
+        if self._runner is None:
+            self._load()
+        return self._fused
+
+    @property
+    def plan(self):
+        if self._runner is None:
+            self._load()
+        return self._plan
+
+    @property
+    def runner(self):
+        if self._runner is None:
+            self._load()
+        return self._runner
 
     def derived(self, g: Graph, name: str) -> "CompiledOp":
         """A graph derived from this op (its forward that saves for the backward, or its
@@ -170,7 +203,7 @@ class CompiledOp:
     def call_state(self) -> dict:
         """What ``run`` reads at each call (its globals): the runner's records, this op's
         first_run, the index check and the OPFORGE_INDEX64 switch."""
-        return {"records": self.runner.records, "first_run": self.first_run, "check_indices": check_index_args,
+        return {"records": self._records, "first_run": self.first_run, "check_indices": check_index_args,
                 "index64": self._index64}
 
     def _bind(self, args):
@@ -289,6 +322,7 @@ class CompiledOp:
             from ..passes.fusion import print_fused
             return f"{print_fused(self.fused)}\n{report(self.fused, self.graph)}"
         if stage == "tile":
+            from ..ir.tile_printer import print_plan
             return print_plan(self.plan)
         if stage == "triton":
             from ..codegen.triton import render_module

@@ -2,7 +2,9 @@
 
 The kernel cache (cache.py) keeps each kernel's generated source; this keeps, per compile, what
 came before it: every op's prepared graph, its fusion groups and its level-2 plan, pickled into
-``plans/<key>.pkl`` in the same cache directory. The key is everything the result depends on:
+``plans/<key>.pkl`` in the same cache directory. Each op's fusion groups and plan are pickled
+on their own inside it (:class:`Deferred`): a warm compile unpickles the graphs, which register
+the ops, and an op's plan at its first use, so a file of six ops called once costs one plan. The key is everything the result depends on:
 the spec text and its name, the namespace, ``dtype``, the ops asked for, what the lowering reads
 of the machine (fp8 dots native or emulated), and opforge's own code (the size and modification
 time of every source file of the package, so an edited checkout never reuses a stale plan).
@@ -22,7 +24,7 @@ import pickle
 import tempfile
 from pathlib import Path
 
-FORMAT = 1
+FORMAT = 2
 DIRECTORY = "plans"
 
 
@@ -53,6 +55,45 @@ def key(text: str, name: str, namespace: str | None, dtype, ops) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()
 
 
+class _NoCollection:
+    """Unpickling a plan makes many small objects: collections cost 10x the load."""
+
+    def __enter__(self):
+        self.enabled = gc.isenabled()
+        gc.disable()
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            gc.enable()
+
+
+class Deferred:
+    """One op's prepared graph, fusion groups and plan, pickled on their own inside a stored
+    compile; ``load()`` gives ``(graph, fused, plan)`` (runtime/module.CompiledOp._load)."""
+    __slots__ = ("blob",)
+
+    def __init__(self, blob: bytes):
+        self.blob = blob
+
+    def __getstate__(self):
+        return self.blob
+
+    def __setstate__(self, blob):
+        self.blob = blob
+
+    def load(self):
+        with _NoCollection():
+            return pickle.loads(self.blob)
+
+
+def _deferred(ops):
+    """``(name, graph, fused, plan)`` with the fused graph and plan pickled apart (scan ops,
+    whose fused is None and plan their pieces, are kept whole)."""
+    return [(name, g, fused, plan) if fused is None or isinstance(fused, Deferred)
+            else (name, g, Deferred(pickle.dumps((g, fused, plan), protocol=pickle.HIGHEST_PROTOCOL)), None)
+            for name, g, fused, plan in ops]
+
+
 def load(root: Path, k: str):
     """The stored compile for key ``k``, or None (missing or unreadable)."""
     path = root / DIRECTORY / f"{k}.pkl"
@@ -60,15 +101,11 @@ def load(root: Path, k: str):
         raw = path.read_bytes()
     except OSError:
         return None
-    enabled_gc = gc.isenabled()
-    gc.disable()        # unpickling a plan makes many small objects: collections cost 10x the load
     try:
-        data = pickle.loads(raw)
+        with _NoCollection():
+            data = pickle.loads(raw)
     except Exception:   # truncated, another version's classes, not a pickle at all
         return None
-    finally:
-        if enabled_gc:
-            gc.enable()
     if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("key") != k:
         return None
     return data
@@ -81,7 +118,8 @@ def store(root: Path, k: str, data: dict) -> None:
         d.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{k}-")
         with os.fdopen(fd, "wb") as f:
-            pickle.dump({**data, "format": FORMAT, "key": k}, f, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump({**data, "ops": _deferred(data["ops"]), "format": FORMAT, "key": k}, f,
+                        protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, d / f"{k}.pkl")
     except (OSError, pickle.PicklingError, TypeError, AttributeError):
         try:

@@ -132,3 +132,32 @@ def test_gradients_and_bound_layers_from_stored_plans(plans_on):
     w = torch.randn(5, 6)
     layer = mod.lin.bind(w=w)
     torch.testing.assert_close(layer(x.detach()), x.detach() @ w.T, rtol=2e-2, atol=2e-2)
+
+
+def test_a_warm_compile_unpickles_an_op_plan_at_its_first_use(tmp_path):
+    """A warm compile (in a new process) registers every op from its graph alone: the tile IR
+    and the runner are not imported and no plan is unpickled until an op is used; then that
+    op's plan alone loads, and it computes what the cold compile's op did."""
+    common = f"""
+import sys, torch
+import opforge
+mod = opforge.compile("examples/llama.opf", cache_dir={str(tmp_path)!r})
+torch.manual_seed(0)
+x = torch.randn(2, 5, 64, dtype=torch.float16); w = torch.randn(64, dtype=torch.float16)
+"""
+    cold = common + f"torch.save(mod.rms_norm(x, w), {str(tmp_path / 'want.pt')!r})\n"
+    warm = common + f"""
+print(sorted(m for m in sys.modules if m in ("opforge.ir.tile", "opforge.runtime.executor")))
+print(sorted(n for n, op in mod.ops.items() if op._deferred is None))
+torch.testing.assert_close(mod.rms_norm(x, w), torch.load({str(tmp_path / 'want.pt')!r}), rtol=0, atol=0)
+print(sorted(n for n, op in mod.ops.items() if op._deferred is None))
+"""
+    env = {**os.environ, "OPFORGE_PLAN_CACHE": "1"}
+    for code in (cold, warm):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                             cwd=EXAMPLE_FILES[0].parent.parent)
+        assert out.returncode == 0, out.stderr[-3000:]
+    imported, before, after = out.stdout.strip().splitlines()[-3:]
+    assert imported == "[]"
+    assert before == "[]"
+    assert after == "['rms_norm']"
