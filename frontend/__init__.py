@@ -75,16 +75,10 @@ def graph_name(program: Program, name: str, dtype=None) -> str:
     dtype-generic op the binding of ``dtype`` (every variable bound to it) where it admits one,
     else its first binding. An unknown name is a SpecError naming the closest op."""
     from .diagnostics import did_you_mean
-    from ..ir.types import SPEC_DTYPES
-    info = program.generics.get(name)
-    if info is not None:
-        want = SPEC_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
-        keys = list(info.instances)
-        key = next((k for k in keys if want is not None and all(d == want for d in k)), keys[0])
-        return info.instances[key]
+    if name in program.generics:
+        return program.graph_of(name, dtype)
     if name not in program.graphs:
-        ops = [program.op_of(n) for n in program.graphs]
-        ops = list(dict.fromkeys(ops))
+        ops = program.op_names
         raise SpecError(f"{program.source.name} has no op '{name}'", None,
                         did_you_mean(name, ops) or f"its ops are {', '.join(ops)}")
     return name

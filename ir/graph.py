@@ -273,6 +273,26 @@ class Program:
     def replace_graphs(self, graphs: dict[str, Graph]) -> "Program":
         return Program(self.namespace, self.source, graphs, self.generics)
 
+    @property
+    def op_names(self) -> list[str]:
+        """The ops users call, in definition order: each graph's own name, and a dtype-generic
+        op's name once for all its bindings."""
+        return list(dict.fromkeys(self.op_of(n) for n in self.graphs))
+
+    def graph_of(self, name: str, dtype=None) -> str:
+        """The graph of op ``name``: its own, or of a dtype-generic op the binding of ``dtype``
+        (every variable bound to it; a DType or its spec name) where it admits one, else its
+        first binding."""
+        info = self.generics.get(name)
+        if info is None:
+            return name
+        if isinstance(dtype, str):
+            from .types import SPEC_DTYPES
+            dtype = SPEC_DTYPES.get(dtype)
+        keys = list(info.instances)
+        key = next((k for k in keys if dtype is not None and all(d == dtype for d in k)), keys[0])
+        return info.instances[key]
+
     def op_of(self, graph: str) -> str:
         """The op a graph is of: a dtype-generic op's name for each of its bindings' graphs."""
         for info in self.generics.values():

@@ -10,7 +10,8 @@ nodes with the sizes substituted, and references to the templates of the ops it 
 ``PassContext.memo`` for every op compiled with that context; a call site copies the template's
 nodes with fresh values, following nested templates with an explicit stack (a chain of thousands
 of ops calling ops neither re-inlines a callee per caller nor recurses in Python). A value of a
-callee is named ``callee.name`` (``outer.inner.name`` through nested calls).
+callee is named ``callee.name`` (``outer.inner.name`` through nested calls; a binding of a
+dtype-generic op by its op's name: ``rms_norm.ms``, not ``rms_norm__f16.ms``).
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ def _template(program, name: str, key: tuple, memo: dict) -> _Template:
             ins = tuple(refs[v] for v in n.inputs)
             if n.op == "call":
                 sub = memo[(n.attrs["callee"], _compose(n.attrs["sizes"], mapping))]
-                entries.append(("call", sub, ins, f"{n.attrs['callee']}."))
+                entries.append(("call", sub, ins, f"{program.op_of(n.attrs['callee'])}."))
             else:
                 outs = []
                 for v in n.outputs:
@@ -144,6 +145,6 @@ def inline(g: Graph, ctx: PassContext) -> Graph:
             continue
         callee = n.attrs["callee"]
         t = _template(ctx.program, callee, _reduced(dict(n.attrs["sizes"])), memo)
-        outs = _expand(t, ins, f"{callee}.", nodes)
+        outs = _expand(t, ins, f"{ctx.program.op_of(callee)}.", nodes)
         remap.update(zip(n.outputs, outs))
     return g.replace(nodes=tuple(nodes), outputs=tuple(remap.get(v, v) for v in g.outputs))

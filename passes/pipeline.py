@@ -34,7 +34,9 @@ def run_passes(g: Graph, passes, ctx: PassContext) -> Graph:
 
 
 def canonical_graph(program: Program, op: str, ctx: PassContext | None = None) -> Graph:
-    """The op's graph after inlining and canonicalisation."""
+    """The op's graph after inlining and canonicalisation (of a dtype-generic op, its first
+    binding's)."""
+    op = program.graph_of(op)
     ctx = ctx or PassContext(program=program)
     if ctx.program is None:
         ctx = PassContext(program=program, verify=ctx.verify)
@@ -45,8 +47,10 @@ def prepared_graph(program: Program, op: str, dtype=None, ctx: PassContext | Non
     """The canonical graph, its main float dtype changed to ``dtype`` if given (--dtype). One
     ``ctx`` for the ops of a program lets inlining reuse its callees' templates. A binding of a
     dtype-generic op (``rms_norm__f16``) keeps its dtypes: they are the binding (its op picks
-    the binding of ``dtype`` instead, runtime/generic.py)."""
+    the binding of ``dtype`` instead, runtime/generic.py); the op's own name gives that
+    binding."""
     from .retype import main_float_dtype, retype
+    op = program.graph_of(op, dtype)
     g = canonical_graph(program, op, ctx)
     if dtype and program.op_of(op) == op:
         from ..ir.types import SPEC_DTYPES

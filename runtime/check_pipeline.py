@@ -51,6 +51,8 @@ def check_pipeline(file, shape, console, errors) -> bool:
                          markup=False)
             ok = False
     if ok:
-        console.print(f"{file}: {len(program.graphs)} op(s), no errors ({kernels} kernel(s) at the sizes of "
+        ops = f"{len(program.op_names)} op(s)" + (f" ({len(program.graphs)} graphs, one per binding of a dtype-generic op)"
+                                                  if program.generics else "")
+        console.print(f"{file}: {ops}, no errors ({kernels} kernel(s) at the sizes of "
                       f"{'--shape' if shape else 'its # shapes: line' if file_shapes(file) else 'the default'})")
     return ok

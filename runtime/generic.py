@@ -18,8 +18,11 @@ from typing import Any, Callable
 import torch
 
 from ..ir.graph import Generic, Graph
-from ..ir.torch_dtypes import from_torch
+from ..ir.torch_dtypes import from_torch, to_torch
 from .binding import CallError, bind_args
+
+
+_DTYPES: dict = {}      # torch dtype -> opforge DType, filled as bindings are made (the fast path)
 
 
 class GenericOp:
@@ -34,19 +37,23 @@ class GenericOp:
         self._make = make
         self._compiled: dict[tuple, Any] = {}
         first = graphs[next(iter(info.instances.values()))]
-        # the signature every binding shares (checked: a scalar parameter's kind may not vary)
-        self.graph = first.replace(name=info.name)
         from .library import register_composite, schema_of
         schemas = {schema_of(graphs[n]) for n in info.instances.values()}
         if len(schemas) > 1:
             raise CallError(f"{info.name}: its bindings have different signatures ({' / '.join(sorted(schemas))}); "
                             f"a scalar parameter typed with a dtype variable must stay a float (or an integer) "
                             f"in every binding")
-        self.torch_op = register_composite(namespace, self.graph, self, route="generic")
-        self._index = {p.name: i for i, p in enumerate(first.params)}
-        self.default_sizes: dict = {}
         combos = list(info.instances)
         self._default = next((c for c in combos if default is not None and all(d == default for d in c)), combos[0])
+        # the signature every binding shares (checked: a scalar parameter's kind may not vary),
+        # typed as the default binding (what tools and random inputs read)
+        self.graph = graphs[info.instances[self._default]].replace(name=info.name)
+        self.torch_op = register_composite(namespace, first.replace(name=info.name), self, route="generic")
+        self._index = {p.name: i for i, p in enumerate(first.params)}
+        self._default_sizes: dict = {}
+        # the fast path of a call: the positions of the parameters the variables are read from
+        self._sources = tuple(self._index[p] for p in info.sources)
+        self._reach = max(self._sources, default=-1) + 1
 
     # -- choosing the binding ------------------------------------------------------------------
     def instance(self, *dtypes) -> Any:
@@ -59,9 +66,21 @@ class GenericOp:
                 admitted = "; ".join(f"{v} = {' | '.join(map(str, ds))}" for v, ds in zip(self.info.variables, self.info.dtypes))
                 raise CallError(f"{self.name}(): no binding {', '.join(map(str, key))}: it admits {admitted}")
             op = self._compiled[key] = self._make(name)
+            _DTYPES.update((to_torch(d), d) for d in key)
             op.public = self.name
             op.default_sizes = self.default_sizes
         return op
+
+    @property
+    def default_sizes(self) -> dict:
+        """The spec file's ``# shapes:`` sizes (explain's default), shared by every binding."""
+        return self._default_sizes
+
+    @default_sizes.setter
+    def default_sizes(self, sizes: dict) -> None:
+        self._default_sizes = sizes
+        for op in self._compiled.values():
+            op.default_sizes = sizes
 
     def binding_of(self, values: dict) -> tuple:
         """Each variable's dtype, from the argument of the parameter it is read from."""
@@ -88,6 +107,16 @@ class GenericOp:
             # torch.compile: the registered op, opaque to Dynamo (a binding compiled at first use
             # is compiled where the op runs on fake tensors, not traced)
             return self.torch_op(*args, **kwargs)
+        if not kwargs and len(args) >= self._reach:
+            # positional arguments of a binding compiled before: its op, found by their dtypes
+            src = self._sources
+            try:
+                op = self._compiled.get((_DTYPES[args[src[0]].dtype],) if len(src) == 1 else
+                                        tuple([_DTYPES[args[i].dtype] for i in src]))
+            except (AttributeError, KeyError):
+                op = None
+            if op is not None:
+                return op(*args)
         values = bind_args(self.graph, args, kwargs)
         return self.instance(*self.binding_of(values))(*args, **kwargs)
 

@@ -545,7 +545,7 @@ def compile_module(path_or_source, namespace: str | None = None, *, dtype: str |
             from ..ir.types import SPEC_DTYPES
             default = SPEC_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
             compiled[name] = GenericOp(ns, info, program.graphs,
-                                       functools.partial(_compile_instance, program, ctx, cache, mode), default)
+                                       functools.partial(_compile_instance, program, ctx, cache, mode, key), default)
             compiled[name].default_sizes = shapes
     if stored is None and key is not None:
         plan_cache.store(cache.root, key, {"namespace": ns, "ops": built, "program": program})
@@ -554,12 +554,22 @@ def compile_module(path_or_source, namespace: str | None = None, *, dtype: str |
     return CompiledModule(ns, compiled, source.name)
 
 
-def _compile_instance(program, ctx, cache, mode, name: str) -> CompiledOp:
-    """One binding of a dtype-generic op, through the whole pipeline (runtime/generic.py)."""
+def _compile_instance(program, ctx, cache, mode, key: str | None, name: str) -> CompiledOp:
+    """One binding of a dtype-generic op (runtime/generic.py), at its first use: from the plans
+    stored by an earlier compile of the same file and options (``key``: the compile's plan key,
+    None when plans are off), else through the whole pipeline, its plans then stored."""
+    from . import plan_cache
+    bkey = plan_cache.binding_key(key, name) if key is not None else None
+    stored = plan_cache.load(cache.root, bkey) if bkey is not None else None
+    if stored is not None:
+        (_, g, deferred, _), = stored["ops"]
+        return CompiledOp(program.namespace, g, deferred, cache, mode)
     from ..passes.pipeline import kernel_graph, prepared_graph
     from ..passes.plan import fuse_and_plan
     g = prepared_graph(program, name, None, ctx)
     fused, plan = fuse_and_plan(kernel_graph(g))
+    if bkey is not None:
+        plan_cache.store(cache.root, bkey, {"ops": [(name, g, fused, plan)]})
     return CompiledOp(program.namespace, g, fused, cache, mode, plan)
 
 

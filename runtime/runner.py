@@ -34,7 +34,7 @@ def _prepare(file, op_name, shape, dtype):
     program = load_program(file)
     name = graph_name(program, op_name, dtype)     # a generic op: the binding of dtype
     g = prepared_graph(program, name, dtype)
-    bindings = resolve_shapes(g, str(file), shape)
+    bindings = resolve_shapes(g, str(file), shape, op=op_name)
     return program, g, bindings, name
 
 

@@ -44,9 +44,11 @@ def file_directive(path, name: str) -> dict[str, int]:
     return out
 
 
-def resolve_shapes(graph, path, given: str | None) -> dict[str, int]:
+def resolve_shapes(graph, path, given: str | None, op: str | None = None) -> dict[str, int]:
     """The op's sizes: --shape over the file's ``# shapes:`` line. A --shape symbol the op does
-    not have is an error naming the closest one (the file's line may hold other ops' sizes)."""
+    not have is an error naming the closest one (the file's line may hold other ops' sizes).
+    ``op``: the name the user gave (a dtype-generic op's, not its binding graph's)."""
+    op = op or graph.name
     explicit = parse_shapes(given)
     # integer parameters used as sizes count as sizes: --shape heads=8 (else their default)
     defaults = {p.name: p.default for p in graph.params if p.name in graph.size_params and p.has_default}
@@ -58,12 +60,12 @@ def resolve_shapes(graph, path, given: str | None) -> dict[str, int]:
         s = unknown[0]
         near = closest(s, names) or _nearest(s, names)
         hint = f"; did you mean '{near}'?" if near else ""
-        raise CallError(f"{graph.name}: --shape {s}={explicit[s]}: the op has no size '{s}'{hint} "
+        raise CallError(f"{op}: --shape {s}={explicit[s]}: the op has no size '{s}'{hint} "
                         f"(its sizes: {have})")
     sizes = {**defaults, **file_shapes(path), **explicit}
     missing = [s for s in names if s not in sizes]
     if missing:
-        raise CallError(f"{graph.name}: give the sizes {', '.join(missing)} with --shape "
+        raise CallError(f"{op}: give the sizes {', '.join(missing)} with --shape "
                         f"{','.join(f'{s}=...' for s in names)}")
     return {s: sizes[s] for s in names}
 

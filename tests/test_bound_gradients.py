@@ -116,8 +116,14 @@ def test_no_grad_calls_need_no_gradient_and_to_keeps_the_parameter():
         y = layer(x)
     assert not y.requires_grad
     assert layer.to("cpu") is layer and layer.w is p
-    assert layer.half().w is p and p.dtype == F32, "the spec fixes the dtype: .half() keeps f32"
     assert torch.equal(layer(x).detach(), y)
+    # llama.opf's rms_norm is dtype-generic: .half() rebinds it (T = f16), the same Parameter converted
+    assert layer.half().w is p and p.dtype == torch.float16
+    assert layer(x.half()).dtype == torch.float16
+    fixed = compiled("op n(x: f32[M, D], w: f32[D]) -> f32[M, D] { return x * w }", "bound_grad_fixed").n
+    layer = fixed.bind(w=randn(20, seed=13))
+    p = layer.w
+    assert layer.half().w is p and p.dtype == F32, "the spec fixes the dtype: .half() keeps f32"
 
 
 def test_auto_choosing_dense_gives_a_parameter():

@@ -114,7 +114,7 @@ def test_gradients_and_torch_compile(mod):
 def test_tools_see_the_default_binding(mod):
     assert "rms_norm__f16" in mod.rms_norm.explain()
     m = opforge.compile(SPEC, namespace=unique_namespace("generic_bf16"), dtype="bf16")
-    assert m.rms_norm.graph.params[0].value.type.dtype is DType.f16     # the signature: the first binding
+    assert m.rms_norm.graph.params[0].value.type.dtype is DType.bf16    # the signature, typed as the default
     assert "rms_norm__bf16" in m.rms_norm.explain()                     # tools: the compile's dtype
 
 

@@ -187,9 +187,9 @@ def test_show_native_stages_and_explain_with_a_target(tmp_path):
     r = CliRunner().invoke(main, ["show", str(EXAMPLES / "llama.opf"), "--op", "rms_norm", "--stage", "ptx",
                                   "--target", "sm_80"])
     assert r.exit_code == 0, r.output
-    assert re.search(r"// ---- rms_norm_k0_mul for sm_80 at .* \(B=1, S=2048, D=4096\) ----", r.output)
+    assert re.search(r"// ---- rms_norm__f16_k0_mul for sm_80 at .* \(B=1, S=2048, D=4096\) ----", r.output)
     assert re.search(r"// \d+ registers, 0 B spill stores, 0 B spill loads", r.output)
-    assert ".target sm_80" in r.output and ".entry rms_norm_k0_mul" in r.output
+    assert ".target sm_80" in r.output and ".entry rms_norm__f16_k0_mul" in r.output
     op = op_of(LINEAR, "nat_explain")
     text = op.explain(file=open(tmp_path / "x.txt", "w"), target="sm_90a", sizes=dict(M=64, N=128, K=256))
     assert "== resources on sm_90a (H100, 232448 B shared memory) at M=64, K=256, N=128 ==" in text

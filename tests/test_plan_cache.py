@@ -32,9 +32,15 @@ def test_warm_compile_loads_the_plans_and_matches_the_reference(plans_on, monkey
     """Every example, compiled cold (plans stored) then warm with the pipeline made to fail: the
     warm ops run from the stored plans and match the float64 reference at the file's sizes."""
     spaces = {f: unique_namespace(f.stem) for f in EXAMPLE_FILES}
+    bindings = 0
     for f, ns in spaces.items():
-        opforge.compile(f, namespace=ns, cache_dir=plans_on)
-    assert len(_stored(plans_on)) == len(EXAMPLE_FILES)
+        mod = opforge.compile(f, namespace=ns, cache_dir=plans_on)
+        for op in mod.ops.values():        # a dtype-generic op's bindings: stored at first use
+            for b in getattr(op, "_compiled", None) is not None and op.bindings or ():
+                op.instance(*b)
+                bindings += 1
+    assert bindings >= 3
+    assert len(_stored(plans_on)) == len(EXAMPLE_FILES) + bindings
 
     import opforge.passes.plan as plan
 
@@ -137,7 +143,8 @@ def test_gradients_and_bound_layers_from_stored_plans(plans_on):
 def test_a_warm_compile_unpickles_an_op_plan_at_its_first_use(tmp_path):
     """A warm compile (in a new process) registers every op from its graph alone: the tile IR
     and the runner are not imported and no plan is unpickled until an op is used; then that
-    op's plan alone loads, and it computes what the cold compile's op did."""
+    op's plan alone loads (rms_norm is dtype-generic: its f16 binding's, stored when the cold
+    process first called it), and it computes what the cold compile's op did."""
     common = f"""
 import sys, torch
 import opforge
@@ -148,9 +155,12 @@ x = torch.randn(2, 5, 64, dtype=torch.float16); w = torch.randn(64, dtype=torch.
     cold = common + f"torch.save(mod.rms_norm(x, w), {str(tmp_path / 'want.pt')!r})\n"
     warm = common + f"""
 print(sorted(m for m in sys.modules if m in ("opforge.ir.tile", "opforge.runtime.executor")))
-print(sorted(n for n, op in mod.ops.items() if op._deferred is None))
+def loaded(op):         # a dtype-generic op (rms_norm): a binding made and its plan loaded
+    made = getattr(op, "_compiled", None)
+    return op._deferred is None if made is None else any(b._deferred is None for b in made.values())
+print(sorted(n for n, op in mod.ops.items() if loaded(op)))
 torch.testing.assert_close(mod.rms_norm(x, w), torch.load({str(tmp_path / 'want.pt')!r}), rtol=0, atol=0)
-print(sorted(n for n, op in mod.ops.items() if op._deferred is None))
+print(sorted(n for n, op in mod.ops.items() if loaded(op)))
 """
     env = {**os.environ, "OPFORGE_PLAN_CACHE": "1"}
     for code in (cold, warm):

@@ -45,8 +45,8 @@ def _kernel_graphs(programs):
     from opforge.runtime.scan import has_scan, plan_pieces
     out = []
     for prefix, program, sizes in programs:
-        for op in program.graphs:
-            whole = prepared_graph(program, op, "f32")
+        for op in program.op_names:
+            whole = prepared_graph(program, op, "f32")      # a dtype-generic op: its f32 binding
             # an op with a scan is registered piece by piece (runtime/scan.py), each with its rule
             pieces = [(op, whole)] if not has_scan(whole) else [(pg.name, pg) for pg, _, _ in plan_pieces(whole)]
             out += _piece_graphs(prefix, pieces, sizes)
@@ -203,7 +203,7 @@ def test_llama_rules():
     assert _rule("llama", "rms_norm").text() == (
         "B: survives: x Shard(0), w Replicate -> Shard(0)\n"
         "S: survives: x Shard(1), w Replicate -> Shard(1)\n"
-        "D: needs the whole axis (mean at line 10 reduces over D (divides by its size)): replicated before the call")
+        "D: needs the whole axis (mean at line 11 reduces over D (divides by its size)): replicated before the call")
     mlp = _rule("llama", "swiglu_mlp")
     f = mlp.of("F")
     assert f.kind == "partial"
