@@ -123,7 +123,8 @@ def expert_infer(types, attrs):
     return [TensorType(x.dtype, (t, k, w.shape[1]))]
 
 
-def _expert_ref(ctx, inputs, attrs, out_types, in_types):
+def expert_ref(ctx, inputs, attrs, out_types, in_types):
+    """The reference of a per-token expert matmul (shared with the fused MoE GEMM, prims_fused.py)."""
     x, w, idx = inputs
     dt = in_types[0].dtype
     acc = ctx.dt(accumulator(dt)) if dt.is_float else torch.int64
@@ -160,7 +161,7 @@ def _expert_vjp(e, node, cts):
 
 primitive("expert_matmul", Kind.MOE, [Arg("x", "tensor"), Arg("w", "tensor"), Arg("idx", "tensor")],
           doc="out[t, j] = x[t(, j)] @ w[idx[t, j]].T for mixture-of-experts layers", vjp=_expert_vjp)(
-    infer=expert_infer, reference=_expert_ref)
+    infer=expert_infer, reference=expert_ref)
 
 
 def _wgrad_infer(types, attrs):

@@ -247,8 +247,8 @@ def _expert_gemm_infer(types, attrs):
 
 
 def _expert_gemm_ref(ctx, inputs, attrs, out_types, in_types):
-    from .prims_contract import _expert_ref
-    return _expert_ref(ctx, inputs[:3], attrs, out_types, in_types[:3])
+    from .prims_contract import expert_ref
+    return expert_ref(ctx, inputs[:3], attrs, out_types, in_types[:3])
 
 
 primitive("expert_gemm", Kind.MOE, [Arg("x", "tensor"), Arg("w", "tensor"), Arg("idx", "tensor"),

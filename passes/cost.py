@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ..ir.dims import Dim
 from ..ir.graph import Graph, Node, Value
 from ..ir.types import TensorType
-from .fusion import JOINS_CONSUMERS, FusedGraph, node_class
+from .groups import JOINS_CONSUMERS, FusedGraph, node_class
 
 
 def nbytes(v: Value) -> Dim:

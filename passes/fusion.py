@@ -23,7 +23,6 @@ here; passes/fuse_contractions.py extends this in the fusion issue.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..ir import registry
@@ -32,84 +31,13 @@ from ..ir.graph import Graph, Node, Value
 from ..ir.registry import Kind
 from ..ir.types import TensorType
 from .context import PassContext
+from .cost import join_saves_bytes, resources
 from .flash_attention import score_cone
+from .groups import (CANONICAL_GLUE, GLUE_OPS, JOINS_CONSUMERS, MATMULS, OWN_GROUP, ROW_REDUCTIONS,  # noqa: F401
+                     FusedGraph, Group, is_unit_reshape, node_class, recomputed_casts)
 
 if TYPE_CHECKING:
     import networkx as nx
-
-GLUE_OPS = {"reshape", "permute", "transpose", "slice", "expand", "concat", "gather_rows", "causal", "arange",
-            "fill", "unslice", "scatter_along", "take",
-            "unpack_int4", "unpack_24", "fp8_bits"}
-# glue that keeps canonical indices canonical (so reductions upstream stay evaluable)
-CANONICAL_GLUE = {"expand"}
-ROW_REDUCTIONS = {"sum", "mean", "max", "min", "softmax", "log_softmax"}
-OWN_GROUP = {"matmul": "matmul", "topk": "topk", "cumsum": "scan", "expert_matmul": "expert",
-             "flash_attention": "flash", "flash_attention_mod": "flash", "flash_attention_bwd": "flash_bwd", "expert_gemm": "moe", "moe_align": "moe_align",
-             "moe_router": "router", "scatter_rows": "scatter", "expert_wgrad": "wgrad", "matmul_i32": "matmul", "matmul_f8": "matmul", "bsr_matmul": "bsr", "lowrank_matmul": "lowrank"}
-# contractions that take their consumers as epilogues
-JOINS_CONSUMERS = {"matmul", "matmul_i32", "matmul_f8", "expert_gemm", "bsr_matmul", "lowrank_matmul"}
-MATMULS = {"matmul", "matmul_i32", "matmul_f8"}
-
-
-@dataclass(frozen=True, eq=False)
-class Group:
-    """One kernel's worth of level-1 nodes. ``domain``/``axes`` describe a row group's
-    iteration space: the full shape and its reduced axes (empty for pure pointwise groups)."""
-    name: str
-    kind: str                      # row | matmul | topk | scan | expert | (later: flash, moe, ...)
-    nodes: tuple[Node, ...]
-    outputs: tuple[Value, ...]     # values this group stores
-    domain: tuple = ()
-    axes: tuple[int, ...] = ()
-    extra: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True, eq=False)
-class FusedGraph:
-    graph: Graph
-    groups: tuple[Group, ...]      # in execution order
-    host: tuple[Node, ...]         # scalar nodes for the host
-    names: dict                    # Value -> buffer name, for every stored value and parameter
-    results: tuple[str, ...] = ()  # the buffer returned in each result slot
-    recompute: frozenset = frozenset()   # compute nodes treated as glue (recomputed where used)
-    # the graph before straight_through nodes were dropped (passes/straight_through.py): what the
-    # gradients are derived from; None where it is ``graph``
-    source: Graph | None = None
-
-    @property
-    def differentiated(self) -> Graph:
-        return self.source if self.source is not None else self.graph
-
-    def buffer(self, group: Group, v: Value) -> str:
-        """Where a group stores v: its own buffer, or a copy group's result buffer."""
-        return group.extra["buffer"] if group.kind == "copy" else self.names[v]
-
-
-def is_unit_reshape(n: Node) -> bool:
-    """A reshape that only inserts or removes size-1 axes."""
-    if n.op != "reshape":
-        return False
-    a = [d for d in n.inputs[0].type.shape if d != 1]
-    b = [d for d in n.out.type.shape if d != 1]
-    return a == b
-
-
-def node_class(n: Node, recompute: frozenset = frozenset()) -> str:
-    if all(not isinstance(v.type, TensorType) for v in n.outputs):
-        return "host"
-    if n.op in GLUE_OPS or n in recompute:
-        return "glue"
-    return "compute"
-
-
-def recomputed_casts(g: Graph) -> frozenset:
-    """Casts of parameters used by several nodes: cheaper to redo in every kernel that needs
-    them (one read of the parameter) than to store a widened copy and read it back."""
-    users = g.users()
-    params = {p.value for p in g.params}
-    return frozenset(n for n in g.nodes if n.op == "cast" and n.inputs[0] in params
-                     and isinstance(n.out.type, TensorType) and len(users.get(n.out, [])) > 1)
-
 
 def is_row_node(n: Node) -> bool:
     prim = registry.get(n.op)
@@ -291,7 +219,6 @@ class Partitioner:
         """The cost model's verdict on a join that is valid: it must save bytes (a node whose
         result is stored anyway saves only its inputs' round trip), and the group must stay
         within the register and shared-memory budgets of passes/cost.py."""
-        from .cost import join_saves_bytes, resources
         if not join_saves_bytes(n, stored, self.producer):
             return False
         res = resources(self.members[gid] + [n], self.producer, self.recompute)
@@ -609,7 +536,6 @@ def print_fused(fg: FusedGraph) -> str:
             lines.append(f"    {outs} = {n.op}({', '.join(name(v) for v in n.inputs)}){format_attrs(n.attrs)}")
         lines.append(f"    stores {', '.join(f'{name(v)} -> {fg.buffer(grp, v)}' for v in grp.outputs)}")
         if grp.nodes:
-            from .cost import resources
             lines.append(f"    on chip: {resources(list(grp.nodes), fg.graph.producers(), fg.recompute)}")
     return "\n".join(lines)
 
