@@ -72,11 +72,19 @@ def get_op(program: Program, name: str):
 
 def graph_name(program: Program, name: str, dtype=None) -> str:
     """The graph the tools (``opforge show``, ``run``) take for an op: its own, or for a
-    dtype-generic op the binding of ``dtype`` (every variable bound to it) where it admits one,
-    else its first binding. An unknown name is a SpecError naming the closest op."""
+    dtype-generic op the binding of ``dtype`` (every variable bound to it), or without
+    ``dtype`` its first binding; a ``dtype`` it has no binding of is a SpecError naming the
+    admitted dtypes (never another binding in its place). An unknown name is a SpecError
+    naming the closest op."""
     from .diagnostics import did_you_mean
-    if name in program.generics:
-        return program.graph_of(name, dtype)
+    info = program.generics.get(name)
+    if info is not None:
+        chosen = program.graph_of(name, dtype)
+        if dtype is not None and not all(str(d) == str(dtype) for d in next(k for k, n in info.instances.items() if n == chosen)):
+            admitted = "; ".join(f"{v} = {' | '.join(map(str, ds))}" for v, ds in zip(info.variables, info.dtypes))
+            raise SpecError(f"{name} is dtype-generic and has no binding with every variable {dtype}", None,
+                            f"it admits {admitted}: pass one of those with --dtype")
+        return chosen
     if name not in program.graphs:
         ops = program.op_names
         raise SpecError(f"{program.source.name} has no op '{name}'", None,

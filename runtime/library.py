@@ -25,6 +25,7 @@ import contextlib
 import inspect
 import os
 import sys
+import threading
 from typing import Callable
 
 import torch
@@ -116,6 +117,9 @@ def _same_schema(qual: str, schema: str) -> None:
             f"(or restart the process)")
 
 
+_PATCHING = threading.Lock()     # _plain_source patches process-wide functions: one registration at a time
+
+
 @contextlib.contextmanager
 def _plain_source():
     """register_fake records where it was called from with inspect.getframeinfo, which reads
@@ -142,11 +146,12 @@ def _plain_source():
             if module is not None:
                 return module
         return real_getmodule(obj, _filename)
-    utils.get_source, inspect.getmodule = get_source, getmodule
-    try:
-        yield
-    finally:
-        utils.get_source, inspect.getmodule = real, real_getmodule
+    with _PATCHING:
+        utils.get_source, inspect.getmodule = get_source, getmodule
+        try:
+            yield
+        finally:
+            utils.get_source, inspect.getmodule = real, real_getmodule
 
 
 def register(namespace: str, g: Graph, compiled, mode: str) -> Callable:

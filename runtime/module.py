@@ -13,6 +13,7 @@ caller's index tensors are checked again (their values are data, not part of the
 from __future__ import annotations
 
 import functools
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,7 @@ class Explanation(str):
 
 
 _TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+_LOADING = threading.RLock()      # CompiledOp._load: one thread unpickles a warm op's plan
 
 
 def kind_of(p):
@@ -91,7 +93,9 @@ class CompiledOp:
                  plan=None, *, derived: bool = False, frozen=(), preload: bool = True):
         """``derived``: a forward or backward op of another's gradients (registered plainly);
         ``frozen``: parameters never differentiated (packed weights); ``preload``: generate and
-        load every kernel now (else at first use)."""
+        load every kernel now (else at first use). ``fused`` may be a plan_cache.Deferred (a
+        warm compile): the fusion groups, plan and runner are then unpickled at first use, and
+        the kernels load at first use whatever ``preload`` says."""
         self.namespace = namespace
         self.name = graph.name
         self.graph = graph
@@ -144,9 +148,13 @@ class CompiledOp:
 
     def _load(self) -> None:
         """The fusion groups, plan and runner of an op from a warm compile, at first use: a
-        compile that registers six ops but calls one unpickles one (runtime/plan_cache.py)."""
-        deferred, self._deferred = self._deferred, None
-        self._made(*deferred.load())
+        compile that registers six ops but calls one unpickles one (runtime/plan_cache.py).
+        Under a lock: threads making their first calls at once load it once; a load that fails
+        leaves the op as it was (the next use tries again and raises the same error)."""
+        with _LOADING:
+            if self._runner is None:
+                self._made(*self._deferred.load())
+                self._deferred = None
 
     @property
     def fused(self) -> "FusedGraph":
@@ -187,7 +195,10 @@ class CompiledOp:
         if kind:
             full = args
         else:
-            values = bind_args(self.graph, args, kwargs)
+            try:
+                values = bind_args(self.graph, args, kwargs)
+            except CallError as e:
+                raise self._public_error(e) from None
             full = [values[p.name] for p in self.graph.params]
             if sharding.pending() and any(map(sharding.is_dtensor, full)):
                 sharding.register()      # DTensor loaded after the op was compiled
@@ -213,12 +224,16 @@ class CompiledOp:
             device = tensors[0].device if tensors else kernel_device()
             bindings = bind_sizes(self.graph, values, device=device)
         except CallError as e:
-            if self.public == self.name:
-                raise
-            # a derived op (the forward that saves, the backward) checks the user's arguments
-            # first: the error names the user's op, not ``op__fwd_11``
-            raise CallError(str(e).replace(f"{self.name}()", f"{self.public}()", 1)) from None
+            raise self._public_error(e) from None
         return values, bindings, device
+
+    def _public_error(self, e: CallError) -> CallError:
+        """A derived op (the forward that saves, the backward) or a binding of a dtype-generic
+        op checks the user's arguments: the error names the user's op, not ``op__fwd_11`` or
+        ``rms_norm__f16``."""
+        if self.public == self.name:
+            return e
+        return CallError(str(e).replace(f"{self.name}()", f"{self.public}()", 1))
 
     def first_run(self, args):
         """A call whose key has no record yet (``self.run`` hands it here): every check, then
@@ -438,6 +453,8 @@ class CompiledOp:
         return format_traffic(self.traffic(sizes, weights))
 
     def __repr__(self) -> str:
+        if self._runner is None:        # printing a warm op does not load its plan
+            return f"<opforge op {self.namespace}::{self.name}: plan stored, loaded at first use>"
         return f"<opforge op {self.namespace}::{self.name}: {self.kernel_count} kernel(s)>"
 
 

@@ -95,6 +95,13 @@ def test_call_errors(mod):
         mod.rms_norm(x.half(), x[0, 0].float())
     with pytest.raises(CallError, match="no binding f64"):
         mod.rms_norm.instance(torch.float64)
+    # once a binding exists (the fast path), its argument errors still name the op called
+    h = x.half()
+    mod.rms_norm(h, h[0, 0])
+    for call in (lambda: mod.rms_norm(h), lambda: mod.rms_norm(h, h[0, 0], 1e-5, 3), lambda: mod.rms_norm(h, h[0, 0], "a")):
+        with pytest.raises(CallError) as e:
+            call()
+        assert "rms_norm()" in str(e.value) and "rms_norm__" not in str(e.value), str(e.value)
 
 
 def test_gradients_and_torch_compile(mod):
@@ -214,6 +221,11 @@ def test_the_command_line_takes_a_generic_op_by_its_name(tmp_path):
     assert "float32" in ran.output and "ok" in ran.output
     wrong = CliRunner().invoke(main, ["show", str(spec), "--op", "rms_nrm"])
     assert wrong.exit_code != 0 and "did you mean 'rms_norm'?" in wrong.output
+    # a dtype the op has no binding of is an error, never another binding in its place
+    refused = CliRunner().invoke(main, ["run", str(spec), "--op", "scaled", "--shape", "B=1,S=3,D=7", "--dtype", "bf16"])
+    assert refused.exit_code != 0
+    assert "scaled is dtype-generic and has no binding with every variable bf16" in refused.output
+    assert "it admits U = f16 | f32" in refused.output
 
 
 def test_a_binding_is_never_retyped():
