@@ -120,6 +120,20 @@ def check_int4_linear(m):
     assert (dense - w).abs().max() < 0.1          # and it is w, quantized in groups of 32
 
 
+def check_gla_layer(m):
+    S, B, H, E, F_ = 7, 2, 3, 5, 4
+    q, k, v = r(S, B, H, E), r(S, B, H, E), r(S, B, H, F_)
+    g = F.logsigmoid(r(S, B, H, E))                   # log-space gates, as fla's chunk_gla takes them
+    h = torch.zeros(B, H, E, F_)
+    outs = []
+    for t in range(S):                                # the recurrence, one step at a time
+        h = g[t].exp()[..., None] * h + k[t][..., None] * v[t][..., None, :]
+        outs.append(torch.einsum("bhe,bhef->bhf", q[t], h) * 0.5)
+    o, h_last = m.gla_layer(q, k, v, g, 0.5)
+    close(o, torch.stack(outs))
+    close(h_last, h)
+
+
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
 
 
