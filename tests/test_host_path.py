@@ -266,3 +266,6 @@ def test_bench_host_writes_its_json(tmp_path):
         assert r["us_per_call"] > 0 and r["torch_ops_us"] > 0
     assert set(res["dispatch_us"]) == {"library", "custom_op", "triton_op", "torch.add"}
     json.dumps(res)
+    # an op with a scan launches through its pieces: every piece's launches are stubbed and counted
+    scans = measure(files=[EXAMPLES / "recurrent.opf"], calls=1, rounds=1)["ops"]
+    assert scans["recurrent.opf:gla"]["kernels"] >= 9          # one launch of the body per step at least (S=9)
