@@ -112,3 +112,12 @@ def test_help_does_not_import_torch():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "Usage:" in r.stdout and "no torch" in r.stdout and "SpecError CallError" in r.stdout
+
+
+def test_demo_says_how_it_counts_a_generic_op(tmp_path):
+    spec = tmp_path / "generic.opf"
+    spec.write_text("# shapes: M=3, D=5\nop scale<T: f16 | f32>(x: T[M, D]) -> T[M, D] { return x * 2.0 }\n")
+    r = invoke("demo", spec, "--reference")
+    assert r.exit_code == 0, r.output
+    assert "all 2 ops match the reference" in r.stdout
+    assert "(each binding of a dtype-generic op is counted as an op: scale has 2)" in r.stdout
