@@ -79,11 +79,12 @@ def graph_name(program: Program, name: str, dtype=None) -> str:
     from .diagnostics import did_you_mean
     info = program.generics.get(name)
     if info is not None:
-        chosen = program.graph_of(name, dtype)
-        if dtype is not None and not all(str(d) == str(dtype) for d in next(k for k, n in info.instances.items() if n == chosen)):
-            admitted = "; ".join(f"{v} = {' | '.join(map(str, ds))}" for v, ds in zip(info.variables, info.dtypes))
+        if dtype is None:
+            return program.graph_of(name)
+        chosen = program.binding(name, dtype)
+        if chosen is None:
             raise SpecError(f"{name} is dtype-generic and has no binding with every variable {dtype}", None,
-                            f"it admits {admitted}: pass one of those with --dtype")
+                            f"it admits {info.admitted()}: pass one of those with --dtype")
         return chosen
     if name not in program.graphs:
         ops = program.op_names

@@ -279,19 +279,22 @@ class Program:
         op's name once for all its bindings."""
         return list(dict.fromkeys(self.op_of(n) for n in self.graphs))
 
-    def graph_of(self, name: str, dtype=None) -> str:
-        """The graph of op ``name``: its own, or of a dtype-generic op the binding of ``dtype``
-        (every variable bound to it; a DType or its spec name) where it admits one, else its
-        first binding."""
-        info = self.generics.get(name)
-        if info is None:
-            return name
+    def binding(self, name: str, dtype) -> str | None:
+        """The graph of dtype-generic op ``name``'s binding of ``dtype`` (every variable bound
+        to it; a DType or its spec name), or None if it has none."""
         if isinstance(dtype, str):
             from .types import SPEC_DTYPES
             dtype = SPEC_DTYPES.get(dtype)
-        keys = list(info.instances)
-        key = next((k for k in keys if dtype is not None and all(d == dtype for d in k)), keys[0])
-        return info.instances[key]
+        return next((g for k, g in self.generics[name].instances.items()
+                     if dtype is not None and all(d == dtype for d in k)), None)
+
+    def graph_of(self, name: str, dtype=None) -> str:
+        """The graph of op ``name``: its own, or of a dtype-generic op the binding of ``dtype``
+        where it admits one (:meth:`binding`), else its first binding."""
+        info = self.generics.get(name)
+        if info is None:
+            return name
+        return self.binding(name, dtype) or next(iter(info.instances.values()))
 
     def op_of(self, graph: str) -> str:
         """The op a graph is of: a dtype-generic op's name for each of its bindings' graphs."""
@@ -315,6 +318,10 @@ class Generic:
 
     def instance_name(self, *dtypes) -> str | None:
         return self.instances.get(tuple(dtypes))
+
+    def admitted(self, sep: str = " = ") -> str:
+        """The dtypes each variable admits, for messages: ``T = f16 | bf16 | f32``."""
+        return "; ".join(f"{v}{sep}{' | '.join(map(str, ds))}" for v, ds in zip(self.variables, self.dtypes))
 
 
 @contextlib.contextmanager

@@ -18,11 +18,8 @@ from typing import Any, Callable
 import torch
 
 from ..ir.graph import Generic, Graph
-from ..ir.torch_dtypes import from_torch, to_torch
+from ..ir.torch_dtypes import FROM_TORCH, from_torch
 from .binding import CallError, bind_args
-
-
-_DTYPES: dict = {}      # torch dtype -> opforge DType, filled as bindings are made (the fast path)
 
 
 class GenericOp:
@@ -63,10 +60,8 @@ class GenericOp:
         if op is None:
             name = self.info.instance_name(*key)
             if name is None:
-                admitted = "; ".join(f"{v} = {' | '.join(map(str, ds))}" for v, ds in zip(self.info.variables, self.info.dtypes))
-                raise CallError(f"{self.name}(): no binding {', '.join(map(str, key))}: it admits {admitted}")
+                raise CallError(f"{self.name}(): no binding {', '.join(map(str, key))}: it admits {self.info.admitted()}")
             op = self._compiled[key] = self._make(name)
-            _DTYPES.update((to_torch(d), d) for d in key)
             op.public = self.name
             op.default_sizes = self.default_sizes
         return op
@@ -111,8 +106,8 @@ class GenericOp:
             # positional arguments of a binding compiled before: its op, found by their dtypes
             src = self._sources
             try:
-                op = self._compiled.get((_DTYPES[args[src[0]].dtype],) if len(src) == 1 else
-                                        tuple([_DTYPES[args[i].dtype] for i in src]))
+                op = self._compiled.get((FROM_TORCH[args[src[0]].dtype],) if len(src) == 1 else
+                                        tuple([FROM_TORCH[args[i].dtype] for i in src]))
             except (AttributeError, KeyError):
                 op = None
             if op is not None:
@@ -142,6 +137,6 @@ class GenericOp:
         return getattr(self.instance(*self._default), name)
 
     def __repr__(self) -> str:
-        admitted = "; ".join(f"{v}: {' | '.join(map(str, ds))}" for v, ds in zip(self.info.variables, self.info.dtypes))
+        admitted = self.info.admitted(": ")
         built = ", ".join("/".join(map(str, k)) for k in self._compiled) or "none yet"
         return f"<opforge generic op {self.namespace}::{self.name}<{admitted}>: compiled {built}>"

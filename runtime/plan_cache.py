@@ -4,8 +4,9 @@ The kernel cache (cache.py) keeps each kernel's generated source; this keeps, pe
 came before it: every op's prepared graph, its fusion groups and its level-2 plan, pickled into
 ``plans/<key>.pkl`` in the same cache directory. Each op's fusion groups and plan are pickled
 on their own inside it (:class:`Deferred`): a warm compile unpickles the graphs, which register
-the ops, and an op's plan at its first use, so a file of six ops called once costs one plan. A binding of a dtype-generic op, compiled at
-its first call, is stored in a file of its own (:func:`binding_key`). The key is everything the result depends on:
+the ops, and an op's plan at its first use, so a file of six ops called once costs one plan. A
+binding of a dtype-generic op, compiled at its first call, is stored in a file of its own
+(:func:`binding_key`). The key is everything the result depends on:
 the spec text and its name, the namespace, ``dtype``, the ops asked for, what the lowering reads
 of the machine (fp8 dots native or emulated), and opforge's own code (the size and modification
 time of every source file of the package, so an edited checkout never reuses a stale plan).

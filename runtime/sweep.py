@@ -176,10 +176,7 @@ def swept_graphs(program, dtype: str) -> list[str]:
     """The graphs a sweep in ``dtype`` compiles: every op's (retyped to ``dtype``), and of a
     dtype-generic op the binding of ``dtype`` (every variable bound to it; none if it admits
     no such binding: its other bindings are other dtypes' business)."""
-    from ..ir.types import SPEC_DTYPES
-    want = SPEC_DTYPES[dtype]
-    chosen = {info.instances[key] for info in program.generics.values() for key in info.instances
-              if all(d == want for d in key)}
+    chosen = {program.binding(name, dtype) for name in program.generics}
     instances = {n for info in program.generics.values() for n in info.instances.values()}
     return [n for n in program.graphs if n not in instances or n in chosen]
 
