@@ -170,6 +170,11 @@ def derive(g: Graph, wrt: Sequence[str]) -> Derivative:
             params.append(Param(unique(p.name), p.value))
             sources.append(Source("input", i))
             needed -= have
+    for i, p in enumerate(g.params):         # a size only a parameter of its own gives (3*F: F)
+        if p.name in needed and p.name in g.size_params and p.value not in saved:
+            params.append(Param(unique(p.name), p.value))
+            sources.append(Source("input", i))
+            needed.discard(p.name)
     for p in ct_params:
         params.append(Param(unique(p.name), p.value))
         sources.append(None)

@@ -21,7 +21,8 @@ CANONICAL_GLUE = {"expand"}
 ROW_REDUCTIONS = {"sum", "mean", "max", "min", "softmax", "log_softmax"}
 OWN_GROUP = {"matmul": "matmul", "topk": "topk", "cumsum": "scan", "expert_matmul": "expert",
              "flash_attention": "flash", "flash_attention_mod": "flash", "flash_attention_bwd": "flash_bwd", "expert_gemm": "moe", "moe_align": "moe_align",
-             "moe_router": "router", "scatter_rows": "scatter", "expert_wgrad": "wgrad", "matmul_i32": "matmul", "matmul_f8": "matmul", "bsr_matmul": "bsr", "lowrank_matmul": "lowrank"}
+             "moe_router": "router", "scatter_rows": "scatter", "expert_wgrad": "wgrad", "matmul_i32": "matmul", "matmul_f8": "matmul", "bsr_matmul": "bsr", "lowrank_matmul": "lowrank",
+             "scan": "recurrence"}
 # contractions that take their consumers as epilogues
 JOINS_CONSUMERS = {"matmul", "matmul_i32", "matmul_f8", "expert_gemm", "bsr_matmul", "lowrank_matmul"}
 MATMULS = {"matmul", "matmul_i32", "matmul_f8"}

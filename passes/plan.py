@@ -24,6 +24,7 @@ from .lower_lowrank import lower_bsr, lower_lowrank
 from .lower_moe import lower_align, lower_moe_gemm, lower_router
 from .lower_matmul import lower_matmul
 from .lower_row import lower_row
+from .lower_recurrence import lower_recurrence
 from .lower_scan import lower_scan
 from .lower_scatter import lower_scatter, lower_wgrad
 from .lower_topk import lower_topk
@@ -35,6 +36,7 @@ LOWERINGS = {
     "matmul": lower_matmul,
     "topk": lower_topk,
     "scan": lower_scan,
+    "recurrence": lower_recurrence,
     "expert": lower_expert,
     "flash": lower_flash,
     "flash_bwd": lower_flash_bwd,

@@ -8,7 +8,7 @@ step like any step slice.
 What is hoisted: every matmul whose operands depend on neither a carry nor the step index
 (only on step slices and values from before the scan), the carry-free nodes it needs, and the
 carry-free pointwise nodes and views that consume hoisted values without growing them (the
-bias add, the gate slices of a GRU). Other carry-free work (GLA's outer product ``k[t] v[t]^T``)
+bias add; a view only where a hoisted node reads it: a GRU's gate slices stay in the body). Other carry-free work (GLA's outer product ``k[t] v[t]^T``)
 stays in the body: hoisting it would store an S-times larger tensor than its operands.
 
 Each hoisted node is *batched*: its step-slice operands become the sliced tensors with the step
@@ -144,6 +144,13 @@ def _choose(body: Graph, free: list[Node]) -> set:
                 all(v not in producer or producer[v] in chosen or producer[v] not in free_set or
                     registry.get(producer[v].op).kind is Kind.SOURCE for v in n.inputs):
             chosen.add(n)
+    # a view at the frontier is index arithmetic wherever it runs: in the body it costs nothing,
+    # hoisted it would store a copy of its slice of the hoisted value (a GRU's three gate slices)
+    frontier = True
+    while frontier:
+        frontier = [n for n in chosen if n.op in VIEWS - {"cast"} and
+                    not any(m in chosen and n.out in m.inputs for m in free)]
+        chosen.difference_update(frontier)
     return chosen
 
 

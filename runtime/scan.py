@@ -9,13 +9,16 @@ stacked. Every piece is a registered op with its gradients, so autograd differen
 the steps (backpropagation through time over the carries each step returned, which autograd
 keeps) and ``torch.compile`` traces the loop into calls of the pieces' ops.
 
-This is the first lowering of a scan, correct for any body, and slow: a step costs a launch of
-the body's kernels, with the carries in memory between steps. Before splitting, the body's
+Each scan also gets the one-kernel lowering where its body allows (passes/lower_recurrence.py:
+the carries on chip across all steps, one launch for the whole sequence): the scan alone is
+compiled as an op of its own (``fused_scan_graph``), and a call that needs no gradient runs it
+in place of the steps. A call that needs gradients (grad mode on and an argument that requires
+them), or any call with OPFORGE_SCAN_STEPS=1, runs the body step by step: a step costs a launch
+of the body's kernels, with the carries in memory between steps. Before splitting, the body's
 carry-free matmuls (``x[t] @ w.T + b``) are hoisted into the piece before the scan
-(passes/scan_hoist.py): one GEMM over all steps. Not built yet (DSL.md's contract and the
-recurrences issue): the one-kernel sequential lowering with the carry on chip, the chunked
-parallel lowering of linear recurrences, the one-step decode kernel. ``explain()`` says which class a scan is
-(passes/scan_class.py) and how it runs.
+(passes/scan_hoist.py): one GEMM over all steps. Not built yet (the recurrences issue): the
+chunked parallel lowering of linear recurrences, a fused backward through the steps.
+``explain()`` says which class a scan is (passes/scan_class.py) and how it runs.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from ..ir.graph import Graph, Node, Param, Value, unique_param_names
 from ..ir.prims_scan import scan_steps
 from ..ir.torch_dtypes import to_torch
 from ..ir.types import DType, ScalarType, TensorType
+from .env import flag
 from .binding import CallError, bind_args, bind_sizes
 
 SOURCES = ("const", "dim")         # nodes without operands, made again in each piece that reads them
@@ -58,6 +62,9 @@ class ScanPiece:
     node: Node
     op: Any = None        # the body's CompiledOp
     sizes: tuple = ()
+    fused: Any = None     # the scan's one-kernel CompiledOp (passes/lower_recurrence.py), or None
+    fused_sizes: tuple = ()
+    why_not_fused: str = ""   # where fused is None: the reason the template gave
 
 
 def split_at_scans(g: Graph) -> list:
@@ -151,17 +158,45 @@ def piece_graphs(g: Graph) -> list[Graph]:
     return out
 
 
+def fused_scan_graph(g: Graph, node: Node, k: int, body: Graph) -> Graph:
+    """The graph of one scan alone: its operands as parameters (the op's own names where it
+    reads the op's parameters), the scan node with ``body`` (the canonical body), all its
+    results; named ``op__scanK_fused``."""
+    inputs = list(dict.fromkeys(node.inputs))
+    fresh = {v: Value(v.type, v.name) for v in inputs}
+    n = Node("scan", tuple(fresh[v] for v in node.inputs), node.attrs.replace(body=body), node.outputs, node.span)
+    return with_sizes(Graph(f"{g.name}__scan{k}_fused", tuple(_params(g, inputs, fresh)), (n,), node.outputs,
+                            tuple(o.type for o in node.outputs), True, g.span))
+
+
 def plan_pieces(g: Graph) -> list[tuple]:
     """(graph, fused, plan) of each piece, through the pipeline from canonicalisation on (the
-    op's calls, also in scan bodies, were inlined with it). Stored with the op's plans."""
+    op's calls, also in scan bodies, were inlined with it); a scan's entry has a fourth item, the
+    (graph, fused, plan) of its one-kernel form, or the reason it has none. Stored with the op's
+    plans."""
     from ..passes.context import PassContext
+    from ..passes.lower_eval import LoweringError
     from ..passes.pipeline import GRAPH_PASSES, kernel_graph, run_passes
     from ..passes.plan import fuse_and_plan
     out = []
-    for piece in piece_graphs(g):
-        piece = run_passes(piece, [p for p in GRAPH_PASSES if p.__name__ != "inline"], PassContext())
-        out.append((piece, *fuse_and_plan(kernel_graph(piece))))
+    passes = [p for p in GRAPH_PASSES if p.__name__ != "inline"]
+    for k, (piece, part) in enumerate(zip(piece_graphs(g), split_at_scans(g))):
+        piece = run_passes(piece, passes, PassContext())
+        entry = (piece, *fuse_and_plan(kernel_graph(piece)))
+        if isinstance(part, ScanPiece):
+            body = part.node.attrs["body"]
+            canonical = piece.replace(name=body.name, params=piece.params[:len(body.params)])
+            one = fused_scan_graph(g, part.node, k, canonical)
+            try:
+                entry += ((one, *fuse_and_plan(kernel_graph(one))),)
+            except LoweringError as e:
+                entry += (str(e).split(": ", 1)[-1],)
+        out.append(entry)
     return out
+
+
+def _wants_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 @dataclass(frozen=True)
@@ -185,10 +220,19 @@ class ScanOp:
         self.name = self.public = graph.name
         self.default_sizes: dict = {}
         self.pieces = split_at_scans(graph)
-        for p, (g, fused, plan) in zip(self.pieces, plans, strict=True):
+        for p, entry in zip(self.pieces, plans, strict=True):
+            g, fused, plan = entry[:3]
             p.op = make(g, fused, plan)
             n = len(p.graph.params) if isinstance(p, Segment) else len(p.node.attrs["body"].params)
             p.sizes = tuple(q.name for q in g.params[n:])     # sizes passed as arguments (with_sizes)
+            if isinstance(p, ScanPiece):
+                if isinstance(entry[3], str):
+                    p.why_not_fused = entry[3]
+                else:
+                    fg, ff, fp = entry[3]
+                    p.fused = make(fg, ff, fp)
+                    n = len(dict.fromkeys(p.node.inputs))
+                    p.fused_sizes = tuple(q.name for q in fg.params[n:])
         # literals and sizes used as values, read by the pieces (made once, not per call)
         self._sources = {n.out: n for n in graph.nodes if n.op in SOURCES}
         self.torch_op = register_composite(namespace, graph, self, route="scan")
@@ -228,6 +272,11 @@ class ScanOp:
                 env.update(zip(p.outputs, res))
                 continue
 
+            if p.fused is not None and not flag("OPFORGE_SCAN_STEPS") and not _wants_grad(tensors):
+                res = p.fused(*[read(v) for v in dict.fromkeys(p.node.inputs)], *[bindings[s] for s in p.fused_sizes])
+                env.update(zip(p.node.outputs, res))
+                continue
+
             def step(a, body=p.op):
                 r = body(*a)
                 return r if isinstance(r, tuple) else (r,)
@@ -245,13 +294,26 @@ class ScanOp:
 
     @property
     def parts(self) -> list:
-        """The compiled pieces: the segments' ops and the scans' body ops."""
-        return [p.op for p in self.pieces]
+        """The compiled pieces: the segments' ops, the scans' body ops and their one-kernel ops."""
+        out = []
+        for p in self.pieces:
+            out.append(p.op)
+            if isinstance(p, ScanPiece) and p.fused is not None:
+                out.append(p.fused)
+        return out
 
     @property
     def kernel_count(self) -> int:
-        """Kernels of the segments plus each scan body's (launched once per step)."""
-        return sum(op.kernel_count for op in self.parts)
+        """The kernels a call without gradients launches, each counted once: the segments',
+        and each scan's one kernel (or, where it has none, its body's, launched at every step)."""
+        return sum(p.fused.kernel_count if isinstance(p, ScanPiece) and p.fused is not None else p.op.kernel_count
+                   for p in self.pieces)
+
+    @property
+    def step_kernel_count(self) -> int:
+        """The kernels a call with gradients launches, each counted once: the segments' and the
+        scans' bodies' (launched at every step)."""
+        return sum(p.op.kernel_count for p in self.pieces)
 
     def stage_text(self, stage: str) -> str:
         if stage == "graph":
@@ -277,10 +339,17 @@ class ScanOp:
                                  f"(passes/scan_hoist.py)")
                 else:
                     lines.append("  hoisted out of the loop: nothing (no carry-free matmul)")
-                lines.append(f"  runs step by step: each step launches the body's {p.op.kernel_count} kernel(s) "
-                             f"({p.op.name}), the carries in memory between steps")
-                lines.append("  not built yet: the one-kernel lowering with the carry on chip"
-                             + (", the chunked parallel lowering of a linear recurrence" if c.kind == "linear" else ""))
+                if p.fused is not None:
+                    lines.append(f"  without gradients: one kernel for all steps ({p.fused.name}), the carries on chip "
+                                 f"(passes/lower_recurrence.py; a matmul's weight tile is read at every step)")
+                    lines.append(f"  with gradients (or OPFORGE_SCAN_STEPS=1): step by step, each step launches the body's "
+                                 f"{p.op.kernel_count} kernel(s) ({p.op.name}), the carries in memory between steps")
+                else:
+                    lines.append(f"  runs step by step: each step launches the body's {p.op.kernel_count} kernel(s) "
+                                 f"({p.op.name}), the carries in memory between steps")
+                    lines.append(f"  no one-kernel form: {p.why_not_fused}")
+                if c.kind == "linear":
+                    lines.append("  not built yet: the chunked parallel lowering of a linear recurrence")
         return "\n".join(lines)
 
     def explain(self, file=None, **kwargs):

@@ -1,0 +1,175 @@
+"""The one-kernel lowering of a scan (passes/lower_recurrence.py): the carries on chip across
+all steps. Each example recurrence of examples/recurrent.opf through the interpreter against the
+float64 reference and the step-by-step form, at lengths that are not multiples of any block, with
+``reverse``, initial and final states, f16, strongly decaying gates; that a call without
+gradients runs the one kernel and a call with them the steps; the kernel counts; the generated
+kernel's form; and that a body the template does not take keeps the steps, saying why.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import opforge
+from opforge.runtime.scan import ScanPiece
+
+from .filecheck import filecheck
+from .kernel_helpers import compiled, run_case
+from .test_scan import GLA, HGRN, gla_inputs, naive_gla
+
+RECURRENT = Path(opforge.__file__).resolve().parent / "examples" / "recurrent.opf"
+SIZES = dict(B=3, H=2, E=5, F=3, D=6, N=3, I=4)
+
+
+@pytest.fixture(scope="module")
+def recurrent():
+    return opforge.compile(RECURRENT, namespace="scan_kernel_t")
+
+
+def scan_piece(op) -> ScanPiece:
+    (p,) = [p for p in op.pieces if isinstance(p, ScanPiece)]
+    return p
+
+
+class StepsForbidden:
+    """Stands in for a scan body's op: a call that should run the one kernel never steps."""
+    kernel_count = 0
+
+    def __call__(self, *a):
+        raise AssertionError("the body ran step by step")
+
+
+@pytest.mark.parametrize("name, S", [(name, S) for name in ("gla", "selective_scan", "retention", "gru")
+                                     for S in (1, 37)] + [("gla", 200), ("gru", 200)])
+def test_each_example_runs_as_one_kernel_and_matches_the_reference(recurrent, name, S, monkeypatch):
+    op = getattr(recurrent, name)
+    piece = scan_piece(op)
+    assert piece.fused is not None, piece.why_not_fused
+    monkeypatch.setattr(piece, "op", StepsForbidden())
+    run_case(op, dict(SIZES, S=S), seed=S)
+
+
+def test_the_one_kernel_and_the_steps_agree(recurrent, monkeypatch):
+    op = recurrent.gru
+    from .kernel_helpers import call_args, random_inputs
+    ins = random_inputs(op.graph, dict(SIZES, S=23), seed=4)
+    one = op(*call_args(op.graph, ins))
+    monkeypatch.setenv("OPFORGE_SCAN_STEPS", "1")
+    steps = op(*call_args(op.graph, ins))
+    for a, b in zip(one, steps):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_call_that_needs_gradients_runs_the_steps(recurrent, monkeypatch):
+    """The one kernel has no backward: with an argument that requires grad the steps run (and
+    autograd goes through them); under no_grad the one kernel runs."""
+    op = recurrent.gla
+    piece = scan_piece(op)
+    q, k, v, g, h0 = gla_inputs(9, E=5, F=3)
+    calls = []
+    real = piece.op
+    monkeypatch.setattr(piece, "op", lambda *a: calls.append(1) or real(*a))
+    q.requires_grad_()
+    o, _ = op(q, k, v, g, h0)
+    assert calls and o.requires_grad
+    o.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    calls.clear()
+    with torch.no_grad():
+        op(q, k, v, g, h0)
+    assert not calls
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_gla_kernel_with_strongly_decaying_gates(dtype, reverse):
+    """Log-gates down to -20 per step, 37 steps (not a multiple of any block), h0 in, the final
+    state out: nothing overflows and the result matches the float64 loop."""
+    torch_dt = torch.float32 if dtype == "f32" else torch.float16
+    op = compiled(GLA.format(T=dtype, rev="reverse " if reverse else ""), f"scan_k_decay_{dtype}_{reverse}").gla
+    assert scan_piece(op).fused is not None
+    q, k, v, g, h0 = gla_inputs(37, E=5, F=3, dtype=torch_dt, gate=(-20.0, 0.0), seed=9)
+    o, h_last = op(q, k, v, g, h0)
+    assert torch.isfinite(o).all() and torch.isfinite(h_last).all()
+    want_o, want_h = naive_gla(q, k, v, g, h0, reverse)
+    tol = dict(rtol=2e-3, atol=2e-3) if dtype == "f32" else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(o.double(), want_o, **tol)
+    torch.testing.assert_close(h_last.double(), want_h, **tol)
+
+
+def test_kernel_counts(recurrent):
+    """GRU over the sequence: the hoisted input GEMM plus one; the linear recurrences: one."""
+    assert recurrent.gru.kernel_count == 2
+    for name in ("gla", "selective_scan", "retention"):
+        assert getattr(recurrent, name).kernel_count == 1, name
+    assert recurrent.gru.step_kernel_count > recurrent.gru.kernel_count
+
+
+def test_the_gla_kernel_keeps_the_state_on_chip_and_tiles_heads_and_values(recurrent):
+    """Grid over (heads, value columns), the key axis whole in the tile; one loop over the
+    steps; per step: the slices of q, k, v and the gate loaded, the state updated in registers,
+    the readout summed over the key axis and stored; the state stored once, after the loop."""
+    fused = scan_piece(recurrent.gla).fused
+    src = fused.stage_text("triton")
+    filecheck(src, """
+        CHECK: pid_0 = tl.program_id(axis=0)
+        CHECK: pid_2 = tl.program_id(axis=1)
+        CHECK: h = tl.load(h0_ptr
+        CHECK: for i in range(0, S, 1):
+        CHECK: tl.load(gate_ptr + t * stride_gate_0
+        CHECK: tl.sigmoid(
+        CHECK: h_next =
+        CHECK: tl.sum(
+        CHECK: tl.store(o_ptr + t * stride_o_0
+        CHECK: h = tl.where(mask, h_next, 0.0)
+        CHECK-NOT: tl.store(
+        CHECK: tl.store(h_last_ptr
+    """)
+    assert src.count("tl.store(") == 2
+
+
+def test_the_gru_kernel_contracts_the_state_with_tl_dot(recurrent):
+    src = scan_piece(recurrent.gru).fused.stage_text("triton")
+    filecheck(src, """
+        CHECK: for i in range(0, S, 1):
+        CHECK: tl.load(gi_ptr + t * stride_gi_0
+        CHECK: tl.dot(
+        CHECK: tl.sigmoid(
+        CHECK: tl.store(y_ptr + t * stride_y_0
+        CHECK: h = tl.where(mask, h_next, 0.0)
+    """)
+    assert src.count("tl.dot(") == 3          # one per gate: h @ w_hh[gate].T
+
+
+def test_explain_says_how_each_scan_runs(recurrent):
+    text = recurrent.gru.explain()
+    assert "without gradients: one kernel for all steps (gru__scan1_fused)" in text
+    assert "with gradients (or OPFORGE_SCAN_STEPS=1): step by step" in text
+
+
+LEAD_MIX = """
+op f(x: f32[S, H]) -> f32[S, H] {
+    y = scan t in S with c: f32[H] = 0.0 {
+        cn = c * 0.5 + x[t] + sum(c, axis=0)
+        return cn, cn
+    }
+    return y
+}"""
+
+
+def test_a_body_that_mixes_the_leading_axis_keeps_the_steps_and_says_why():
+    op = compiled(LEAD_MIX, "scan_k_leadmix").f
+    piece = scan_piece(op)
+    assert piece.fused is None and "mixes the rows" in piece.why_not_fused
+    assert "no one-kernel form:" in op.explain() and "mixes the rows" in op.explain()
+    assert op.kernel_count == op.step_kernel_count
+    run_case(op, dict(S=7, H=5), seed=2)
+
+
+def test_an_elementwise_recurrence_tiles_both_axes():
+    op = compiled(HGRN, "scan_k_hgrn").hgrn
+    src = scan_piece(op).fused.stage_text("triton")
+    assert "tl.program_id(axis=1)" in src and "tl.sum" not in src
+    run_case(op, dict(S=45, B=3, D=37), seed=6)
