@@ -40,12 +40,29 @@ from .lower_row import kernel_name
 
 REDUCTIONS = {"sum": "sum", "mean": "sum", "max": "max", "min": "min"}
 IDENTITY = {"sum": 0.0, "max": float("-inf"), "min": float("inf")}
-TILE_MAX = 1 << 15           # elements of the carry tile of one program (registers, then spills)
+TILE_MAX = 1 << 15
+
+
+# the largest whole (untiled) extent of a program's carry tile: a matmul's weight tile is that
+# square (128 x 128 f32: 64 KiB of shared memory for the dot's operand); other bodies keep
+# [BLOCK_L, extent, BLOCK_D] tiles in registers
+WHOLE_MAX_DOT = 128
+WHOLE_MAX = 256
 
 
 def lower_recurrence(fg: FusedGraph, group: Group) -> list:
+    """One alternative, guarded by the extent the program keeps whole (runtime/scan.py runs the
+    steps where the guard fails)."""
     (node,) = group.nodes
-    return [(Recurrence(fg, group, node).kernel(), None, 0)]
+    r = Recurrence(fg, group, node)
+    kernel = r.kernel()
+    whole: Dim = 1
+    for d in range(1, len(r.shape)):
+        if d not in r.tiled:
+            whole = whole * r.shape[d]
+    if whole == 1:
+        return [(kernel, None, 0)]
+    return [(kernel, whole, WHOLE_MAX_DOT if r.has_dot else WHOLE_MAX)]
 
 
 class _BodyEvaluator(Evaluator):

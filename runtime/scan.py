@@ -66,6 +66,15 @@ class ScanPiece:
     fused_sizes: tuple = ()
     why_not_fused: str = ""   # where fused is None: the reason the template gave
 
+    @property
+    def fused_guard(self):
+        """The sizes the one kernel takes (the extent a program keeps whole), or None: any."""
+        return self.fused.plan.steps[0][0].guard if self.fused is not None else None
+
+    def fused_fits(self, bindings) -> bool:
+        g = self.fused_guard
+        return g is None or g.holds(bindings)
+
 
 def split_at_scans(g: Graph) -> list:
     """The op's pieces in order: Segments (the nodes between scans, as graphs of their own) and
@@ -272,7 +281,8 @@ class ScanOp:
                 env.update(zip(p.outputs, res))
                 continue
 
-            if p.fused is not None and not flag("OPFORGE_SCAN_STEPS") and not _wants_grad(tensors):
+            if p.fused is not None and not flag("OPFORGE_SCAN_STEPS") and not _wants_grad(tensors) and \
+                    p.fused_fits(bindings):
                 res = p.fused(*[read(v) for v in dict.fromkeys(p.node.inputs)], *[bindings[s] for s in p.fused_sizes])
                 env.update(zip(p.node.outputs, res))
                 continue
@@ -340,10 +350,12 @@ class ScanOp:
                 else:
                     lines.append("  hoisted out of the loop: nothing (no carry-free matmul)")
                 if p.fused is not None:
-                    lines.append(f"  without gradients: one kernel for all steps ({p.fused.name}), the carries on chip "
+                    when = f" while {p.fused_guard}" if p.fused_guard is not None else ""
+                    lines.append(f"  without gradients{when}: one kernel for all steps ({p.fused.name}), the carries on chip "
                                  f"(passes/lower_recurrence.py; a matmul's weight tile is read at every step)")
-                    lines.append(f"  with gradients (or OPFORGE_SCAN_STEPS=1): step by step, each step launches the body's "
-                                 f"{p.op.kernel_count} kernel(s) ({p.op.name}), the carries in memory between steps")
+                    lines.append(f"  with gradients, with OPFORGE_SCAN_STEPS=1{' or past that size' if when else ''}: "
+                                 f"step by step, each step launches the body's {p.op.kernel_count} kernel(s) "
+                                 f"({p.op.name}), the carries in memory between steps")
                 else:
                     lines.append(f"  runs step by step: each step launches the body's {p.op.kernel_count} kernel(s) "
                                  f"({p.op.name}), the carries in memory between steps")

@@ -99,6 +99,21 @@ def test_gla_kernel_with_strongly_decaying_gates(dtype, reverse):
     torch.testing.assert_close(h_last.double(), want_h, **tol)
 
 
+def test_past_the_whole_extent_the_steps_run(monkeypatch):
+    """A GRU's hidden size is one tile of the kernel (its weight tile square): past 128 the
+    call runs the steps, and gives the same result."""
+    op = compiled(GRU_SRC, "scan_k_wide").gru
+    piece = scan_piece(op)
+    assert str(piece.fused_guard) == "F <= 128"
+    calls, real = [], piece.op
+    monkeypatch.setattr(piece, "op", lambda *a: calls.append(1) or real(*a))
+    run_case(op, dict(S=3, B=2, I=3, F=130), seed=1)
+    assert len(calls) == 3                           # the body ran at each of the 3 steps
+    calls.clear()
+    run_case(op, dict(S=3, B=2, I=3, F=7), seed=1)
+    assert not calls
+
+
 def test_kernel_counts(recurrent):
     """GRU over the sequence: the hoisted input GEMM plus one; the linear recurrences: one."""
     assert recurrent.gru.kernel_count == 2
@@ -145,9 +160,11 @@ def test_the_gru_kernel_contracts_the_state_with_tl_dot(recurrent):
 
 def test_explain_says_how_each_scan_runs(recurrent):
     text = recurrent.gru.explain()
-    assert "without gradients: one kernel for all steps (gru__scan1_fused)" in text
-    assert "with gradients (or OPFORGE_SCAN_STEPS=1): step by step" in text
+    assert "without gradients while F <= 128: one kernel for all steps (gru__scan1_fused)" in text
+    assert "with gradients, with OPFORGE_SCAN_STEPS=1 or past that size: step by step" in text
 
+
+GRU_SRC = "\n".join(RECURRENT.read_text().split("\n# A GRU layer")[1].split("\n")[1:])
 
 LEAD_MIX = """
 op f(x: f32[S, H]) -> f32[S, H] {
