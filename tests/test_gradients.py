@@ -309,3 +309,18 @@ def test_a_weights_gradient_is_one_product_over_every_batch_row(weight, use):
     tol = gradient_tolerance_for(mod.f.graph)
     assert_close(x.grad, xr.grad, tol, "d/dx")
     assert_close(w.grad, wr.grad, tol, "d/dw")
+
+
+SIZE_ONLY = """
+op f(w: f32[3 * F, I], x: f32[B, I], F: i64) -> f32[B, 3 * F] {
+    return x @ w.T
+}"""
+
+
+def test_a_size_only_a_parameter_gives_reaches_the_backward():
+    """F appears in no tensor's shape by itself (only as 3*F): the backward gets the parameter F
+    too, as the forward did (a scan's segment before its body looks like this)."""
+    op = opforge.compile(SIZE_ONLY, namespace=unique_namespace("size_only"), dtype=DType.f64).f
+    w = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: op(a, b, 2), (w, x), eps=1e-6, atol=1e-5, rtol=1e-3, fast_mode=True)
