@@ -189,7 +189,7 @@ def run(file, op_name, shape, dtype, seed, reference, bench):
 @main.command()
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="write results JSON here")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="write a roofline plot here")
-@click.option("--only", default=None, help="workload names (comma-separated) or a group: kernels, fusion, layouts, attention")
+@click.option("--only", default=None, help="workload names (comma-separated) or a group: kernels, fusion, layouts, attention, recurrences")
 @click.option("--dtypes", default="f16,bf16", show_default=True, help="dtypes to run the workloads in")
 @click.option("--cpu-smoke", is_flag=True, help="tiny shapes on the CPU interpreter: checks the harness, times nothing useful")
 @click.option("--host", "host", is_flag=True,

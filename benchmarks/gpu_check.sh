@@ -5,11 +5,12 @@
 # filelock and matplotlib (device/KINDS.md lists them), but not lark or platformdirs, and reaches
 # no registry. So, first, here:
 #   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: -d .whl lark==1.3.1 platformdirs==4.14.7
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl lark==1.3.1 platformdirs==4.14.7 fla-core==0.6.0 einops==0.8.2
 # then, through the device tool:
 #   run(command="bash benchmarks/gpu_check.sh all", carry=[".whl"], timeout_s=590)
 # Stages: tests (tests/test_gpu.py: every example op natively, bf16, the layouts, triton_op
-# under torch.compile), kernels, fusion, layouts, attention (opforge bench groups), or all. Results land
+# under torch.compile), kernels, fusion, layouts, attention, recurrences (opforge bench
+# groups), or all. Results land
 # in $OUT (JSON, plots, logs); commit them under benchmarks/results/ with the device named.
 set -uo pipefail
 OUT=${OUT:-/tmp/opforge-gpu}
@@ -31,7 +32,7 @@ if [[ $stage == tests || $stage == all ]]; then
     timeout 200 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/tests.log" | tail -40
     status=$((status | ${PIPESTATUS[0]}))
 fi
-for group in layouts kernels fusion attention; do
+for group in layouts kernels fusion attention recurrences; do
     if [[ $stage == "$group" || $stage == all ]]; then
         timeout 240 python3 -m opforge.cli bench --only "$group" --out "$OUT/$group.json" --plot "$OUT/$group.png" \
             2>&1 | tee "$OUT/bench-$group.log" | tail -40

@@ -100,8 +100,9 @@ def run_workload(w: Workload, dtype_name: str, smoke: bool, bench, ceil: dict, c
         kernels = layer._packed.kernel_count
         tol = tolerance_for(g, layouts=layer.layouts)      # @auto may have chosen a W8A8 layout
     if not smoke:
-        compiled = torch.compile(w.eager, mode="max-autotune-no-cudagraphs")
-        impls["torch.compile"] = lambda: compiled(*args)
+        if w.compiles:
+            compiled = torch.compile(w.eager, mode="max-autotune-no-cudagraphs")
+            impls["torch.compile"] = lambda: compiled(*args)
         for spec_name, spec_fn in ([w.specialist] if w.specialist is not None else []) + list(w.more):
             impls[spec_name] = lambda fn=spec_fn: fn(*args)
             if w.specialist_packs and "opforge" in refs:

@@ -57,6 +57,8 @@ class Workload:
     group: str = "kernels"                     # which table: kernels, fusion, layouts, attention
     more: tuple = ()                           # further (name, function) baselines
     fills: dict = field(default_factory=dict)  # integer input -> fill value from the sizes (lengths)
+    compiles: bool = True                      # False: torch.compile of the eager code is not timed (a
+                                               # Python loop over thousands of steps, which dynamo unrolls)
 
 
 def _rms_eager(x, w, eps=1e-5):
@@ -363,6 +365,88 @@ WORKLOADS += [
              fills={"lens": lambda s: s["T"]}, bound="memory", group="attention",
              note="decode over an 8K KV cache (every entry filled), 8 query heads per KV head"),
 ]
+
+
+# -- recurrences (issue 15): GLA against flash-linear-attention, a GRU against cuDNN ---------------
+GLA_SPEC = """
+op gla(q: f32[B, S, H, E], k: f32[B, S, H, E], v: f32[B, S, H, F], g: f32[B, S, H, E]) -> f32[S, B, H, F] {
+    o = scan t in S with h: f32[B, H, E, F] = 0.0 {
+        h_next = exp(g[:, t])[:, :, :, None] * h + k[:, t][:, :, :, None] * v[:, t][:, :, None, :]
+        return h_next, sum(q[:, t][:, :, :, None] * h_next, axis=2)
+    }
+    return o
+}"""
+
+GRU_SPEC = """
+op gru(x: f32[S, B, I], h0: f32[B, F], w_ih: f32[3 * F, I], w_hh: f32[3 * F, F], b_ih: f32[3 * F], b_hh: f32[3 * F]) -> f32[S, B, F] {
+    y = scan t in S with h = h0 {
+        gi = x[t] @ w_ih.T + b_ih
+        gh = h @ w_hh.T + b_hh
+        r = sigmoid(gi[:, :F] + gh[:, :F])
+        z = sigmoid(gi[:, F:2 * F] + gh[:, F:2 * F])
+        n = tanh(gi[:, 2 * F:] + r * gh[:, 2 * F:])
+        h_next = (1.0 - z) * n + z * h
+        return h_next, h_next
+    }
+    return y
+}"""
+
+
+def _gla_eager(q, k, v, g):
+    """The recurrence as PyTorch code: a loop over the steps, the state in f32."""
+    B, S, H, E = q.shape
+    h = q.new_zeros(B, H, E, v.shape[-1], dtype=torch.float32)
+    out = []
+    for t in range(S):
+        h = g[:, t].float().exp().unsqueeze(-1) * h + k[:, t].float().unsqueeze(-1) * v[:, t].float().unsqueeze(-2)
+        out.append((q[:, t].float().unsqueeze(-1) * h).sum(-2))
+    return torch.stack(out).to(q.dtype)
+
+
+def _gla_fla(q, k, v, g):
+    """flash-linear-attention's chunk_gla (its chunked Triton kernels), scale 1 as the spec."""
+    from fla.ops.gla import chunk_gla
+    o, _ = chunk_gla(q, k, v, g, scale=1.0)
+    return o.transpose(0, 1)
+
+
+def _gru_eager(x, h0, w_ih, w_hh, b_ih, b_hh):
+    F = h0.shape[-1]
+    gi = x @ w_ih.T + b_ih
+    h, out = h0, []
+    for t in range(x.shape[0]):
+        gh = h @ w_hh.T + b_hh
+        r = torch.sigmoid(gi[t, :, :F] + gh[:, :F])
+        z = torch.sigmoid(gi[t, :, F:2 * F] + gh[:, F:2 * F])
+        n = torch.tanh(gi[t, :, 2 * F:] + r * gh[:, 2 * F:])
+        h = (1 - z) * n + z * h
+        out.append(h)
+    return torch.stack(out)
+
+
+def _gru_cudnn(x, h0, w_ih, w_hh, b_ih, b_hh):
+    """torch.nn.GRU's own call (cuDNN on a GPU), with these weights."""
+    y, _ = torch._VF.gru(x, h0.unsqueeze(0), [w_ih, w_hh, b_ih, b_hh], True, 1, 0.0, False, False, False)
+    return y
+
+
+def _gla_workload(S: int) -> Workload:
+    return Workload(f"gla_{S // 1024}k", GLA_SPEC, "gla", {"B": 1, "S": S, "H": 16, "E": 128, "F": 128},
+                    {"B": 1, "S": 9, "H": 2, "E": 8, "F": 4},
+                    flops=lambda s: 5 * s["B"] * s["S"] * s["H"] * s["E"] * s["F"],
+                    bytes=lambda s, b: s["B"] * s["S"] * s["H"] * (3 * s["E"] + 2 * s["F"]) * b,
+                    eager=_gla_eager, specialist=("fla chunk_gla", _gla_fla), group="recurrences", compiles=False,
+                    note=f"gated linear attention, {S} steps, 16 heads, E = F = 128 (the state kept in the spec's dtype)")
+
+
+WORKLOADS += [_gla_workload(2048), _gla_workload(8192), _gla_workload(32768),
+              Workload("gru", GRU_SPEC, "gru", {"S": 1024, "B": 64, "I": 256, "F": 256},
+                       {"S": 7, "B": 3, "I": 5, "F": 6},
+                       flops=lambda s: 2 * s["S"] * s["B"] * 3 * s["F"] * (s["I"] + s["F"]),
+                       bytes=lambda s, b: (s["S"] * s["B"] * (s["I"] + s["F"]) + 3 * s["F"] * (s["I"] + s["F"])) * b,
+                       eager=_gru_eager, specialist=("cuDNN (torch.nn.GRU)", _gru_cudnn), group="recurrences",
+                       compiles=False,
+                       note="GRU layer, 1024 steps, batch 64, hidden 256 (past the one kernel's F <= 128: steps)")]
 
 
 def by_name(names: str | None) -> list[Workload]:

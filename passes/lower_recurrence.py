@@ -304,7 +304,7 @@ class Recurrence:
         return b.kernel([GridDim.of(self.shape[d], blocks[d].name) for d in self.tiled],
                         doc=f"{self.group.name} (scan): the carries on chip, {length} steps in one program "
                             f"per tile of the leading axis{streamed}",
-                        warps=(4, 8) if self.has_dot else (1, 2, 4, 8))
+                        warps=(4, 8) if self.has_dot else (1, 2, 4, 8), family="recurrence")
 
     def output_ctx(self, o: Value) -> Ctx:
         shape = tuple(o.type.shape)

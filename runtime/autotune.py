@@ -137,9 +137,13 @@ def fits(k: TileKernel, cfg: Config, bindings, limits: Limits, itemsize: int | N
             budget = limits.registers_per_thread * REGISTER_SHARE
             return False, f"{regs:.0f} registers per thread (estimated) > {budget:.0f}"
     else:
-        bm, bn = v.get("BLOCK_M", 1), v.get("BLOCK_N", 1)
-        if bm * bn / threads > ROW_ELEMENTS_PER_THREAD:
-            return False, f"{bm * bn // threads} tile elements per thread"
+        tile = v.get("BLOCK_M", 1) * v.get("BLOCK_N", 1)
+        if k.family == "recurrence":            # a scan's carries: every block is an axis of the tile
+            tile = 1
+            for t in k.tunables:
+                tile *= v.get(t.name, 1)
+        if tile / threads > ROW_ELEMENTS_PER_THREAD:
+            return False, f"{tile // threads} tile elements per thread"
     return True, ""
 
 

@@ -133,6 +133,8 @@ def heuristic_config(k: TileKernel, bindings, limits=None) -> Config:
     for t in k.tunables:
         if is_fixed(t):
             vals[t.name] = covered(t, bindings)
+    if k.family == "recurrence":
+        return _recurrence_config(k, vals)
     tile = dot_tile(k, bindings, vals)
     if tile is not None:
         free, warps, stages = tile
@@ -155,6 +157,30 @@ def heuristic_config(k: TileKernel, bindings, limits=None) -> Config:
         warps = min(k.warps, key=lambda w: abs(w - warps))
         stages = k.stages[0]
     return Config(tuple(vals.items()), warps, stages)
+
+
+RECURRENCE_TILE = 4096      # carry elements a scan's program keeps (passes/lower_recurrence.py)
+
+
+def _recurrence_config(k: TileKernel, vals: dict) -> Config:
+    """A scan's one kernel: the smallest tiles of the axes the grid tiles, widened (inner axes
+    first) while a program keeps at most RECURRENCE_TILE carry elements; then the fewest warps
+    that keep ROW_ELEMENTS_PER_THREAD of them per thread."""
+    from .autotune import ROW_ELEMENTS_PER_THREAD
+    free = [t for t in k.tunables if t.name not in vals]
+    vals.update({t.name: min(t.candidates) for t in free})
+
+    def elems() -> int:
+        n = 1
+        for t in k.tunables:
+            n *= vals[t.name]
+        return n
+    for t in reversed(free):
+        for c in sorted(t.candidates):
+            if c > vals[t.name] and elems() // vals[t.name] * c <= RECURRENCE_TILE:
+                vals[t.name] = c
+    warps = next((w for w in sorted(k.warps) if elems() <= 32 * w * ROW_ELEMENTS_PER_THREAD), max(k.warps))
+    return Config(tuple((t.name, vals[t.name]) for t in k.tunables), warps, k.stages[0])
 
 
 def fit(k: TileKernel, cfg: Config, limits=None) -> Config:

@@ -524,6 +524,9 @@ def op_traffic(op, bindings: Mapping[str, int], weights=None, scalars: Mapping[s
     ``weights``: the weight buffers (default: ``weight_params`` of the op's graph and the bound
     parameters of a packed op); ``scalars``: scalar arguments (default: their defaults)."""
     from .executor import choose
+    from .scan import ScanOp
+    if isinstance(op, ScanOp):
+        return _scan_traffic(op, bindings, weights, scalars, config_of)
     plan = op.plan
     shapes = {name: tuple(evaluate(d, bindings) for d in b.shape) for name, b in plan.buffers.items()}
     nbytes = {name: int(np.prod(shapes[name])) * b.dtype.itemsize for name, b in plan.buffers.items()}
@@ -543,6 +546,37 @@ def op_traffic(op, bindings: Mapping[str, int], weights=None, scalars: Mapping[s
     names = weight_params(op.graph) | set(getattr(op, "bound_weights", ())) if weights is None else set(weights)
     return OpTraffic(op.name, dict(bindings), kernels, compulsory,
                      {n: nbytes[n] for n in tensors if n in names}, nbytes)
+
+
+def _scan_traffic(op, bindings, weights, scalars, config_of) -> OpTraffic:
+    """An op with scans, called without gradients (runtime/scan.py): its segments' kernels and
+    each scan's one kernel, or, where the call runs the steps, the body's kernels once per step
+    (each listed once, its bytes and programs times the number of steps)."""
+    from .scan import ScanPiece
+    kernels: list = []
+    body_weights: set = set()
+    for p in op.pieces:
+        if isinstance(p, ScanPiece) and (p.fused is None or not p.fused_fits(bindings)):
+            n = evaluate(p.node.attrs["length"], bindings)
+            body_weights |= weight_params(p.op.graph)
+            for k in op_traffic(p.op, bindings, (), scalars, config_of).kernels:
+                kernels.append(KernelTraffic(f"{k.kernel} (x{n} steps)", k.config, k.programs * n,
+                                             {b: v * n for b, v in k.loaded.items()},
+                                             {b: v * n for b, v in k.stored.items()}, list(k.notes)))
+            continue
+        part = p.fused if isinstance(p, ScanPiece) else p.op
+        if isinstance(p, ScanPiece):
+            body_weights |= weight_params(p.op.graph)
+        kernels += op_traffic(part, bindings, (), scalars, config_of).kernels
+    g = op.graph
+    nbytes = {}
+    for p in g.tensor_params:
+        t = p.value.type
+        nbytes[p.name] = int(np.prod([evaluate(d, bindings) for d in t.shape])) * t.dtype.itemsize
+    out_bytes = sum(int(np.prod([evaluate(d, bindings) for d in t.shape])) * t.dtype.itemsize for t in g.result_types)
+    names = (weight_params(g) | (body_weights & set(nbytes))) if weights is None else set(weights)
+    return OpTraffic(op.name, dict(bindings), kernels, sum(nbytes.values()) + out_bytes,
+                     {n: b for n, b in nbytes.items() if n in names}, nbytes)
 
 
 def _host_scalars(op, bindings, scalars) -> dict:

@@ -84,6 +84,8 @@ def counted_run(monkeypatch):
     """Run a call through Triton's interpreter, counting per kernel the bytes its masked loads
     and stores (and atomic adds) request: the lanes each mask lets through times the element
     size, as the interpreter executes them program by program."""
+    from opforge.runtime.device import interpreting
+    interpreting()                  # TRITON_INTERPRET before triton.language is imported (it reads it)
     from triton.runtime import interpreter as itp
     B = itp.InterpreterBuilder
     counts: dict = {}
@@ -217,3 +219,24 @@ def test_decode_weight_ratios():
     assert all(r >= 1.0 for _, _, r in rows)        # every weight byte is read at least once
     over = [(name, round(r, 2)) for name, _, r in rows if r > 1.1]
     assert not over, over
+
+
+@pytest.mark.parametrize("name, sizes", [("gla", {"S": 9, "H": 2, "E": 5, "F": 37}),
+                                         ("gru", {"S": 6, "B": 3, "I": 4, "F": 7})])
+def test_a_scans_one_kernel_agrees_with_the_interpreter(counted_run, name, sizes):
+    """An op with a scan, called without gradients: the static count of its segments and the
+    scan's one kernel (passes/lower_recurrence.py, a loop over the steps) against the bytes
+    the interpreter's loads and stores move."""
+    from opforge.runtime.scan import ScanPiece
+    op = getattr(compiled((EXAMPLES / "recurrent.opf").read_text(), f"tr_scan_{name}", ops=[name]), name)
+    ins = random_inputs(op.graph, sizes, seed=0)
+    ran = {}
+    for p in op.pieces:
+        part = p.fused if isinstance(p, ScanPiece) else p.op
+        ran.update(counted_run(part, lambda: op(*call_args(op.graph, ins))))
+    static = op_traffic(op, sizes, config_of=interpreter_config)
+    assert [k.kernel for k in static.kernels] == list(ran), (list(ran), [k.kernel for k in static.kernels])
+    assert any(k.kernel.endswith("_fused_k0_scan") for k in static.kernels)
+    for k in static.kernels:
+        assert k.exact and (sum(k.loaded.values()), sum(k.stored.values())) == \
+            (ran[k.kernel]["loaded"], ran[k.kernel]["stored"]), k.kernel
