@@ -217,6 +217,7 @@ TIMED_GUARDS = {"split_k", "split_kv"}
 
 GUARD_RULES = {
     "at_most": (lambda extent, limit: extent <= limit, "{0} <= {1}"),
+    "both_at_most": (lambda a, la, b, lb: a <= la and b <= lb, "{0} <= {1} and {2} <= {3}"),
     "split_k": (lambda m, n, k, b: _split_k(m, n, k, b) > 1, "split_k({0}, {1}, {2}, {3}) > 1"),
     "split_kv": (lambda s, t, b: _split_kv(s, t, b) > 1, "split_kv({0}, {1}, {2}) > 1"),
 }

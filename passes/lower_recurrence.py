@@ -30,7 +30,7 @@ from __future__ import annotations
 from ..ir.dims import Dim
 from ..ir.graph import Graph, Value
 from ..ir.prims_scan import scan_layout
-from ..ir.tile import GridDim, TExpr, Tunable
+from ..ir.tile import Alternative, GridDim, Guard, TExpr, Tunable
 from ..ir.tile_builder import TileBuilder, broadcast
 from ..ir.types import DType, TensorType
 from .groups import FusedGraph, Group
@@ -50,9 +50,17 @@ WHOLE_MAX_DOT = 128
 WHOLE_MAX = 256
 
 
+# a scan in the chunked form (passes/lower_chunked_scan.py) runs sequentially up to this many
+# steps (decoding), in chunks beyond
+SEQUENTIAL_MAX_STEPS = 8
+CHUNKED_E_MAX = 256
+
+
 def lower_recurrence(fg: FusedGraph, group: Group) -> list:
-    """One alternative, guarded by the extent the program keeps whole (runtime/scan.py runs the
-    steps where the guard fails)."""
+    """The sequential kernel, guarded by the extent a program keeps whole (runtime/scan.py runs
+    the steps where no alternative's guard holds); for a gated outer-product recurrence, the
+    chunked kernel past SEQUENTIAL_MAX_STEPS steps."""
+    from .lower_chunked_scan import chunked_alternative
     (node,) = group.nodes
     r = Recurrence(fg, group, node)
     kernel = r.kernel()
@@ -60,9 +68,16 @@ def lower_recurrence(fg: FusedGraph, group: Group) -> list:
     for d in range(1, len(r.shape)):
         if d not in r.tiled:
             whole = whole * r.shape[d]
+    limit = WHOLE_MAX_DOT if r.has_dot else WHOLE_MAX
+    E = r.shape[-2] if len(r.shape) >= 3 else 1
+    chunked = chunked_alternative(fg, group, node, kernel_name(fg, group, "_chunked"),
+                                  Guard("at_most", (E, CHUNKED_E_MAX)))
+    if chunked is not None:
+        length = node.attrs["length"]
+        return [Alternative((kernel,), Guard("both_at_most", (length, SEQUENTIAL_MAX_STEPS, whole, limit))), chunked]
     if whole == 1:
         return [(kernel, None, 0)]
-    return [(kernel, whole, WHOLE_MAX_DOT if r.has_dot else WHOLE_MAX)]
+    return [(kernel, whole, limit)]
 
 
 class _BodyEvaluator(Evaluator):

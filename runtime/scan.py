@@ -67,13 +67,13 @@ class ScanPiece:
     why_not_fused: str = ""   # where fused is None: the reason the template gave
 
     @property
-    def fused_guard(self):
-        """The sizes the one kernel takes (the extent a program keeps whole), or None: any."""
-        return self.fused.plan.steps[0][0].guard if self.fused is not None else None
+    def fused_forms(self) -> list:
+        """(kernel, guard) of each form of the one kernel, in the order a call tries them (the
+        guard None: any sizes)."""
+        return [(lnch.kernel, lnch.guard) for lnch in self.fused.plan.steps[0]] if self.fused is not None else []
 
     def fused_fits(self, bindings) -> bool:
-        g = self.fused_guard
-        return g is None or g.holds(bindings)
+        return any(g is None or g.holds(bindings) for _, g in self.fused_forms)
 
 
 def split_at_scans(g: Graph) -> list:
@@ -350,18 +350,27 @@ class ScanOp:
                 else:
                     lines.append("  hoisted out of the loop: nothing (no carry-free matmul)")
                 if p.fused is not None:
-                    when = f" while {p.fused_guard}" if p.fused_guard is not None else ""
-                    lines.append(f"  without gradients{when}: one kernel for all steps ({p.fused.name}), the carries on chip "
-                                 f"(passes/lower_recurrence.py; a matmul's weight tile is read at every step)")
-                    lines.append(f"  with gradients, with OPFORGE_SCAN_STEPS=1{' or past that size' if when else ''}: "
+                    forms = p.fused_forms
+                    lines.append(f"  without gradients: one kernel for all steps ({p.fused.name}):")
+                    for kern, guard in forms:
+                        what = "in chunks of BLOCK_C steps, the state on chip (passes/lower_chunked_scan.py)" \
+                            if kern.family == "recurrence_chunked" else \
+                            "step after step, the carries on chip (passes/lower_recurrence.py" + \
+                            ("; a matmul's weight tile is read at every step)" if "matmul" in kern.doc else ")")
+                        lines.append(f"    {kern.name}{f' while {guard}' if guard is not None else ''}: {what}")
+                    bounded = all(g is not None for _, g in forms)
+                    lines.append(f"  with gradients, with OPFORGE_SCAN_STEPS=1{' or past those sizes' if bounded else ''}: "
                                  f"step by step, each step launches the body's {p.op.kernel_count} kernel(s) "
                                  f"({p.op.name}), the carries in memory between steps")
                 else:
                     lines.append(f"  runs step by step: each step launches the body's {p.op.kernel_count} kernel(s) "
                                  f"({p.op.name}), the carries in memory between steps")
                     lines.append(f"  no one-kernel form: {p.why_not_fused}")
-                if c.kind == "linear":
-                    lines.append("  not built yet: the chunked parallel lowering of a linear recurrence")
+                if c.kind == "linear" and not any(k.family == "recurrence_chunked" for k, _ in p.fused_forms):
+                    from ..passes.lower_chunked_scan import outer_product_form
+                    form = outer_product_form(p.node)
+                    why = f" ({form})" if isinstance(form, str) else ""
+                    lines.append(f"  no chunked form{why}: it takes h = a * h + k v^T read by sum(q * h), a = exp or sigmoid")
         return "\n".join(lines)
 
     def explain(self, file=None, **kwargs):

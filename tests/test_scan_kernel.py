@@ -33,6 +33,14 @@ def scan_piece(op) -> ScanPiece:
     return p
 
 
+def kernel_source(op, name: str) -> str:
+    """The generated Triton of one kernel of op."""
+    src = op.stage_text("triton")
+    start = src.index(f"def {name}(")
+    end = src.find("@triton.jit", start)
+    return src[start:end if end >= 0 else len(src)]
+
+
 class StepsForbidden:
     """Stands in for a scan body's op: a call that should run the one kernel never steps."""
     kernel_count = 0
@@ -104,7 +112,7 @@ def test_past_the_whole_extent_the_steps_run(monkeypatch):
     call runs the steps, and gives the same result."""
     op = compiled(GRU_SRC, "scan_k_wide").gru
     piece = scan_piece(op)
-    assert str(piece.fused_guard) == "F <= 128"
+    assert [str(g) for _, g in piece.fused_forms] == ["F <= 128"]
     calls, real = [], piece.op
     monkeypatch.setattr(piece, "op", lambda *a: calls.append(1) or real(*a))
     run_case(op, dict(S=3, B=2, I=3, F=130), seed=1)
@@ -126,8 +134,7 @@ def test_the_gla_kernel_keeps_the_state_on_chip_and_tiles_heads_and_values(recur
     """Grid over (heads, value columns), the key axis whole in the tile; one loop over the
     steps; per step: the slices of q, k, v and the gate loaded, the state updated in registers,
     the readout summed over the key axis and stored; the state stored once, after the loop."""
-    fused = scan_piece(recurrent.gla).fused
-    src = fused.stage_text("triton")
+    src = kernel_source(scan_piece(recurrent.gla).fused, "gla__scan0_fused_k0_scan")
     filecheck(src, """
         CHECK: pid_0 = tl.program_id(axis=0)
         CHECK: pid_2 = tl.program_id(axis=1)
@@ -146,7 +153,7 @@ def test_the_gla_kernel_keeps_the_state_on_chip_and_tiles_heads_and_values(recur
 
 
 def test_the_gru_kernel_contracts_the_state_with_tl_dot(recurrent):
-    src = scan_piece(recurrent.gru).fused.stage_text("triton")
+    src = kernel_source(scan_piece(recurrent.gru).fused, "gru__scan1_fused_k0_scan")
     filecheck(src, """
         CHECK: for i in range(0, S, 1):
         CHECK: tl.load(gi_ptr + t * stride_gi_0
@@ -160,8 +167,14 @@ def test_the_gru_kernel_contracts_the_state_with_tl_dot(recurrent):
 
 def test_explain_says_how_each_scan_runs(recurrent):
     text = recurrent.gru.explain()
-    assert "without gradients while F <= 128: one kernel for all steps (gru__scan1_fused)" in text
-    assert "with gradients, with OPFORGE_SCAN_STEPS=1 or past that size: step by step" in text
+    assert "without gradients: one kernel for all steps (gru__scan1_fused):\n" \
+           "    gru__scan1_fused_k0_scan while F <= 128: step after step, the carries on chip" in text
+    assert "with gradients, with OPFORGE_SCAN_STEPS=1 or past those sizes: step by step" in text
+    text = recurrent.gla.explain()
+    assert "gla__scan0_fused_k0_scan while S <= 8 and E <= 256: step after step" in text
+    assert "gla__scan0_fused_k0_scan_chunked while E <= 256: in chunks of BLOCK_C steps" in text
+    text = recurrent.retention.explain()
+    assert "no chunked form (the decay is not written as exp(...) or sigmoid(...)" in text
 
 
 GRU_SRC = "\n".join(RECURRENT.read_text().split("\n# A GRU layer")[1].split("\n")[1:])

@@ -236,7 +236,7 @@ def test_a_scans_one_kernel_agrees_with_the_interpreter(counted_run, name, sizes
         ran.update(counted_run(part, lambda: op(*call_args(op.graph, ins))))
     static = op_traffic(op, sizes, config_of=interpreter_config)
     assert [k.kernel for k in static.kernels] == list(ran), (list(ran), [k.kernel for k in static.kernels])
-    assert any(k.kernel.endswith("_fused_k0_scan") for k in static.kernels)
+    assert any("_fused_k0_scan" in k.kernel for k in static.kernels)      # the chunked form for GLA
     for k in static.kernels:
         assert k.exact and (sum(k.loaded.values()), sum(k.stored.values())) == \
             (ran[k.kernel]["loaded"], ran[k.kernel]["stored"]), k.kernel
