@@ -102,16 +102,8 @@ def outer_product_form(node) -> OuterProductForm | str:
     if q in depends:
         return "the readout's q depends on the state"
     # f: from the readout to the output, nothing else may read the state
-    todo, seen = [out], set()
-    while todo:
-        x = todo.pop()
-        if x is r or x in seen:
-            continue
-        seen.add(x)
-        if x in depends:
-            return "the step output reads the state other than through the readout"
-        if x in prod:
-            todo += list(prod[x].inputs)
+    if out in _dependents(body, h, cut=r):
+        return "the step output reads the state other than through the readout"
     extra: list[Node] = []
     la = _log_of(decay, prod, extra)
     if la is None:
@@ -119,11 +111,12 @@ def outer_product_form(node) -> OuterProductForm | str:
     return OuterProductForm(h, la, k, v, q, r, out, body.replace(nodes=body.nodes + tuple(extra)))
 
 
-def _dependents(body: Graph, h: Value) -> set:
+def _dependents(body: Graph, h: Value, cut: Value | None = None) -> set:
+    """The body values that depend on h (not through ``cut``)."""
     dep = {h}
     for n in body.nodes:
         if any(v in dep for v in n.inputs):
-            dep.update(n.outputs)
+            dep.update(o for o in n.outputs if o is not cut)
     return dep
 
 
@@ -257,7 +250,7 @@ class ChunkedScan:
             v = b.let(self._tile(ev, form.v, ctx_f, m_f, (tC.name, tF.name)), "v")
             prec = f32_precision()
             b.comment("the state before the chunk, read at each step's decay")
-            o = b.dot(b.mul(q, b.unary("exp", G)), S, b.full((tC.name, tF.name), 0.0, DType.f32), prec)
+            o = b.let(b.dot(b.mul(q, b.unary("exp", G)), S, b.full((tC.name, tF.name), 0.0, DType.f32), prec), "inter")
             b.comment("within the chunk: A[i, j] = sum_e q[i, e] k[j, e] exp(G[i, e] - G[j, e]), j <= i")
             A = b.declare(b.full((tC.name, tC.name, 1), 0.0, DType.f32), "A")
             with b.loop("e0", 0, b.size(E), b.tunable(tEI)) as e0:

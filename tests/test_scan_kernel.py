@@ -203,3 +203,73 @@ def test_an_elementwise_recurrence_tiles_both_axes():
     src = scan_piece(op).fused.stage_text("triton")
     assert "tl.program_id(axis=1)" in src and "tl.sum" not in src
     run_case(op, dict(S=45, B=3, D=37), seed=6)
+
+
+def launched(op, call) -> list:
+    """The kernels a call of a CompiledOp launches, by name."""
+    names, real = [], op.runner.launcher
+
+    def launcher(kc, args):
+        names.append(kc.name)
+        real(kc, args)
+    op.runner.launcher = launcher
+    try:
+        call()
+    finally:
+        op.runner.launcher = real
+    return names
+
+
+@pytest.mark.parametrize("S, form", [(5, "gla__scan0_fused_k0_scan"), (37, "gla__scan0_fused_k0_scan_chunked")])
+def test_gla_runs_sequentially_for_a_few_steps_and_in_chunks_beyond(recurrent, S, form):
+    op = recurrent.gla
+    fused = scan_piece(op).fused
+    from .kernel_helpers import call_args, random_inputs
+    ins = random_inputs(op.graph, dict(SIZES, S=S), seed=S)
+    assert launched(fused, lambda: op(*call_args(op.graph, ins))) == [form]
+    run_case(op, dict(SIZES, S=S), seed=S)
+
+
+def test_the_chunked_kernel_keeps_the_state_on_chip_and_takes_exponents_within_the_chunk(recurrent):
+    src = kernel_source(scan_piece(recurrent.gla).fused, "gla__scan0_fused_k0_scan_chunked")
+    filecheck(src, """
+        CHECK: state = tl.load(h0_ptr
+        CHECK: for c0 in range(0, S, BLOCK_C):
+        CHECK: G = tl.cumsum(log_a, axis=0)
+        CHECK: inter = tl.dot(q * tl.exp(G), state
+        CHECK: for e0 in range(0, E, BLOCK_EI):
+        CHECK: tl.cumsum(
+        CHECK: tl.exp(tl.where(causal3,
+        CHECK: o = tl.dot(A2, v, inter
+        CHECK: tl.store(o_ptr
+        CHECK: G_last = tl.sum(log_a, axis=0, keep_dims=True)
+        CHECK: state = state * tl.trans(tl.exp(G_last)) + tl.dot(tl.trans(k * tl.exp(G_last - G)), v
+        CHECK-NOT: tl.store(
+        CHECK: tl.store(h_last_ptr
+    """)
+    assert src.count("tl.store(") == 2 and src.count("tl.dot(") == 3
+
+
+@pytest.mark.parametrize("gate", [(-20.0, 0.0), (-1000.0, 0.0), (-0.01, 0.0)], ids=["to_-20", "to_-1000", "mild"])
+@pytest.mark.parametrize("S", [16, 53])
+def test_chunked_gla_at_any_gate_magnitude(S, gate):
+    """Log-gates down to -20 and -1000 per step (the decay underflows to zero) and mild ones, a
+    length that is a multiple of the chunk and one that is not: finite, and the float64 loop's
+    result."""
+    op = compiled(GLA.format(T="f32", rev=""), "scan_k_gates").gla
+    q, k, v, g, h0 = gla_inputs(S, E=5, F=3, gate=gate, seed=S)
+    o, h_last = op(q, k, v, g, h0)
+    assert torch.isfinite(o).all() and torch.isfinite(h_last).all()
+    want_o, want_h = naive_gla(q, k, v, g, h0)
+    torch.testing.assert_close(o.double(), want_o, rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(h_last.double(), want_h, rtol=2e-4, atol=2e-4)
+
+
+def test_the_cookbook_gla_layer_runs_in_chunks():
+    """A batch and a head axis before the state's: one program per (batch, head, column tile)."""
+    from .test_cookbook import BLOCKS
+    (src,) = [b for b in BLOCKS if "op gla_layer" in b]
+    op = compiled(src, "scan_k_cookbook").gla_layer
+    forms = [k.name for k, _ in scan_piece(op).fused_forms]
+    assert forms[-1].endswith("_chunked")
+    run_case(op, dict(S=21, B=2, H=2, E=5, F=17), seed=3)
