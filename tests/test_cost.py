@@ -165,7 +165,7 @@ LARGE = {
     "quant_linear": dict(M=4096, K=4096, N=11008),
     "sparse_linear": dict(M=4096, K=4096, N=11008),
     "attention_variants": dict(B=1, H=32, G=8, R=4, S=4096, T=4096, E=128),
-    "recurrent": dict(S=4096, B=16, H=16, E=128, F=128, D=2048, N=16, I=1024),
+    **{stem: dict(S=4096, B=16, H=16, E=128, F=128, D=2048, N=16, I=1024) for stem in ("gla", "mamba", "retnet", "gru")},
 }
 
 
@@ -174,7 +174,7 @@ def test_fusion_never_moves_more_bytes_for_the_examples(path, name):
     from opforge.runtime.scan import has_scan, plan_pieces
     whole = canonical_graph(load_program(path), name)
     # an op with a scan is fused piece by piece (runtime/scan.py): each segment and scan body
-    pieces = [p for p, _, _ in plan_pieces(whole)] if has_scan(whole) else [whole]
+    pieces = [p for p, *_ in plan_pieces(whole)] if has_scan(whole) else [whole]
     for g in pieces:
         _fusion_never_moves_more(path, g, fuse(kernel_graph(g)))
 

@@ -217,10 +217,10 @@ IMPLS = {
     ("attention_variants", "alibi"): lambda i: t_alibi(**i),
     ("attention_variants", "packed_docs"): lambda i: t_packed_docs(**i),
     ("attention_variants", "decode_kv"): lambda i: t_decode_kv(**i),
-    ("recurrent", "gla"): lambda i: t_gla(**i),
-    ("recurrent", "selective_scan"): lambda i: t_selective_scan(**i),
-    ("recurrent", "retention"): lambda i: t_retention(**i),
-    ("recurrent", "gru"): lambda i: t_gru(**i),
+    ("gla", "gla"): lambda i: t_gla(**i),
+    ("mamba", "selective_scan"): lambda i: t_selective_scan(**i),
+    ("retnet", "retention"): lambda i: t_retention(**i),
+    ("gru", "gru"): lambda i: t_gru(**i),
 }
 
 # Awkward sizes per file (beyond the '# shapes:' line), with scalar overrides per set so that a
@@ -252,10 +252,10 @@ AWKWARD = {
         ({"B": 1, "H": 3, "G": 1, "R": 3, "S": 7, "T": 9, "E": 5}, {"window": 3, "cap": 0.5}),
         ({"B": 3, "H": 1, "G": 3, "R": 1, "S": 1, "T": 1, "E": 1}, {"window": 1}),
     ],
-    "recurrent": [
+    **{stem: [
         ({"S": 37, "B": 3, "H": 2, "E": 5, "F": 7, "D": 3, "N": 5, "I": 9}, {}),
         ({"S": 1, "B": 1, "H": 1, "E": 1, "F": 1, "D": 1, "N": 1, "I": 1}, {}),
-    ],
+    ] for stem in ("gla", "mamba", "retnet", "gru")},
 }
 
 

@@ -267,5 +267,6 @@ def test_bench_host_writes_its_json(tmp_path):
     assert set(res["dispatch_us"]) == {"library", "custom_op", "triton_op", "torch.add"}
     json.dumps(res)
     # an op with a scan launches through its pieces: every piece's launches are stubbed and counted
-    scans = measure(files=[EXAMPLES / "recurrent.opf"], calls=1, rounds=1)["ops"]
-    assert scans["recurrent.opf:gla"]["kernels"] >= 9          # one launch of the body per step at least (S=9)
+    scans = measure(files=[EXAMPLES / "gla.opf", EXAMPLES / "gru.opf"], calls=1, rounds=1)["ops"]
+    assert scans["gla.opf:gla"]["kernels"] == 1                 # the scan's one kernel (chunked at S=9)
+    assert scans["gru.opf:gru"]["kernels"] == 2                 # the input GEMM, the scan's one kernel

@@ -39,7 +39,7 @@ AWKWARD = {
     "quant_linear": dict(M=1, K=33, N=7),
     "sparse_linear": dict(M=1, K=33, N=7),
     "attention_variants": dict(B=1, H=3, G=1, R=3, S=7, T=9, E=5),
-    "recurrent": dict(S=13, B=1, H=3, E=5, F=7, D=3, N=5, I=9),
+    **{stem: dict(S=13, B=1, H=3, E=5, F=7, D=3, N=5, I=9) for stem in ("gla", "mamba", "retnet", "gru")},
 }
 # and a third with every size as small as the spec allows (1, or 2 where it must be even)
 TINY = {
@@ -49,7 +49,7 @@ TINY = {
     "quant_linear": dict(M=1, K=1, N=1),
     "sparse_linear": dict(M=1, K=1, N=1),
     "attention_variants": dict(B=1, H=1, G=1, R=1, S=1, T=1, E=1),
-    "recurrent": dict(S=1, B=1, H=1, E=1, F=1, D=1, N=1, I=1),
+    **{stem: dict(S=1, B=1, H=1, E=1, F=1, D=1, N=1, I=1) for stem in ("gla", "mamba", "retnet", "gru")},
 }
 
 

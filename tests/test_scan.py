@@ -168,7 +168,7 @@ def test_a_scan_of_length_zero_gives_empty_outputs_and_the_initial_carry():
 # -- GRU against torch.nn.GRU, forward and backward ------------------------------------------------
 def _gru():
     from pathlib import Path
-    return opforge.compile(Path(opforge.__file__).resolve().parent / "examples" / "recurrent.opf",
+    return opforge.compile(Path(opforge.__file__).resolve().parent / "examples" / "gru.opf",
                            namespace="scan_gru_t", ops=["gru"]).gru
 
 

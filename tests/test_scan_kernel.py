@@ -1,5 +1,6 @@
 """The one-kernel lowering of a scan (passes/lower_recurrence.py): the carries on chip across
-all steps. Each example recurrence of examples/recurrent.opf through the interpreter against the
+all steps, and its chunked form (passes/lower_chunked_scan.py). Each example recurrence
+(examples/gla.opf, mamba.opf, retnet.opf, gru.opf) through the interpreter against the
 float64 reference and the step-by-step form, at lengths that are not multiples of any block, with
 ``reverse``, initial and final states, f16, strongly decaying gates; that a call without
 gradients runs the one kernel and a call with them the steps; the kernel counts; the generated
@@ -19,13 +20,17 @@ from .filecheck import filecheck
 from .kernel_helpers import compiled, run_case
 from .test_scan import GLA, HGRN, gla_inputs, naive_gla
 
-RECURRENT = Path(opforge.__file__).resolve().parent / "examples" / "recurrent.opf"
+EXAMPLES = Path(opforge.__file__).resolve().parent / "examples"
+FILES = {"gla": "gla", "selective_scan": "mamba", "retention": "retnet", "gru": "gru"}      # op -> examples/*.opf
 SIZES = dict(B=3, H=2, E=5, F=3, D=6, N=3, I=4)
 
 
 @pytest.fixture(scope="module")
 def recurrent():
-    return opforge.compile(RECURRENT, namespace="scan_kernel_t")
+    """The example recurrences, each from its file, as attributes."""
+    from types import SimpleNamespace
+    return SimpleNamespace(**{op: getattr(opforge.compile(EXAMPLES / f"{stem}.opf", namespace=f"scan_kernel_{stem}"), op)
+                              for op, stem in FILES.items()})
 
 
 def scan_piece(op) -> ScanPiece:
@@ -177,7 +182,7 @@ def test_explain_says_how_each_scan_runs(recurrent):
     assert "no chunked form (the decay is not written as exp(...) or sigmoid(...)" in text
 
 
-GRU_SRC = "\n".join(RECURRENT.read_text().split("\n# A GRU layer")[1].split("\n")[1:])
+GRU_SRC = (EXAMPLES / "gru.opf").read_text()
 
 LEAD_MIX = """
 op f(x: f32[S, H]) -> f32[S, H] {

@@ -33,7 +33,7 @@ SIZES = {   # the examples' "# shapes:" sizes, with odd sizes where a symbol is 
     "moe": dict(T=9, D=16, F=24, E=4),
     "quant_linear": dict(M=7, K=256, N=12),
     "sparse_linear": dict(M=7, K=128, N=12),
-    "recurrent": dict(S=5, B=3, H=3, E=5, F=4, D=6, N=3, I=5),
+    **{stem: dict(S=5, B=3, H=3, E=5, F=4, D=6, N=3, I=5) for stem in ("gla", "mamba", "retnet", "gru")},
 }
 
 
@@ -48,7 +48,7 @@ def _kernel_graphs(programs):
         for op in program.op_names:
             whole = prepared_graph(program, op, "f32")      # a dtype-generic op: its f32 binding
             # an op with a scan is registered piece by piece (runtime/scan.py), each with its rule
-            pieces = [(op, whole)] if not has_scan(whole) else [(pg.name, pg) for pg, _, _ in plan_pieces(whole)]
+            pieces = [(op, whole)] if not has_scan(whole) else [(pg.name, pg) for pg, *_ in plan_pieces(whole)]
             out += _piece_graphs(prefix, pieces, sizes)
     return out
 

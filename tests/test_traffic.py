@@ -223,12 +223,12 @@ def test_decode_weight_ratios():
 
 @pytest.mark.parametrize("name, sizes", [("gla", {"S": 9, "H": 2, "E": 5, "F": 37}),
                                          ("gru", {"S": 6, "B": 3, "I": 4, "F": 7})])
-def test_a_scans_one_kernel_agrees_with_the_interpreter(counted_run, name, sizes):
+def test_a_scans_one_kernel_agrees_with_the_interpreter(counted_run, name, sizes):    # examples/{name}.opf
     """An op with a scan, called without gradients: the static count of its segments and the
     scan's one kernel (passes/lower_recurrence.py, a loop over the steps) against the bytes
     the interpreter's loads and stores move."""
     from opforge.runtime.scan import ScanPiece
-    op = getattr(compiled((EXAMPLES / "recurrent.opf").read_text(), f"tr_scan_{name}", ops=[name]), name)
+    op = getattr(compiled((EXAMPLES / f"{name}.opf").read_text(), f"tr_scan_{name}", ops=[name]), name)
     ins = random_inputs(op.graph, sizes, seed=0)
     ran = {}
     for p in op.pieces:
