@@ -38,6 +38,9 @@ from .lower_eval import Ctx, Evaluator, LoweringError, address, unflatten
 from .lower_matmul import f32_precision
 
 VIEWS = ("reshape", "expand", "cast")
+# (BLOCK_C, BLOCK_EI, BLOCK_F, num_warps, num_stages) the autotuner times
+CHUNKED_PRESETS = ((16, 8, 16, 4, 1), (16, 8, 32, 4, 1), (16, 16, 32, 8, 1), (32, 8, 32, 8, 1), (16, 8, 64, 8, 1),
+                   (32, 16, 64, 8, 1), (16, 8, 32, 4, 2), (32, 8, 32, 8, 2))
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,7 @@ class ChunkedScan:
         causal = b.let(b.binop("le", b.expand_dims(b.arange(tC.name), 0), ar_c), "causal")   # j <= i
         causal3 = b.let(b.expand_dims(causal, 2), "causal3")
         out_v = self.node.outputs[0]
+        prec = f32_precision() if not self._narrow() else None
         with b.loop("c0", 0, b.size(length), b.tunable(tC)) as c0:
             rows = b.let(b.add(c0, ar_c), "rows")
             step_ok = b.let(b.lt(rows, b.size(length)), "step_ok")
@@ -242,16 +246,8 @@ class ChunkedScan:
             ctx_e = Ctx(tuple(lidx) + (e_cols, None), b.and_(step_ok, e_ok))
             ctx_f = Ctx(tuple(lidx) + (None, cols), b.and_(step_ok, col_ok))
             m_e, m_f = ctx_e.mask, ctx_f.mask
-            b.comment("this chunk's gates, keys, queries and values; G: the cumulative log-gates")
-            la = b.let(self._tile(ev, form.log_a, ctx_e, m_e, (tC.name, tE.name)), "log_a")
-            G = b.let(b.cumsum(la, 0), "G")
-            q = b.let(self._tile(ev, form.q, ctx_e, m_e, (tC.name, tE.name)), "q")
-            k = b.let(self._tile(ev, form.k, ctx_e, m_e, (tC.name, tE.name)), "k")
-            v = b.let(self._tile(ev, form.v, ctx_f, m_f, (tC.name, tF.name)), "v")
-            prec = f32_precision()
-            b.comment("the state before the chunk, read at each step's decay")
-            o = b.let(b.dot(b.mul(q, b.unary("exp", G)), S, b.full((tC.name, tF.name), 0.0, DType.f32), prec), "inter")
-            b.comment("within the chunk: A[i, j] = sum_e q[i, e] k[j, e] exp(G[i, e] - G[j, e]), j <= i")
+            b.comment("within the chunk: A[i, j] = sum_e q[i, e] k[j, e] exp(G[i, e] - G[j, e]), j <= i, "
+                      "over sub-blocks of E (first, so that the chunk's full tiles are not live across it)")
             A = b.declare(b.full((tC.name, tC.name, 1), 0.0, DType.f32), "A")
             with b.loop("e0", 0, b.size(E), b.tunable(tEI)) as e0:
                 sub = b.let(b.add(e0, b.expand_dims(b.arange(tEI.name), 0)), "e_sub")
@@ -265,7 +261,15 @@ class ChunkedScan:
                 prod = b.mul(b.mul(b.expand_dims(qs, 1), b.expand_dims(ks, 0)), decay)
                 b.assign(A, b.add(A, b.reduce(prod, 2, "sum")))
             A2 = b.let(b.reshape(A, (tC.name, tC.name)), "A2")
-            o = b.let(b.dot(A2, v, o, prec), "o")
+            b.comment("the chunk's values; its gates as G, the cumulative log-gates; the state before the "
+                      "chunk read at each step's decay")
+            v = b.let(self._tile(ev, form.v, ctx_f, m_f, (tC.name, tF.name)), "v")
+            la = b.let(self._tile(ev, form.log_a, ctx_e, m_e, (tC.name, tE.name)), "log_a")
+            G = b.let(b.cumsum(la, 0), "G")
+            q = b.let(self._tile(ev, form.q, ctx_e, m_e, (tC.name, tE.name)), "q")
+            inter = b.let(b.dot(self._op(b.mul(q, b.unary("exp", G))), self._op(S),
+                                b.full((tC.name, tF.name), 0.0, DType.f32), prec), "inter")
+            o = b.let(b.dot(self._op(A2), self._op(v), inter, prec), "o")
             b.comment("the step outputs: the readout's consumers on the chunk's rows")
             ctx_o = Ctx(tuple(lidx) + (cols,), ctx_f.mask)
             ev.bind(form.readout, ctx_o, o)
@@ -275,9 +279,10 @@ class ChunkedScan:
                 b.store(address(b, self.fg.buffer(self.group, out_v), out_v.type.dtype, at, out_v.type.shape),
                         tile, ctx_o.mask)
             b.comment("the state after the chunk")
+            k = b.let(self._tile(ev, form.k, ctx_e, m_e, (tC.name, tE.name)), "k")
             g_last = b.let(b.reduce(la, 0, "sum"), "G_last")                    # [1, BLOCK_E]
             kd = b.mul(k, b.unary("exp", b.sub(g_last, G)))
-            upd = b.dot(b.trans(kd), v, b.full((tE.name, tF.name), 0.0, DType.f32), prec)
+            upd = b.dot(self._op(b.trans(kd)), self._op(v), b.full((tE.name, tF.name), 0.0, DType.f32), prec)
             b.assign(S, b.add(b.mul(S, b.trans(b.unary("exp", g_last))), upd))
         h_last = self.node.outputs[1]
         if h_last in self.group.outputs:
@@ -287,7 +292,17 @@ class ChunkedScan:
         return b.kernel([GridDim.of(n_lead), GridDim.of(F, tF.name)],
                         doc=f"{self.group.name} (scan, chunked): BLOCK_C steps at a time, the state [E, BLOCK_F] "
                             f"on chip, the decays' exponents taken within the chunk",
-                        warps=(4, 8), stages=(1, 2), family="recurrence_chunked")
+                        warps=(4, 8), stages=(1, 2), family="recurrence_chunked",
+                        presets=tuple(((("BLOCK_C", c), ("BLOCK_EI", ei), ("BLOCK_F", f)), w, st)
+                                      for c, ei, f, w, st in CHUNKED_PRESETS))
+
+    def _op(self, t: TExpr) -> TExpr:
+        """A dot operand in the inputs' dtype where that is f16 or bf16 (tensor cores, f32
+        accumulation, as flash-linear-attention's kernels do), else f32."""
+        return self.b.cast(t, self.form.q.type.dtype) if self._narrow() else t
+
+    def _narrow(self) -> bool:
+        return self.form.q.type.dtype in (DType.f16, DType.bf16)
 
     def _tile(self, ev, v: Value, ctx: Ctx, mask, shape) -> TExpr:
         b = self.b

@@ -135,6 +135,9 @@ def heuristic_config(k: TileKernel, bindings, limits=None) -> Config:
             vals[t.name] = covered(t, bindings)
     if k.family == "recurrence":
         return _recurrence_config(k, vals)
+    if k.family == "recurrence_chunked":        # the smallest tiles: its full [C, E] tiles are many
+        vals.update({t.name: min(t.candidates) for t in k.tunables if t.name not in vals})
+        return Config(tuple((t.name, vals[t.name]) for t in k.tunables), 4, k.stages[0])
     tile = dot_tile(k, bindings, vals)
     if tile is not None:
         free, warps, stages = tile

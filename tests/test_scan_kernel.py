@@ -240,11 +240,11 @@ def test_the_chunked_kernel_keeps_the_state_on_chip_and_takes_exponents_within_t
     filecheck(src, """
         CHECK: state = tl.load(h0_ptr
         CHECK: for c0 in range(0, S, BLOCK_C):
-        CHECK: G = tl.cumsum(log_a, axis=0)
-        CHECK: inter = tl.dot(q * tl.exp(G), state
         CHECK: for e0 in range(0, E, BLOCK_EI):
         CHECK: tl.cumsum(
         CHECK: tl.exp(tl.where(causal3,
+        CHECK: G = tl.cumsum(log_a, axis=0)
+        CHECK: inter = tl.dot(q * tl.exp(G), state
         CHECK: o = tl.dot(A2, v, inter
         CHECK: tl.store(o_ptr
         CHECK: G_last = tl.sum(log_a, axis=0, keep_dims=True)
