@@ -494,9 +494,8 @@ class Recurrence:
                 b_mask = b.and_(b_mask, b.lt(i_n, b.size(B.type.shape[1])))
             bt = ev(B, Ctx((i_k_rows, i_n), b_mask))
             bt = b.where(b_mask, b.broadcast_to(bt, broadcast(tuple(bt.shape), tuple(b_mask.shape))), 0.0)
-            wide = DType.f32 if DType.f32 in (at.dtype, bt.dtype) or at.dtype != bt.dtype else at.dtype
-            if wide not in (DType.f16, DType.bf16, DType.f32):
-                wide = DType.f32
+            da, db = A.type.dtype, B.type.dtype            # the operands' own dtypes (the masks' 0.0 is f32)
+            wide = da if da == db and da in (DType.f16, DType.bf16) else DType.f32
             at, bt = b.let(b.cast(at, wide), "lhs"), b.let(b.cast(bt, wide), "rhs")
             acc = b.full((at.shape[0], bt.shape[1]), 0.0, DType.f32)
             out = b.dot(at, bt, acc, f32_precision() if wide == DType.f32 else None)

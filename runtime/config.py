@@ -178,11 +178,14 @@ def _recurrence_config(k: TileKernel, vals: dict) -> Config:
         for t in k.tunables:
             n *= vals[t.name]
         return n
+    from .autotune import dot_count
+    limit = RECURRENCE_TILE // 2 if dot_count(k) else RECURRENCE_TILE     # a GRU's gates: several tiles each
     for t in reversed(free):
         for c in sorted(t.candidates):
-            if c > vals[t.name] and elems() // vals[t.name] * c <= RECURRENCE_TILE:
+            if c > vals[t.name] and elems() // vals[t.name] * c <= limit:
                 vals[t.name] = c
-    warps = next((w for w in sorted(k.warps) if elems() <= 32 * w * ROW_ELEMENTS_PER_THREAD), max(k.warps))
+    per_thread = ROW_ELEMENTS_PER_THREAD // (4 if dot_count(k) else 1)
+    warps = next((w for w in sorted(k.warps) if elems() <= 32 * w * per_thread), max(k.warps))
     return Config(tuple((t.name, vals[t.name]) for t in k.tunables), warps, k.stages[0])
 
 
