@@ -35,7 +35,8 @@ from ..ir.types import DType, ScalarType, TensorType
 from .env import flag
 from .binding import CallError, bind_args, bind_sizes
 
-SOURCES = ("const", "dim")         # nodes without operands, made again in each piece that reads them
+SOURCES = ("const", "dim")
+BINDINGS_KEPT = 64                 # the size bindings a ScanOp keeps, by its calls' shapes         # nodes without operands, made again in each piece that reads them
 
 
 def has_scan(g: Graph) -> bool:
@@ -244,6 +245,7 @@ class ScanOp:
                     p.fused_sizes = tuple(q.name for q in fg.params[n:])
         # literals and sizes used as values, read by the pieces (made once, not per call)
         self._sources = {n.out: n for n in graph.nodes if n.op in SOURCES}
+        self._bindings: dict = {}
         self.torch_op = register_composite(namespace, graph, self, route="scan")
 
     # -- calling -------------------------------------------------------------------------------
@@ -255,10 +257,19 @@ class ScanOp:
 
     def dispatch(self, args: list) -> Any:
         """The composite op's implementation: every argument positional."""
-        values = {p.name: a for p, a in zip(self.graph.params, args)}
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         device = tensors[0].device if tensors else None
-        bindings = bind_sizes(self.graph, values, device=device)
+        # the sizes of a call, by its arguments' shapes and scalars (checked once per shape)
+        key = (device,) + tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+        known = self._bindings.get(key)
+        if known is None:
+            values = {p.name: a for p, a in zip(self.graph.params, args)}
+            bindings = bind_sizes(self.graph, values, device=device)
+            fits = {id(p): p.fused_fits(bindings) for p in self.pieces if isinstance(p, ScanPiece)}
+            if len(self._bindings) < BINDINGS_KEPT and not torch.compiler.is_compiling():
+                self._bindings[key] = (bindings, fits)
+        else:
+            bindings, fits = known
         env: dict = {p.value: a for p, a in zip(self.graph.params, args)}
 
         def read(v: Value):
@@ -281,8 +292,7 @@ class ScanOp:
                 env.update(zip(p.outputs, res))
                 continue
 
-            if p.fused is not None and not flag("OPFORGE_SCAN_STEPS") and not _wants_grad(tensors) and \
-                    p.fused_fits(bindings):
+            if p.fused is not None and fits[id(p)] and not flag("OPFORGE_SCAN_STEPS") and not _wants_grad(tensors):
                 res = p.fused(*[read(v) for v in dict.fromkeys(p.node.inputs)], *[bindings[s] for s in p.fused_sizes])
                 env.update(zip(p.node.outputs, res))
                 continue

@@ -278,3 +278,18 @@ def test_the_cookbook_gla_layer_runs_in_chunks():
     forms = [k.name for k, _ in scan_piece(op).fused_forms]
     assert forms[-1].endswith("_chunked")
     run_case(op, dict(S=21, B=2, H=2, E=5, F=17), seed=3)
+
+
+def test_sizes_are_bound_once_per_shape_and_checked_for_every_new_one(recurrent):
+    """A call's sizes are kept by its arguments' shapes: another shape is bound (and checked)
+    again, so a call whose shapes disagree is an error even after good calls."""
+    from opforge.runtime.binding import CallError
+    op = recurrent.gla
+    for S in (5, 11, 5):
+        q, k, v, g, h0 = gla_inputs(S, E=5, F=3)
+        o, h_last = op(q, k, v, g, h0)
+        want_o, want_h = naive_gla(q, k, v, torch.nn.functional.logsigmoid(g), h0)
+        torch.testing.assert_close(o.double(), want_o, rtol=1e-4, atol=1e-4)
+    q, k, v, g, h0 = gla_inputs(5, E=5, F=3)
+    with pytest.raises(CallError, match="gate"):
+        op(q, k, v, g[:4], h0)
