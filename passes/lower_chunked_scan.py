@@ -34,7 +34,7 @@ from ..ir.tile import Alternative, GridDim, TExpr, Tunable
 from ..ir.tile_builder import TileBuilder
 from ..ir.types import DType, TensorType
 from .groups import FusedGraph, Group
-from .lower_eval import Ctx, Evaluator, LoweringError, address, unflatten
+from .lower_eval import Ctx, Evaluator, address, unflatten
 from .lower_matmul import f32_precision
 
 VIEWS = ("reshape", "expand", "cast")
@@ -186,15 +186,8 @@ class ChunkedScan:
         from ..ir.prims_scan import scan_layout
         self.fg, self.group, self.node, self.form = fg, group, node, form
         a = node.attrs
-        first = 1 if a["uses_index"] else 0
-        params = [p.value for p in a["body"].params]
-        self.index = params[0] if first else None
-        carried, sliced, _ = scan_layout(a)
-        self.slice_params = params[first + 1:first + 1 + sliced]
-        self.closed_params = params[first + 1 + sliced:]
+        carried, _, _ = scan_layout(a)
         self.init = node.inputs[0] if carried else None
-        self.slice_inputs = node.inputs[carried:carried + sliced]
-        self.closed_inputs = node.inputs[carried + sliced:]
         self.shape = tuple(form.carry.type.shape)
         self.b = TileBuilder(name)
 
@@ -311,21 +304,10 @@ class ChunkedScan:
         return b.where(mask, t, 0.0)
 
     def _evaluator(self, steps: TExpr) -> Evaluator:
-        from .lower_recurrence import _BodyEvaluator
-        names = {p: self.fg.names[x] for p, x in zip(self.closed_params, self.closed_inputs) if x in self.fg.names}
-        for p, x in zip(self.closed_params, self.closed_inputs):
-            if isinstance(p.type, TensorType) and x not in self.fg.names:
-                raise LoweringError(f"{self.group.name}: the body reads a value ({p.name}) that is not in memory")
-        body = self.form.body
-        body_group = Group(self.group.name, "recurrence", body.nodes, ())
-        ev = _BodyEvaluator(self.b, FusedGraph(body, (body_group,), (), names), body_group, self.index, steps)
-
-        def carry(ctx):
-            raise LoweringError(f"{self.group.name}: the chunked form reads the state only through its readout")
-        ev.special[self.form.carry] = carry
-        for p, x, axis in zip(self.slice_params, self.slice_inputs, self.node.attrs["slice_axes"]):
-            ev.special[p] = self._step_slice(x, axis, steps)
-        return ev
+        from .lower_recurrence import body_evaluator
+        return body_evaluator(self.b, self.fg, self.group, self.node, self.form.body, steps,
+                              lambda x, axis: self._step_slice(x, axis, steps),
+                              "is read other than through the readout (the chunked form)")
 
     def _step_slice(self, x: Value, axis: int, steps: TExpr):
         b = self.b

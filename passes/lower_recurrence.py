@@ -96,6 +96,37 @@ class _BodyEvaluator(Evaluator):
         return super().scalar(v)
 
 
+def body_evaluator(b: TileBuilder, fg: FusedGraph, group: Group, node, body: Graph, step: TExpr, step_slice,
+                   carry_read: str) -> _BodyEvaluator:
+    """The Evaluator over a scan's ``body`` (its node's, or one with nodes added) in a kernel of
+    the scan: closed-over values read from the scan's operands' buffers, step slices through
+    ``step_slice(x, axis)`` (a function of a context), the carries only where a template binds
+    them (elsewhere a LoweringError: the carry ``carry_read``)."""
+    a = node.attrs
+    first, k = (1 if a["uses_index"] else 0), a["carries"]
+    params = [p.value for p in body.params]
+    carried, sliced, _ = scan_layout(a)
+    closed = zip(params[first + k + sliced:], node.inputs[carried + sliced:])
+    names = {}
+    for p, x in closed:
+        if x in fg.names:
+            names[p] = fg.names[x]
+        elif isinstance(p.type, TensorType):
+            raise LoweringError(f"{group.name}: the body reads a value ({p.name}) that is not in memory")
+    grp = Group(group.name, "recurrence", body.nodes, ())
+    ev = _BodyEvaluator(b, FusedGraph(body, (grp,), (), names), grp, params[0] if first else None, step)
+
+    def unreadable(c: Value):
+        def value(ctx: Ctx):
+            raise LoweringError(f"{group.name}: the carry '{c.name}' {carry_read}")
+        return value
+    for c in params[first:first + k]:
+        ev.special[c] = unreadable(c)
+    for p, x, axis in zip(params[first + k:first + k + sliced], node.inputs[carried:carried + sliced], a["slice_axes"]):
+        ev.special[p] = step_slice(x, axis)
+    return ev
+
+
 class Recurrence:
     def __init__(self, fg: FusedGraph, group: Group, node):
         self.fg, self.group, self.node = fg, group, node
@@ -104,14 +135,9 @@ class Recurrence:
         self.k = a["carries"]
         first = 1 if a["uses_index"] else 0
         params = [p.value for p in self.body.params]
-        self.index = params[0] if first else None
         self.carries = params[first:first + self.k]
-        carried, sliced, closed = scan_layout(a)
-        self.slice_params = params[first + self.k:first + self.k + sliced]
-        self.closed_params = params[first + self.k + sliced:]
+        carried, _, _ = scan_layout(a)
         self.inits = node.inputs[:carried]
-        self.slice_inputs = node.inputs[carried:carried + sliced]
-        self.closed_inputs = node.inputs[carried + sliced:]
         shapes = {tuple(c.type.shape) for c in self.carries}
         if len(shapes) != 1:
             raise LoweringError(f"{group.name}: the carries have different shapes "
@@ -345,20 +371,9 @@ class Recurrence:
 
     # -- evaluation ----------------------------------------------------------------------------
     def _evaluator(self, step: TExpr) -> _BodyEvaluator:
-        names = {}
-        for p, x in zip(self.closed_params, self.closed_inputs):
-            if x in self.fg.names:
-                names[p] = self.fg.names[x]
-        body_group = Group(self.group.name, "recurrence", self.body.nodes, ())
-        body_fg = FusedGraph(self.body, (body_group,), (), names)
-        ev = _BodyEvaluator(self.b, body_fg, body_group, self.index, step)
-        for c in self.carries:
-            ev.special[c] = self._carry_elsewhere(c)
-        for p, x, axis in zip(self.slice_params, self.slice_inputs, self.node.attrs["slice_axes"]):
-            ev.special[p] = self._step_slice(x, axis, step)
-        for p, x in zip(self.closed_params, self.closed_inputs):
-            if isinstance(p.type, TensorType) and x not in self.fg.names:
-                raise LoweringError(f"{self.group.name}: the body reads a value ({p.name}) that is not in memory")
+        ev = body_evaluator(self.b, self.fg, self.group, self.node, self.body, step,
+                            lambda x, axis: self._step_slice(x, axis, step),
+                            "is read at other indices than its own (a shifted, transposed or broadcast read)")
         for n in self.body.nodes:
             if n.op in REDUCTIONS:
                 ev.special[n.out] = self._memo(ev, self._reduction(ev, n))
@@ -378,12 +393,6 @@ class Recurrence:
             out = fn(ctx)
             cache[key] = (out, id(self.b.blocks[-1]))
             return out
-        return value
-
-    def _carry_elsewhere(self, c: Value):
-        def value(ctx: Ctx):
-            raise LoweringError(f"{self.group.name}: the carry '{c.name}' is read at other indices than its own "
-                                f"(a shifted, transposed or broadcast read)")
         return value
 
     def _step_slice(self, x: Value, axis: int, step: TExpr):

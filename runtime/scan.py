@@ -35,8 +35,8 @@ from ..ir.types import DType, ScalarType, TensorType
 from .env import flag
 from .binding import CallError, bind_args, bind_sizes
 
-SOURCES = ("const", "dim")
-BINDINGS_KEPT = 64                 # the size bindings a ScanOp keeps, by its calls' shapes         # nodes without operands, made again in each piece that reads them
+SOURCES = ("const", "dim")         # nodes without operands, made again in each piece that reads them
+BINDINGS_KEPT = 64                 # the size bindings a ScanOp keeps, by its calls' shapes
 
 
 def has_scan(g: Graph) -> bool:

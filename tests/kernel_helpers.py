@@ -144,3 +144,18 @@ def run_case(op, bindings: dict, *, seed: int = 0, inputs: dict | None = None, p
         with inverted_poison():
             check_outputs(g, as_list(op(*args)), refs, label + " (inverted poison)")
     return outs, refs
+
+
+@contextlib.contextmanager
+def on_launch(op, fn):
+    """Within the block, ``fn(call)`` runs before each kernel launch of the CompiledOp ``op``."""
+    real = op.runner.launcher
+
+    def launcher(kc, args):
+        fn(kc)
+        real(kc, args)
+    op.runner.launcher = launcher
+    try:
+        yield
+    finally:
+        op.runner.launcher = real

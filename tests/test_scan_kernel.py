@@ -17,7 +17,7 @@ import opforge
 from opforge.runtime.scan import ScanPiece
 
 from .filecheck import filecheck
-from .kernel_helpers import compiled, run_case
+from .kernel_helpers import compiled, on_launch, run_case
 from .test_scan import GLA, HGRN, gla_inputs, naive_gla
 
 EXAMPLES = Path(opforge.__file__).resolve().parent / "examples"
@@ -212,16 +212,9 @@ def test_an_elementwise_recurrence_tiles_both_axes():
 
 def launched(op, call) -> list:
     """The kernels a call of a CompiledOp launches, by name."""
-    names, real = [], op.runner.launcher
-
-    def launcher(kc, args):
-        names.append(kc.name)
-        real(kc, args)
-    op.runner.launcher = launcher
-    try:
+    names: list = []
+    with on_launch(op, lambda kc: names.append(kc.name)):
         call()
-    finally:
-        op.runner.launcher = real
     return names
 
 

@@ -16,7 +16,7 @@ from opforge.runtime.inputs import random_inputs
 from opforge.runtime.traffic import kernel_traffic, op_traffic, weight_params
 
 from .conftest import EXAMPLES
-from .kernel_helpers import call_args, compiled
+from .kernel_helpers import call_args, compiled, on_launch
 
 POINTWISE = "op addmul(x: f32[M, N], y: f32[M, N]) -> f32[M, N] { return x * y + x }"
 LINEAR = "op lin(x: f32[M, K], w: f32[N, K]) -> f32[M, N] { return x @ w.T }"
@@ -117,16 +117,8 @@ def counted_run(monkeypatch):
 
     def run(op, call):
         counts.clear()
-        real = op.runner.launcher
-
-        def launcher(kc, args):
-            current[0] = kc.name
-            real(kc, args)
-        op.runner.launcher = launcher
-        try:
+        with on_launch(op, lambda kc: current.__setitem__(0, kc.name)):
             call()
-        finally:
-            op.runner.launcher = real
         return dict(counts)
     return run
 
