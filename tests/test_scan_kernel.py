@@ -286,3 +286,45 @@ def test_sizes_are_bound_once_per_shape_and_checked_for_every_new_one(recurrent)
     q, k, v, g, h0 = gla_inputs(5, E=5, F=3)
     with pytest.raises(CallError, match="gate"):
         op(q, k, v, g[:4], h0)
+
+
+LSTM = """
+op lstm(x: f32[S, B, I], h0: f32[B, F], c0: f32[B, F], w_ih: f32[4 * F, I], w_hh: f32[4 * F, F], b_ih: f32[4 * F], b_hh: f32[4 * F]) -> (f32[S, B, F], f32[B, F], f32[B, F]) {
+    y, h_last, c_last = scan t in S with h = h0, c = c0 {
+        g = x[t] @ w_ih.T + b_ih + h @ w_hh.T + b_hh
+        i = sigmoid(g[:, :F])
+        f = sigmoid(g[:, F:2 * F])
+        n = tanh(g[:, 2 * F:3 * F])
+        o = sigmoid(g[:, 3 * F:])
+        c_next = f * c + i * n
+        h_next = o * tanh(c_next)
+        return h_next, c_next, h_next
+    }
+    return y, h_last, c_last
+}"""
+
+
+@pytest.mark.parametrize("S", [1, 37])
+def test_lstm_with_two_carries_matches_torch_nn_lstm(S):
+    """Two carries (h, c) of one shape, the gates from h @ w_hh.T sliced four ways: one kernel
+    without gradients, torch.nn.LSTM's outputs and final states; with gradients, its gradients."""
+    op = compiled(LSTM, "scan_k_lstm").lstm
+    assert scan_piece(op).fused is not None and op.kernel_count == 2
+    B, I, F = 3, 5, 7
+    torch.manual_seed(S)
+    lstm = torch.nn.LSTM(I, F)
+    x, h0, c0 = torch.randn(S, B, I), torch.randn(1, B, F), torch.randn(1, B, F)
+    ws = [lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0]
+    with torch.no_grad():
+        want, (want_h, want_c) = lstm(x, (h0, c0))
+        y, h_last, c_last = op(x, h0[0], c0[0], *ws)
+    for got, exp in ((y, want), (h_last, want_h[0]), (c_last, want_c[0])):
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
+    mine = [w.detach().clone().requires_grad_() for w in ws]
+    y, h_last, c_last = op(x, h0[0], c0[0], *mine)
+    want, (want_h, want_c) = lstm(x, (h0, c0))
+    cy = torch.randn_like(y)
+    torch.autograd.backward([want], [cy])
+    torch.autograd.backward([y], [cy])
+    for w, m in zip(ws, mine):
+        torch.testing.assert_close(m.grad, w.grad, rtol=1e-4, atol=1e-4)
