@@ -38,6 +38,10 @@ from .lower_eval import Ctx, Evaluator, address, unflatten
 from .lower_matmul import f32_precision
 
 VIEWS = ("reshape", "expand", "cast")
+# a step's log-decay below this counts as this (a factor of 9e-14, zero next to any update): it
+# keeps -inf (a reset) from making -inf - -inf = NaN, and the cumulative sums within a chunk
+# small enough that the small log-decays after a large one keep their digits
+LOG_DECAY_MIN = -30.0
 # (BLOCK_C, BLOCK_EI, BLOCK_F, num_warps, num_stages) the autotuner times
 CHUNKED_PRESETS = ((16, 8, 16, 4, 1), (16, 8, 32, 4, 1), (16, 16, 32, 8, 1), (32, 8, 32, 8, 1), (16, 8, 64, 8, 1),
                    (32, 16, 64, 8, 1), (16, 8, 32, 4, 2), (32, 8, 32, 8, 2))
@@ -260,7 +264,7 @@ class ChunkedScan:
             la = b.let(self._tile(ev, form.log_a, ctx_e, m_e, (tC.name, tE.name)), "log_a")
             G = b.let(b.cumsum(la, 0), "G")
             q = b.let(self._tile(ev, form.q, ctx_e, m_e, (tC.name, tE.name)), "q")
-            inter = b.let(b.dot(self._op(b.mul(q, b.unary("exp", G))), self._op(S),
+            inter = b.let(b.dot(self._op(b.mul(q, b.unary("exp", G)), state=True), self._op(S, state=True),
                                 b.full((tC.name, tF.name), 0.0, DType.f32), prec), "inter")
             o = b.let(b.dot(self._op(A2), self._op(v), inter, prec), "o")
             b.comment("the step outputs: the readout's consumers on the chunk's rows")
@@ -289,10 +293,13 @@ class ChunkedScan:
                         presets=tuple(((("BLOCK_C", c), ("BLOCK_EI", ei), ("BLOCK_F", f)), w, st)
                                       for c, ei, f, w, st in CHUNKED_PRESETS))
 
-    def _op(self, t: TExpr) -> TExpr:
+    def _op(self, t: TExpr, state: bool = False) -> TExpr:
         """A dot operand in the inputs' dtype where that is f16 or bf16 (tensor cores, f32
-        accumulation, as flash-linear-attention's kernels do), else f32."""
-        return self.b.cast(t, self.form.q.type.dtype) if self._narrow() else t
+        accumulation, as flash-linear-attention's kernels do), else f32. The state's product
+        is in bf16 for f16 inputs too: the state grows with the sequence (f16 tops at 65504)."""
+        if not self._narrow():
+            return t
+        return self.b.cast(t, DType.bf16 if state else self.form.q.type.dtype)
 
     def _narrow(self) -> bool:
         return self.form.q.type.dtype in (DType.f16, DType.bf16)
@@ -301,6 +308,8 @@ class ChunkedScan:
         b = self.b
         t = ev(v, ctx)
         t = b.broadcast_to(b.cast(t, DType.f32), shape)
+        if v is self.form.log_a:
+            t = b.maximum(t, LOG_DECAY_MIN)
         return b.where(mask, t, 0.0)
 
     def _evaluator(self, steps: TExpr) -> Evaluator:

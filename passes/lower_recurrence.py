@@ -27,14 +27,16 @@ recurrences and ``tl.associative_scan`` over the steps.
 """
 from __future__ import annotations
 
+from ..ir import registry
 from ..ir.dims import Dim
 from ..ir.graph import Graph, Value
 from ..ir.prims_scan import scan_layout
+from ..ir.registry import Kind
 from ..ir.tile import Alternative, GridDim, Guard, TExpr, Tunable
 from ..ir.tile_builder import TileBuilder, broadcast
-from ..ir.types import DType, TensorType
+from ..ir.types import DType, ScalarType, TensorType
 from .groups import FusedGraph, Group
-from .lower_eval import Ctx, Evaluator, LoweringError, address, narrow_mask
+from .lower_eval import Ctx, Evaluator, LoweringError, address, conjuncts, narrow_mask
 from .lower_matmul import f32_precision
 from .lower_row import kernel_name
 
@@ -70,8 +72,11 @@ def lower_recurrence(fg: FusedGraph, group: Group) -> list:
             whole = whole * r.shape[d]
     limit = WHOLE_MAX_DOT if r.has_dot else WHOLE_MAX
     E = r.shape[-2] if len(r.shape) >= 3 else 1
-    chunked = chunked_alternative(fg, group, node, kernel_name(fg, group, "_chunked"),
-                                  Guard("at_most", (E, CHUNKED_E_MAX)))
+    try:
+        chunked = chunked_alternative(fg, group, node, kernel_name(fg, group, "_chunked"),
+                                      Guard("at_most", (E, CHUNKED_E_MAX)))
+    except LoweringError:
+        chunked = None           # a form the detection let through but the template cannot place
     if chunked is not None:
         length = node.attrs["length"]
         return [Alternative((kernel,), Guard("both_at_most", (length, SEQUENTIAL_MAX_STEPS, whole, limit))), chunked]
@@ -89,9 +94,18 @@ class _BodyEvaluator(Evaluator):
         self.index, self.step = index, step
 
     def scalar(self, v: Value) -> TExpr:
+        """The step index, a literal, a closed-over scalar argument, or a scalar the body
+        computes from those (``cast(t, f32)``), computed in the kernel."""
         if v is self.index:
             return self.step
-        if v not in self.producer and v not in self.fg.names:
+        n = self.producer.get(v)
+        if n is not None and n.op != "const":
+            prim = registry.get(n.op)
+            if prim.kind is not Kind.POINTWISE or any(not isinstance(x.type, ScalarType) for x in n.inputs):
+                raise LoweringError(f"{self.group.name}: the body's scalar {n.op} is not computable in the kernel", n)
+            return self.b.let(prim.extra["tile"](self.b, [self.scalar(x) for x in n.inputs], dict(n.attrs)),
+                              v.name or n.op)
+        if n is None and v not in self.fg.names:
             raise LoweringError(f"{self.group.name}: the scalar '{v.name}' of the body has no value in the kernel")
         return super().scalar(v)
 
@@ -435,8 +449,7 @@ class Recurrence:
                 it = iter(ctx.idx)
                 idx = [None if i in axes else next(it) for i in range(x.type.rank)]
             taken = self._spanned(idx)
-            mask = ctx.mask
-            over = []
+            over, bounds = [], []
             for ax in axes:
                 size = x.type.shape[ax]
                 if size == 1:
@@ -455,7 +468,13 @@ class Recurrence:
                 idx[ax] = self.index_for(d, size)
                 taken.add(d)
                 over.append(d)
-                term = b.lt(idx[ax], b.size(size))
+                bounds.append(b.lt(idx[ax], b.size(size)))
+            # the caller's mask says which of ITS lanes are wanted: its terms along a reduced axis
+            # (a concat's branch, a broadcast read's range) are not about the summed lanes
+            kept = [c for c in (conjuncts(b, ctx.mask) if ctx.mask is not None else [])
+                    if not self._spanned([c]) & set(over)]
+            mask = None
+            for term in kept + bounds:
                 mask = term if mask is None else b.and_(mask, term)
             if tuple(idx) == tuple(self.canon.idx):
                 mask = self.canon.mask

@@ -201,6 +201,8 @@ def plan_pieces(g: Graph) -> list[tuple]:
                 entry += ((one, *fuse_and_plan(kernel_graph(one))),)
             except LoweringError as e:
                 entry += (str(e).split(": ", 1)[-1],)
+            except Exception as e:       # the one-kernel form is optional: the steps stay correct
+                entry += (f"the one-kernel form failed to build ({type(e).__name__}: {e}); please report it",)
         out.append(entry)
     return out
 
@@ -259,15 +261,21 @@ class ScanOp:
         """The composite op's implementation: every argument positional."""
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         device = tensors[0].device if tensors else None
-        # the sizes of a call, by its arguments' shapes and scalars (checked once per shape)
-        key = (device,) + tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
-        known = self._bindings.get(key)
+        # the sizes of a call, kept by its arguments' shapes, dtypes, devices and scalars (checked
+        # once for each); not while tracing (shapes may be symbolic)
+        tracing = torch.compiler.is_compiling()
+        key = None if tracing else tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor)
+                                         else (type(a), a) for a in args)
+        known = self._bindings.get(key) if key is not None else None
         if known is None:
             values = {p.name: a for p, a in zip(self.graph.params, args)}
             bindings = bind_sizes(self.graph, values, device=device)
             fits = {id(p): p.fused_fits(bindings) for p in self.pieces if isinstance(p, ScanPiece)}
-            if len(self._bindings) < BINDINGS_KEPT and not torch.compiler.is_compiling():
-                self._bindings[key] = (bindings, fits)
+            if key is not None and len(self._bindings) < BINDINGS_KEPT:
+                try:
+                    self._bindings[key] = (bindings, fits)
+                except TypeError:          # an argument that cannot be a key: bound at every call
+                    pass
         else:
             bindings, fits = known
         env: dict = {p.value: a for p, a in zip(self.graph.params, args)}

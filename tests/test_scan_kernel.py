@@ -328,3 +328,72 @@ def test_lstm_with_two_carries_matches_torch_nn_lstm(S):
     torch.autograd.backward([y], [cy])
     for w, m in zip(ws, mine):
         torch.testing.assert_close(m.grad, w.grad, rtol=1e-4, atol=1e-4)
+
+
+# -- found by review: each of these once gave a wrong number, a crash or a NaN ------------------
+CONCAT_OF_A_SUM = """
+op g(x: f32[S, B, 1, 4], y: f32[S, B, 1, 3], h0: f32[B, 3, 4]) -> (f32[S, B, 3, 4], f32[B, 3, 4]) {
+    o, hl = scan t in S with h = h0 {
+        c = concat(sum(x[t], axis=2)[:, :, None], y[t], axis=2)
+        h_next = h * 0.5 + c
+        return h_next, h_next
+    }
+    return o, hl
+}"""
+
+GATE_OF_A_SUM = """
+op g(x: f32[S, B, M], u: f32[S, B, N], h0: f32[B, N]) -> (f32[S, B, N], f32[B, N]) {
+    o, hl = scan t in S with h = h0 {
+        h_next = h * sigmoid(sum(x[t], axis=1))[:, None] + u[t]
+        return h_next, h_next
+    }
+    return o, hl
+}"""
+
+SCALAR_OF_THE_STEP = """
+op g(x: f32[S, B, N], h0: f32[B, N]) -> (f32[S, B, N], f32[B, N]) {
+    y, hl = scan t in S with h = h0 {
+        h_next = h * 0.5 + x[t] * cast(t + 1, f32)
+        return h_next, h_next
+    }
+    return y, hl
+}"""
+
+
+@pytest.mark.parametrize("src, sizes", [(CONCAT_OF_A_SUM, dict(S=3, B=2)), (GATE_OF_A_SUM, dict(S=9, B=3, M=5, N=7)),
+                                        (SCALAR_OF_THE_STEP, dict(S=6, B=2, N=3))],
+                         ids=["concat_of_a_sum", "gate_of_a_sum", "scalar_of_the_step"])
+def test_reductions_inside_other_glue_and_scalars_of_the_step(src, sizes, monkeypatch):
+    """A reduction whose caller's mask runs along the reduced axis (a concat's branch, a
+    broadcast read) sums every lane; a scalar the body computes from the step index is computed
+    in the kernel. All in the one kernel, against the reference."""
+    op = compiled(src, "scan_k_review").g
+    piece = scan_piece(op)
+    assert piece.fused is not None, piece.why_not_fused
+    monkeypatch.setattr(piece, "op", StepsForbidden())
+    run_case(op, sizes, seed=1)
+
+
+def test_torch_compile_with_dynamic_shapes(recurrent):
+    op = recurrent.gla
+    q, k, v, g, h0 = gla_inputs(9, E=5, F=3)
+    want = op(q, k, v, g, h0)
+    got = torch.compile(lambda *a: op(*a), dynamic=True, backend="aot_eager")(q, k, v, g, h0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_chunked_gla_with_a_reset_and_with_mixed_gates():
+    """A log-decay of -inf (a reset: exp(-inf) = 0) and decays of -1000 between mild ones of
+    -0.01: finite, and the steps' result (each step's log-decay counts from -30 at least in
+    the chunked form: a factor of 9e-14 in place of 0)."""
+    op = compiled(GLA.format(T="f32", rev=""), "scan_k_reset").gla
+    q, k, v, g, h0 = gla_inputs(64, E=5, F=3, gate=(-0.01, 0.0), seed=2)
+    g[10] = float("-inf")
+    g[20:28] = -1000.0
+    g[40:48] = -1000.0
+    o, h_last = op(q, k, v, g, h0)
+    assert torch.isfinite(o).all() and torch.isfinite(h_last).all()
+    want_o, want_h = naive_gla(q, k, v, g, h0)
+    torch.testing.assert_close(o.double(), want_o, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h_last.double(), want_h, rtol=1e-4, atol=1e-4)
