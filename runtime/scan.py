@@ -266,16 +266,16 @@ class ScanOp:
         tracing = torch.compiler.is_compiling()
         key = None if tracing else tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor)
                                          else (type(a), a) for a in args)
-        known = self._bindings.get(key) if key is not None else None
+        try:
+            known = self._bindings.get(key) if key is not None else None
+        except TypeError:              # symbolic sizes (AOT tracing with SymInts): bound every call
+            key = known = None
         if known is None:
             values = {p.name: a for p, a in zip(self.graph.params, args)}
             bindings = bind_sizes(self.graph, values, device=device)
             fits = {id(p): p.fused_fits(bindings) for p in self.pieces if isinstance(p, ScanPiece)}
             if key is not None and len(self._bindings) < BINDINGS_KEPT:
-                try:
-                    self._bindings[key] = (bindings, fits)
-                except TypeError:          # an argument that cannot be a key: bound at every call
-                    pass
+                self._bindings[key] = (bindings, fits)
         else:
             bindings, fits = known
         env: dict = {p.value: a for p, a in zip(self.graph.params, args)}
