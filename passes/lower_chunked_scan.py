@@ -29,7 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ir import registry
-from ..ir.graph import Attrs, Graph, Node, Value
+from ..ir.emit import Emitter
+from ..ir.graph import Graph, Value
 from ..ir.tile import Alternative, GridDim, TExpr, Tunable
 from ..ir.tile_builder import TileBuilder
 from ..ir.types import DType, TensorType
@@ -111,11 +112,11 @@ def outer_product_form(node) -> OuterProductForm | str:
     # f: from the readout to the output, nothing else may read the state
     if out in _dependents(body, h, cut=r):
         return "the step output reads the state other than through the readout"
-    extra: list[Node] = []
-    la = _log_of(decay, prod, extra)
+    emit = Emitter()
+    la = _log_of(decay, prod, emit)
     if la is None:
         return "the decay is not written as exp(...) or sigmoid(...) (its log must be exact)"
-    return OuterProductForm(h, la, k, v, q, r, out, body.replace(nodes=body.nodes + tuple(extra)))
+    return OuterProductForm(h, la, k, v, q, r, out, body.replace(nodes=body.nodes + tuple(emit.nodes)))
 
 
 def _dependents(body: Graph, h: Value, cut: Value | None = None) -> set:
@@ -156,31 +157,23 @@ def _readout(body, prod, out, nxt, R):
     return None
 
 
-def _log_of(v: Value, prod, extra: list) -> Value | None:
+def _log_of(v: Value, prod, emit: Emitter) -> Value | None:
     """A value equal to log(v), built from v's producers: log(exp(x)) = x, log(sigmoid(x)) =
     -softplus(-x), through views and casts to f32."""
     n = prod.get(v)
     if n is None:
         return None
     if n.op == "exp":
-        return _emit(extra, "cast", [n.inputs[0]], {"dtype": DType.f32})
+        return emit("cast", [n.inputs[0]], {"dtype": DType.f32}, name="log_cast")
     if n.op == "sigmoid":
-        x = _emit(extra, "cast", [n.inputs[0]], {"dtype": DType.f32})
-        return _emit(extra, "neg", [_emit(extra, "softplus", [_emit(extra, "neg", [x], {})], {})], {})
+        x = emit("cast", [n.inputs[0]], {"dtype": DType.f32}, name="log_cast")
+        return emit("neg", [emit("softplus", [emit("neg", [x], name="log_neg")], name="log_softplus")], name="log_neg")
     if n.op in ("reshape", "expand") or n.op == "cast" and n.out.type.dtype.is_float:
-        inner = _log_of(n.inputs[0], prod, extra)
+        inner = _log_of(n.inputs[0], prod, emit)
         if inner is None:
             return None
-        attrs = dict(n.attrs) if n.op != "cast" else {"dtype": DType.f32}
-        return _emit(extra, n.op, [inner], attrs)
+        return emit(n.op, [inner], dict(n.attrs) if n.op != "cast" else {"dtype": DType.f32}, name=f"log_{n.op}")
     return None
-
-
-def _emit(extra: list, op: str, inputs: list, attrs: dict) -> Value:
-    types, attrs = registry.get(op).run_infer([x.type for x in inputs], attrs)
-    out = Value(types[0], f"log_{op}")
-    extra.append(Node(op, tuple(inputs), Attrs(attrs), (out,)))
-    return out
 
 
 class ChunkedScan:
@@ -315,18 +308,7 @@ class ChunkedScan:
     def _evaluator(self, steps: TExpr) -> Evaluator:
         from .lower_recurrence import body_evaluator
         return body_evaluator(self.b, self.fg, self.group, self.node, self.form.body, steps,
-                              lambda x, axis: self._step_slice(x, axis, steps),
                               "is read other than through the readout (the chunked form)")
-
-    def _step_slice(self, x: Value, axis: int, steps: TExpr):
-        b = self.b
-
-        def value(ctx: Ctx):
-            idx = list(ctx.idx)
-            idx.insert(axis, steps)
-            ptr = address(b, self.fg.names[x], x.type.dtype, idx, x.type.shape)
-            return b.let(b.load(ptr, ctx.mask), f"{self.fg.names[x]}_chunk")
-        return value
 
 
 def chunked_alternative(fg: FusedGraph, group: Group, node, name: str, guard) -> Alternative | None:

@@ -80,11 +80,30 @@ class Evaluator:
             return self.special[v](ctx)
         key = (v, ctx.key())
         hit = self.memo.get(key)
-        if hit is not None and hit[1] in {id(blk) for blk in self.b.blocks}:
+        if hit is not None and self._open(hit[1]):
             return hit[0]      # reuse only while the block that computed it is still open
         out = self._eval(v, ctx)
         self.memo[key] = (out, id(self.b.blocks[-1]))
         return out
+
+    def memoised(self, fn):
+        """A special (a function of the context) whose tiles are reused as evaluated ones are:
+        per context, while the block that computed them is open."""
+        cache: dict = {}
+
+        def value(ctx: Ctx) -> TExpr:
+            key = ctx.key()
+            hit = cache.get(key)
+            if hit is not None and self._open(hit[1]):
+                return hit[0]
+            self._keep.append(ctx)
+            out = fn(ctx)
+            cache[key] = (out, id(self.b.blocks[-1]))
+            return out
+        return value
+
+    def _open(self, block_id: int) -> bool:
+        return block_id in {id(blk) for blk in self.b.blocks}
 
     # -- dispatch ------------------------------------------------------------------------------
     def is_base(self, v: Value) -> bool:
@@ -115,19 +134,23 @@ class Evaluator:
         return self.b.scalar(self.fg.names[v], v.type.dtype)
 
     def load(self, v: Value, ctx: Ctx) -> TExpr:
-        name = self.fg.names[v]
+        return self.load_buffer(self.fg.names[v], v.type.dtype, ctx.idx, v.type.shape, ctx.mask)
+
+    def load_buffer(self, name: str, dtype: DType, idx, shape, ctx_mask) -> TExpr:
+        """Buffer ``name`` (of ``shape``) at indices ``idx`` under a context's mask, in the
+        context's tile shape (a scan's step slice passes its step index among ``idx``)."""
         self.loads.add(name)
-        ptr = address(self.b, name, v.type.dtype, ctx.idx, v.type.shape)
+        ptr = address(self.b, name, dtype, idx, shape)
         # the tile the indices span (an index along a size-1 axis counts: its mask term says
         # "index 0 only", though the address ignores it)
         spanned = ()
-        for i in ctx.idx:
+        for i in idx:
             if i is not None:
                 spanned = broadcast(spanned, tuple(i.shape))
-        mask = narrow_mask(self.b, ctx.mask, spanned if spanned else ptr.shape)
+        mask = narrow_mask(self.b, ctx_mask, spanned if spanned else ptr.shape)
         tile = self.b.load(ptr, mask)
-        if mask is not ctx.mask:     # the context's tile shape, as consumers expect (no memory)
-            full = self.b.load(ptr, ctx.mask).shape
+        if mask is not ctx_mask:     # the context's tile shape, as consumers expect (no memory)
+            full = self.b.load(ptr, ctx_mask).shape
             if tuple(tile.shape) != tuple(full):
                 tile = self.b.broadcast_to(self.b.let(tile, f"{name}_row"), full)
         return self.b.let(tile, f"{name}_tile")

@@ -22,8 +22,9 @@ What it does not take (LoweringError, with the reason ``explain()`` prints): car
 different shapes or of rank 0, a body that mixes the rows of the leading axis (a reduction or a
 contraction over it), a carry read at other indices than its own (a shifted or transposed
 read), a matmul of rank other than 2, a step output without the leading axis first, and nodes
-of other kinds (softmax, sort, ...). Not built yet: the chunked parallel form of linear
-recurrences and ``tl.associative_scan`` over the steps.
+of other kinds (softmax, sort, ...). Gated outer-product recurrences (GLA) also get a chunked
+form (passes/lower_chunked_scan.py), chosen past SEQUENTIAL_MAX_STEPS steps. Not built yet:
+``tl.associative_scan`` over the steps.
 """
 from __future__ import annotations
 
@@ -36,12 +37,11 @@ from ..ir.tile import Alternative, GridDim, Guard, TExpr, Tunable
 from ..ir.tile_builder import TileBuilder, broadcast
 from ..ir.types import DType, ScalarType, TensorType
 from .groups import FusedGraph, Group
-from .lower_eval import Ctx, Evaluator, LoweringError, address, conjuncts, narrow_mask
+from .lower_eval import Ctx, Evaluator, LoweringError, address, conjuncts
 from .lower_matmul import f32_precision
-from .lower_row import kernel_name
+from .lower_row import IDENTITY, kernel_name
 
 REDUCTIONS = {"sum": "sum", "mean": "sum", "max": "max", "min": "min"}
-IDENTITY = {"sum": 0.0, "max": float("-inf"), "min": float("inf")}
 TILE_MAX = 1 << 15
 
 
@@ -110,12 +110,12 @@ class _BodyEvaluator(Evaluator):
         return super().scalar(v)
 
 
-def body_evaluator(b: TileBuilder, fg: FusedGraph, group: Group, node, body: Graph, step: TExpr, step_slice,
+def body_evaluator(b: TileBuilder, fg: FusedGraph, group: Group, node, body: Graph, step: TExpr,
                    carry_read: str) -> _BodyEvaluator:
     """The Evaluator over a scan's ``body`` (its node's, or one with nodes added) in a kernel of
-    the scan: closed-over values read from the scan's operands' buffers, step slices through
-    ``step_slice(x, axis)`` (a function of a context), the carries only where a template binds
-    them (elsewhere a LoweringError: the carry ``carry_read``)."""
+    the scan: closed-over values read from the scan's operands' buffers, a step slice from its
+    input at index ``step`` (a scalar, or a tile of steps) along the sliced axis, the carries
+    only where a template binds them (elsewhere a LoweringError: the carry ``carry_read``)."""
     a = node.attrs
     first, k = (1 if a["uses_index"] else 0), a["carries"]
     params = [p.value for p in body.params]
@@ -136,6 +136,13 @@ def body_evaluator(b: TileBuilder, fg: FusedGraph, group: Group, node, body: Gra
         return value
     for c in params[first:first + k]:
         ev.special[c] = unreadable(c)
+
+    def step_slice(x: Value, axis: int):
+        def value(ctx: Ctx):
+            idx = list(ctx.idx)
+            idx.insert(axis, step)
+            return ev.load_buffer(fg.names[x], x.type.dtype, idx, x.type.shape, ctx.mask)
+        return value
     for p, x, axis in zip(params[first + k:first + k + sliced], node.inputs[carried:carried + sliced], a["slice_axes"]):
         ev.special[p] = step_slice(x, axis)
     return ev
@@ -292,6 +299,8 @@ class Recurrence:
     def kernel(self):
         b, a = self.b, self.node.attrs
         R = len(self.shape)
+        if len(self.tiled) > 3:
+            raise LoweringError(f"{self.group.name}: {len(self.tiled)} independent carry axes (the grid has 3)")
         small = (16, 32, 64) if self.has_dot else (1, 2, 4, 8)
         blocks: list = [Tunable("BLOCK_L", small, cpu=16 if self.has_dot else 2)]
         for d in range(1, R):
@@ -354,8 +363,6 @@ class Recurrence:
             if v in self.group.outputs:
                 b.store(address(b, self.fg.buffer(self.group, v), v.type.dtype, self.idx, v.type.shape), var, mask)
         streamed = " (each matmul's weight tile read at every step)" if self.has_dot else ""
-        if len(self.tiled) > 3:
-            raise LoweringError(f"{self.group.name}: {len(self.tiled)} independent carry axes (the grid has 3)")
         return b.kernel([GridDim.of(self.shape[d], blocks[d].name) for d in self.tiled],
                         doc=f"{self.group.name} (scan): the carries on chip, {length} steps in one program "
                             f"per tile of the leading axis{streamed}",
@@ -386,48 +393,13 @@ class Recurrence:
     # -- evaluation ----------------------------------------------------------------------------
     def _evaluator(self, step: TExpr) -> _BodyEvaluator:
         ev = body_evaluator(self.b, self.fg, self.group, self.node, self.body, step,
-                            lambda x, axis: self._step_slice(x, axis, step),
                             "is read at other indices than its own (a shifted, transposed or broadcast read)")
         for n in self.body.nodes:
             if n.op in REDUCTIONS:
-                ev.special[n.out] = self._memo(ev, self._reduction(ev, n))
+                ev.special[n.out] = ev.memoised(self._reduction(ev, n))
             elif n.op == "matmul":
-                ev.special[n.out] = self._memo(ev, self._matmul(ev, n))
+                ev.special[n.out] = ev.memoised(self._matmul(ev, n))
         return ev
-
-    def _memo(self, ev: Evaluator, fn):
-        cache: dict = {}
-
-        def value(ctx: Ctx):
-            key = ctx.key()
-            hit = cache.get(key)
-            if hit is not None and hit[1] in {id(blk) for blk in self.b.blocks}:
-                return hit[0]
-            ev._keep.append(ctx)
-            out = fn(ctx)
-            cache[key] = (out, id(self.b.blocks[-1]))
-            return out
-        return value
-
-    def _step_slice(self, x: Value, axis: int, step: TExpr):
-        b = self.b
-
-        def value(ctx: Ctx):
-            idx = list(ctx.idx)
-            idx.insert(axis, step)
-            name = self.fg.names[x]
-            ptr = address(b, name, x.type.dtype, idx, x.type.shape)
-            spanned: tuple = ()
-            for i in ctx.idx:
-                if i is not None:
-                    spanned = broadcast(spanned, tuple(i.shape))
-            m = narrow_mask(b, ctx.mask, spanned if spanned else ptr.shape)
-            tile = b.load(ptr, m)
-            want = b.load(ptr, ctx.mask).shape
-            if tuple(tile.shape) != tuple(want):
-                tile = b.broadcast_to(b.let(tile, f"{name}_row"), want)
-            return b.let(tile, f"{name}_t")
-        return value
 
     def _spanned(self, idx) -> set:
         out: set = set()
@@ -509,11 +481,7 @@ class Recurrence:
                 raise LoweringError(f"{self.group.name}: a matmul over K = 1", n)
             block_k = i_k.shape[1]
             i_k_rows = self.rows_of(block_k)
-            k_ok = b.lt(i_k, b.size(K))
-            rows_ok = b.lt(i_m, b.size(self.shape[0]))
-            a_ctx = Ctx((i_m, i_k), b.and_(rows_ok, k_ok))
-            if a_ctx.idx == tuple(self.canon.idx):
-                a_ctx = self.canon
+            a_ctx = self.ctx((i_m, i_k), (self.shape[0], K))
             a_mask = a_ctx.mask
             at = ev(A, a_ctx)
             at = b.where(a_mask, b.broadcast_to(at, broadcast(tuple(at.shape), tuple(a_mask.shape))), 0.0)

@@ -8,8 +8,9 @@ step like any step slice.
 What is hoisted: every matmul whose operands depend on neither a carry nor the step index
 (only on step slices and values from before the scan), the carry-free nodes it needs, and the
 carry-free pointwise nodes and views that consume hoisted values without growing them (the
-bias add; a view only where a hoisted node reads it: a GRU's gate slices stay in the body). Other carry-free work (GLA's outer product ``k[t] v[t]^T``)
-stays in the body: hoisting it would store an S-times larger tensor than its operands.
+bias add; a view only where a hoisted node reads it: a GRU's gate slices stay in the body).
+Other carry-free work (GLA's outer product ``k[t] v[t]^T``) stays in the body: hoisting it
+would store an S-times larger tensor than its operands.
 
 Each hoisted node is *batched*: its step-slice operands become the sliced tensors with the step
 axis first, values from before the scan stay as they are (they broadcast), and the node gets a

@@ -169,7 +169,7 @@ def _recurrence_config(k: TileKernel, vals: dict) -> Config:
     """A scan's one kernel: the smallest tiles of the axes the grid tiles, widened (inner axes
     first) while a program keeps at most RECURRENCE_TILE carry elements; then the fewest warps
     that keep ROW_ELEMENTS_PER_THREAD of them per thread."""
-    from .autotune import ROW_ELEMENTS_PER_THREAD
+    from .autotune import ROW_ELEMENTS_PER_THREAD, dot_count
     free = [t for t in k.tunables if t.name not in vals]
     vals.update({t.name: min(t.candidates) for t in free})
 
@@ -178,13 +178,13 @@ def _recurrence_config(k: TileKernel, vals: dict) -> Config:
         for t in k.tunables:
             n *= vals[t.name]
         return n
-    from .autotune import dot_count
-    limit = RECURRENCE_TILE // 2 if dot_count(k) else RECURRENCE_TILE     # a GRU's gates: several tiles each
+    dots = dot_count(k) > 0            # a GRU's gates: several tiles each, and the dots' operands
+    limit = RECURRENCE_TILE // 2 if dots else RECURRENCE_TILE
     for t in reversed(free):
         for c in sorted(t.candidates):
             if c > vals[t.name] and elems() // vals[t.name] * c <= limit:
                 vals[t.name] = c
-    per_thread = ROW_ELEMENTS_PER_THREAD // (4 if dot_count(k) else 1)
+    per_thread = ROW_ELEMENTS_PER_THREAD // (4 if dots else 1)
     warps = next((w for w in sorted(k.warps) if elems() <= 32 * w * per_thread), max(k.warps))
     return Config(tuple((t.name, vals[t.name]) for t in k.tunables), warps, k.stages[0])
 

@@ -16,8 +16,8 @@ in place of the steps. A call that needs gradients (grad mode on and an argument
 them), or any call with OPFORGE_SCAN_STEPS=1, runs the body step by step: a step costs a launch
 of the body's kernels, with the carries in memory between steps. Before splitting, the body's
 carry-free matmuls (``x[t] @ w.T + b``) are hoisted into the piece before the scan
-(passes/scan_hoist.py): one GEMM over all steps. Not built yet (the recurrences issue): the
-chunked parallel lowering of linear recurrences, a fused backward through the steps.
+(passes/scan_hoist.py): one GEMM over all steps. Not built yet (the recurrences issue): a
+fused backward through the steps.
 ``explain()`` says which class a scan is (passes/scan_class.py) and how it runs.
 """
 from __future__ import annotations
@@ -64,6 +64,7 @@ class ScanPiece:
     op: Any = None        # the body's CompiledOp
     sizes: tuple = ()
     fused: Any = None     # the scan's one-kernel CompiledOp (passes/lower_recurrence.py), or None
+    fused_inputs: tuple = ()  # its operands: the scan's inputs, each once (fused_scan_graph)
     fused_sizes: tuple = ()
     why_not_fused: str = ""   # where fused is None: the reason the template gave
 
@@ -243,8 +244,8 @@ class ScanOp:
                 else:
                     fg, ff, fp = entry[3]
                     p.fused = make(fg, ff, fp)
-                    n = len(dict.fromkeys(p.node.inputs))
-                    p.fused_sizes = tuple(q.name for q in fg.params[n:])
+                    p.fused_inputs = tuple(dict.fromkeys(p.node.inputs))
+                    p.fused_sizes = tuple(q.name for q in fg.params[len(p.fused_inputs):])
         # literals and sizes used as values, read by the pieces (made once, not per call)
         self._sources = {n.out: n for n in graph.nodes if n.op in SOURCES}
         self._bindings: dict = {}
@@ -301,7 +302,7 @@ class ScanOp:
                 continue
 
             if p.fused is not None and fits[id(p)] and not flag("OPFORGE_SCAN_STEPS") and not _wants_grad(tensors):
-                res = p.fused(*[read(v) for v in dict.fromkeys(p.node.inputs)], *[bindings[s] for s in p.fused_sizes])
+                res = p.fused(*[read(v) for v in p.fused_inputs], *[bindings[s] for s in p.fused_sizes])
                 env.update(zip(p.node.outputs, res))
                 continue
 

@@ -556,26 +556,25 @@ def _scan_traffic(op, bindings, weights, scalars, config_of) -> OpTraffic:
     kernels: list = []
     body_weights: set = set()
     for p in op.pieces:
-        if isinstance(p, ScanPiece) and (p.fused is None or not p.fused_fits(bindings)):
-            n = evaluate(p.node.attrs["length"], bindings)
-            body_weights |= weight_params(p.op.graph)
-            for k in op_traffic(p.op, bindings, (), scalars, config_of).kernels:
-                kernels.append(KernelTraffic(f"{k.kernel} (x{n} steps)", k.config, k.programs * n,
-                                             {b: v * n for b, v in k.loaded.items()},
-                                             {b: v * n for b, v in k.stored.items()}, list(k.notes)))
+        if not isinstance(p, ScanPiece):
+            kernels += op_traffic(p.op, bindings, (), scalars, config_of).kernels
             continue
-        part = p.fused if isinstance(p, ScanPiece) else p.op
-        if isinstance(p, ScanPiece):
-            body_weights |= weight_params(p.op.graph)
-        kernels += op_traffic(part, bindings, (), scalars, config_of).kernels
+        body_weights |= weight_params(p.op.graph)
+        if p.fused is not None and p.fused_fits(bindings):
+            kernels += op_traffic(p.fused, bindings, (), scalars, config_of).kernels
+            continue
+        n = evaluate(p.node.attrs["length"], bindings)
+        for k in op_traffic(p.op, bindings, (), scalars, config_of).kernels:
+            kernels.append(KernelTraffic(f"{k.kernel} (x{n} steps)", k.config, k.programs * n,
+                                         {b: v * n for b, v in k.loaded.items()},
+                                         {b: v * n for b, v in k.stored.items()}, list(k.notes)))
     g = op.graph
-    nbytes = {}
-    for p in g.tensor_params:
-        t = p.value.type
-        nbytes[p.name] = int(np.prod([evaluate(d, bindings) for d in t.shape])) * t.dtype.itemsize
-    out_bytes = sum(int(np.prod([evaluate(d, bindings) for d in t.shape])) * t.dtype.itemsize for t in g.result_types)
+
+    def nbytes_of(t) -> int:
+        return int(np.prod([evaluate(d, bindings) for d in t.shape])) * t.dtype.itemsize
+    nbytes = {p.name: nbytes_of(p.value.type) for p in g.tensor_params}
     names = (weight_params(g) | (body_weights & set(nbytes))) if weights is None else set(weights)
-    return OpTraffic(op.name, dict(bindings), kernels, sum(nbytes.values()) + out_bytes,
+    return OpTraffic(op.name, dict(bindings), kernels, sum(nbytes.values()) + sum(map(nbytes_of, g.result_types)),
                      {n: b for n, b in nbytes.items() if n in names}, nbytes)
 
 
